@@ -1,0 +1,349 @@
+//! Typed key/value metadata.
+//!
+//! Section layout: `count: u32`, then `count` entries of
+//! `key (u16 len + UTF-8) | type: u8 | value_len: u64 | value bytes`.
+//! The explicit length lets a reader skip values of types it does not know.
+
+use super::{invalid, put_name, Cursor, FormatError};
+use std::collections::BTreeMap;
+
+/// Well-known keys. Architecture keys use HuggingFace's LLaMA config names.
+pub mod keys {
+    pub const ARCHITECTURE: &str = "general.architecture";
+    pub const VOCAB_SIZE: &str = "llama.vocab_size";
+    pub const HIDDEN_SIZE: &str = "llama.hidden_size";
+    pub const NUM_LAYERS: &str = "llama.num_hidden_layers";
+    pub const NUM_HEADS: &str = "llama.num_attention_heads";
+    pub const NUM_KV_HEADS: &str = "llama.num_key_value_heads";
+    pub const HEAD_DIM: &str = "llama.head_dim";
+    pub const INTERMEDIATE_SIZE: &str = "llama.intermediate_size";
+    pub const ROPE_THETA: &str = "llama.rope_theta";
+    /// "none" or "linear".
+    pub const ROPE_SCALING_TYPE: &str = "llama.rope_scaling.type";
+    pub const ROPE_SCALING_FACTOR: &str = "llama.rope_scaling.factor";
+    pub const RMS_NORM_EPS: &str = "llama.rms_norm_eps";
+    pub const CONTEXT_LENGTH: &str = "llama.max_position_embeddings";
+    pub const TIE_WORD_EMBEDDINGS: &str = "llama.tie_word_embeddings";
+    pub const TOKENIZER_JSON: &str = "tokenizer.json";
+    pub const CHAT_TEMPLATE: &str = "tokenizer.chat_template";
+    pub const BOS_TOKEN_ID: &str = "tokenizer.bos_token_id";
+    pub const EOS_TOKEN_IDS: &str = "tokenizer.eos_token_ids";
+    pub const ADD_BOS_TOKEN: &str = "tokenizer.add_bos_token";
+    pub const BOS_TOKEN: &str = "tokenizer.bos_token";
+    pub const EOS_TOKEN: &str = "tokenizer.eos_token";
+    pub const SOURCE_FILES: &str = "provenance.source_files";
+    pub const CONVERTER: &str = "provenance.converter";
+    pub const QUANTIZATION: &str = "provenance.quantization";
+}
+
+/// A metadata value. Type ids are in [`Value::type_id`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    U32(u32),
+    U64(u64),
+    F32(f32),
+    Bool(bool),
+    Str(String),
+    U32Array(Vec<u32>),
+    StrArray(Vec<String>),
+}
+
+impl Value {
+    pub fn type_id(&self) -> u8 {
+        match self {
+            Self::U32(_) => 0,
+            Self::U64(_) => 1,
+            Self::F32(_) => 2,
+            Self::Bool(_) => 3,
+            Self::Str(_) => 4,
+            Self::U32Array(_) => 5,
+            Self::StrArray(_) => 6,
+        }
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Self::U32(v) => out.extend_from_slice(&v.to_le_bytes()),
+            Self::U64(v) => out.extend_from_slice(&v.to_le_bytes()),
+            Self::F32(v) => out.extend_from_slice(&v.to_le_bytes()),
+            Self::Bool(v) => out.push(*v as u8),
+            Self::Str(s) => out.extend_from_slice(s.as_bytes()),
+            Self::U32Array(v) => {
+                out.extend_from_slice(&(v.len() as u64).to_le_bytes());
+                for x in v {
+                    out.extend_from_slice(&x.to_le_bytes());
+                }
+            }
+            Self::StrArray(v) => {
+                out.extend_from_slice(&(v.len() as u64).to_le_bytes());
+                for s in v {
+                    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+                    out.extend_from_slice(s.as_bytes());
+                }
+            }
+        }
+    }
+
+    /// Decodes a value of type `ty` filling exactly `bytes`; `Ok(None)` for a
+    /// type id this version does not know.
+    fn decode(ty: u8, bytes: &[u8], key: &str) -> Result<Option<Self>, FormatError> {
+        let bad = |what: &str| FormatError::Invalid(format!("metadata '{key}': {what}"));
+        let fixed = |n: usize| -> Result<(), FormatError> {
+            if bytes.len() == n {
+                Ok(())
+            } else {
+                Err(bad(&format!("expected {n} bytes, found {}", bytes.len())))
+            }
+        };
+        let utf8 = |b: &[u8]| -> Result<String, FormatError> {
+            match std::str::from_utf8(b) {
+                Ok(s) => Ok(s.to_owned()),
+                Err(_) => Err(bad("string is not UTF-8")),
+            }
+        };
+        Ok(Some(match ty {
+            0 => {
+                fixed(4)?;
+                Self::U32(u32::from_le_bytes(bytes.try_into().unwrap()))
+            }
+            1 => {
+                fixed(8)?;
+                Self::U64(u64::from_le_bytes(bytes.try_into().unwrap()))
+            }
+            2 => {
+                fixed(4)?;
+                Self::F32(f32::from_le_bytes(bytes.try_into().unwrap()))
+            }
+            3 => {
+                fixed(1)?;
+                match bytes[0] {
+                    0 => Self::Bool(false),
+                    1 => Self::Bool(true),
+                    b => return Err(bad(&format!("bool byte is {b}, not 0 or 1"))),
+                }
+            }
+            4 => Self::Str(utf8(bytes)?),
+            5 => {
+                let mut c = Cursor::new(bytes, "metadata array");
+                let n = c.u64()?;
+                if n.checked_mul(4) != Some(c.remaining() as u64) {
+                    return Err(bad("array length does not match its byte length"));
+                }
+                let mut v = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    v.push(c.u32()?);
+                }
+                Self::U32Array(v)
+            }
+            6 => {
+                let mut c = Cursor::new(bytes, "metadata string array");
+                let n = c.u64()?;
+                // Each string takes at least 8 bytes, which bounds the count
+                // before anything is allocated.
+                if n > c.remaining() as u64 / 8 {
+                    return Err(bad("string array count exceeds its byte length"));
+                }
+                let mut v = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    let len = c.u64()?;
+                    if len > c.remaining() as u64 {
+                        return Err(bad("string runs past the value"));
+                    }
+                    v.push(utf8(c.take(len as usize)?)?);
+                }
+                if c.remaining() != 0 {
+                    return Err(bad("trailing bytes after string array"));
+                }
+                Self::StrArray(v)
+            }
+            _ => return Ok(None),
+        }))
+    }
+}
+
+/// Ordered metadata. Unknown keys are kept (and ignored by the runtime);
+/// values of unknown types are skipped on read.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Metadata {
+    entries: BTreeMap<String, Value>,
+}
+
+impl Metadata {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn set(&mut self, key: &str, value: Value) {
+        self.entries.insert(key.to_owned(), value);
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.entries.get(key)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Value)> {
+        self.entries.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn typed<'s, T>(
+        &'s self,
+        key: &str,
+        want: &str,
+        pick: impl Fn(&'s Value) -> Option<T>,
+    ) -> Result<Option<T>, FormatError> {
+        match self.entries.get(key) {
+            None => Ok(None),
+            Some(v) => match pick(v) {
+                Some(t) => Ok(Some(t)),
+                None => invalid(format!("metadata '{key}' should be {want}, found {v:?}")),
+            },
+        }
+    }
+
+    /// An unsigned integer (stored as u32 or u64), or an error if the key holds
+    /// another type.
+    pub fn get_uint(&self, key: &str) -> Result<Option<u64>, FormatError> {
+        self.typed(key, "an unsigned integer", |v| match v {
+            Value::U32(x) => Some(*x as u64),
+            Value::U64(x) => Some(*x),
+            _ => None,
+        })
+    }
+
+    pub fn get_f32(&self, key: &str) -> Result<Option<f32>, FormatError> {
+        self.typed(key, "an f32", |v| match v {
+            Value::F32(x) => Some(*x),
+            _ => None,
+        })
+    }
+
+    pub fn get_bool(&self, key: &str) -> Result<Option<bool>, FormatError> {
+        self.typed(key, "a bool", |v| match v {
+            Value::Bool(x) => Some(*x),
+            _ => None,
+        })
+    }
+
+    pub fn get_str(&self, key: &str) -> Result<Option<&str>, FormatError> {
+        self.typed(key, "a string", |v| match v {
+            Value::Str(x) => Some(x.as_str()),
+            _ => None,
+        })
+    }
+
+    pub fn get_u32_array(&self, key: &str) -> Result<Option<&[u32]>, FormatError> {
+        self.typed(key, "a u32 array", |v| match v {
+            Value::U32Array(x) => Some(x.as_slice()),
+            _ => None,
+        })
+    }
+
+    pub fn get_str_array(&self, key: &str) -> Result<Option<&[String]>, FormatError> {
+        self.typed(key, "a string array", |v| match v {
+            Value::StrArray(x) => Some(x.as_slice()),
+            _ => None,
+        })
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        let mut buf = Vec::new();
+        for (k, v) in &self.entries {
+            put_name(&mut out, k);
+            out.push(v.type_id());
+            buf.clear();
+            v.encode(&mut buf);
+            out.extend_from_slice(&(buf.len() as u64).to_le_bytes());
+            out.extend_from_slice(&buf);
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, FormatError> {
+        let mut c = Cursor::new(bytes, "metadata section");
+        let count = c.u32()?;
+        let mut entries = BTreeMap::new();
+        for _ in 0..count {
+            let key = c.name()?;
+            let ty = c.u8()?;
+            let len = c.u64()?;
+            if len > c.remaining() as u64 {
+                return invalid(format!(
+                    "metadata '{key}': value of {len} bytes runs past the section"
+                ));
+            }
+            let raw = c.take(len as usize)?;
+            if let Some(v) = Value::decode(ty, raw, key)? {
+                if entries.insert(key.to_owned(), v).is_some() {
+                    return invalid(format!("metadata key '{key}' appears twice"));
+                }
+            }
+        }
+        if c.remaining() != 0 {
+            return invalid("trailing bytes after the metadata entries");
+        }
+        Ok(Self { entries })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_every_type() {
+        let mut m = Metadata::new();
+        m.set("a", Value::U32(7));
+        m.set("b", Value::U64(1 << 40));
+        m.set("c", Value::F32(1e-5));
+        m.set("d", Value::Bool(true));
+        m.set("e", Value::Str("héllo".into()));
+        m.set("f", Value::U32Array(vec![1, 2, 3]));
+        m.set("g", Value::StrArray(vec!["x".into(), "".into()]));
+        assert_eq!(Metadata::decode(&m.encode()).unwrap(), m);
+    }
+
+    #[test]
+    fn unknown_types_are_skipped() {
+        let mut bytes = 2u32.to_le_bytes().to_vec();
+        put_name(&mut bytes, "future");
+        bytes.push(200);
+        bytes.extend_from_slice(&3u64.to_le_bytes());
+        bytes.extend_from_slice(&[1, 2, 3]);
+        put_name(&mut bytes, "known");
+        bytes.push(0);
+        bytes.extend_from_slice(&4u64.to_le_bytes());
+        bytes.extend_from_slice(&9u32.to_le_bytes());
+        let m = Metadata::decode(&bytes).unwrap();
+        assert_eq!(m.len(), 1);
+        assert_eq!(m.get_uint("known").unwrap(), Some(9));
+    }
+
+    #[test]
+    fn hostile_lengths_are_errors() {
+        let mut bytes = 1u32.to_le_bytes().to_vec();
+        put_name(&mut bytes, "k");
+        bytes.push(6);
+        bytes.extend_from_slice(&8u64.to_le_bytes());
+        bytes.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert!(Metadata::decode(&bytes).is_err());
+        assert!(Metadata::decode(&u32::MAX.to_le_bytes()).is_err());
+    }
+
+    #[test]
+    fn wrong_type_is_an_error() {
+        let mut m = Metadata::new();
+        m.set("k", Value::Str("x".into()));
+        assert!(m.get_uint("k").is_err());
+        assert_eq!(m.get_uint("missing").unwrap(), None);
+    }
+}

@@ -1,0 +1,119 @@
+//! Reference kernels in plain Rust. They define the exact semantics (integer
+//! block dot products, then one float multiply per block) that every SIMD
+//! kernel must reproduce.
+
+use crate::quant::{WeightView, BLOCK};
+use half::f16;
+
+/// Activations quantized to 8-bit blocks: `x ≈ d * q`, `q` in -127..=127,
+/// one f32 scale per 32 values.
+#[derive(Clone, Debug, Default)]
+pub struct QuantAct {
+    pub qs: Vec<i8>,
+    pub d: Vec<f32>,
+}
+
+/// Quantizes `x` (length a multiple of [`BLOCK`]) into `out`:
+/// `d = max|x| / 127`, `q = round(x / d)` (half away from zero).
+pub fn quantize_act(x: &[f32], out: &mut QuantAct) {
+    out.qs.resize(x.len(), 0);
+    out.d.resize(x.len() / BLOCK, 0.0);
+    for ((xb, qb), d) in x
+        .chunks_exact(BLOCK)
+        .zip(out.qs.chunks_exact_mut(BLOCK))
+        .zip(out.d.iter_mut())
+    {
+        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        *d = amax / 127.0;
+        let inv = if amax == 0.0 { 0.0 } else { 127.0 / amax };
+        for (q, &v) in qb.iter_mut().zip(xb) {
+            *q = (v * inv).round() as i8;
+        }
+    }
+}
+
+/// Dot product of one row of 4-bit weight blocks with 8-bit activation blocks.
+pub fn dot_q4_q8(wq: &[u8], wd: &[f16], aq: &[i8], ad: &[f32]) -> f32 {
+    let mut sum = 0f32;
+    for b in 0..wd.len() {
+        let w = &wq[b * 16..b * 16 + 16];
+        let a = &aq[b * BLOCK..b * BLOCK + BLOCK];
+        let mut isum = 0i32;
+        for j in 0..16 {
+            isum += ((w[j] & 0x0f) as i32 - 8) * a[j] as i32;
+            isum += ((w[j] >> 4) as i32 - 8) * a[j + 16] as i32;
+        }
+        sum += wd[b].to_f32() * ad[b] * isum as f32;
+    }
+    sum
+}
+
+/// Dot product of one row of 8-bit weight blocks with 8-bit activation blocks.
+pub fn dot_q8_q8(wq: &[i8], wd: &[f16], aq: &[i8], ad: &[f32]) -> f32 {
+    let mut sum = 0f32;
+    for b in 0..wd.len() {
+        let w = &wq[b * BLOCK..b * BLOCK + BLOCK];
+        let a = &aq[b * BLOCK..b * BLOCK + BLOCK];
+        let isum: i32 = w.iter().zip(a).map(|(&x, &y)| x as i32 * y as i32).sum();
+        sum += wd[b].to_f32() * ad[b] * isum as f32;
+    }
+    sum
+}
+
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+pub fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x.to_f32() * y).sum()
+}
+
+pub fn axpy_f16(out: &mut [f32], s: f32, v: &[f16]) {
+    for (o, x) in out.iter_mut().zip(v) {
+        *o += s * x.to_f32();
+    }
+}
+
+pub fn matmul(w: &WeightView, x: &[f32], n_tokens: usize, y: &mut [f32]) {
+    let (rows, cols) = (w.rows(), w.cols());
+    let nb = cols / BLOCK;
+    let mut act = QuantAct::default();
+    for t in 0..n_tokens {
+        let xt = &x[t * cols..(t + 1) * cols];
+        let yt = &mut y[t * rows..(t + 1) * rows];
+        match *w {
+            WeightView::F32 { data, .. } => {
+                for (r, o) in yt.iter_mut().enumerate() {
+                    *o = dot_f32(&data[r * cols..(r + 1) * cols], xt);
+                }
+            }
+            WeightView::F16 { data, .. } => {
+                for (r, o) in yt.iter_mut().enumerate() {
+                    *o = dot_f16(&data[r * cols..(r + 1) * cols], xt);
+                }
+            }
+            WeightView::Q8 { qs, d, .. } => {
+                quantize_act(xt, &mut act);
+                for (r, o) in yt.iter_mut().enumerate() {
+                    *o = dot_q8_q8(
+                        &qs[r * cols..(r + 1) * cols],
+                        &d[r * nb..(r + 1) * nb],
+                        &act.qs,
+                        &act.d,
+                    );
+                }
+            }
+            WeightView::Q4 { qs, d, .. } => {
+                quantize_act(xt, &mut act);
+                for (r, o) in yt.iter_mut().enumerate() {
+                    *o = dot_q4_q8(
+                        &qs[r * cols / 2..(r + 1) * cols / 2],
+                        &d[r * nb..(r + 1) * nb],
+                        &act.qs,
+                        &act.d,
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! LLaMA forward pass (placeholder until the runtime work lands).
