@@ -12,6 +12,7 @@
 //! checksums in advance; the header, written last, points at everything.
 
 mod metadata;
+pub mod names;
 mod reader;
 mod writer;
 
