@@ -4,28 +4,529 @@
 //! attention over the f16 KV cache goes through [`dot_f16`] and [`axpy_f16`].
 //! `scalar` is the reference implementation every SIMD kernel is tested
 //! against.
+//!
+//! One kernel set ([`KernelSet`]) is chosen once per process, by CPU feature
+//! detection or by the `NIBBLE_KERNELS` environment variable. Each set is a
+//! table of plain functions ([`Isa`]); the instruction-set specific ones are
+//! only reachable through a table handed out after the features were
+//! detected, which is what makes calling them sound.
+//!
+//! Quantized matmul semantics (identical in every set): each activation row is
+//! quantized to 8-bit blocks ([`scalar::quantize_act`], bit-identical in every
+//! set), each weight block is multiplied with its activation block in exact
+//! integer arithmetic, and the integer block sum is scaled by
+//! `d_weight * d_act` and accumulated in f32. Only the order of that f32
+//! accumulation differs between sets.
 
 pub mod scalar;
 
-use crate::quant::WeightView;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "aarch64")]
+mod neon;
+
+use crate::quant::{WeightView, BLOCK};
 use half::f16;
+use rayon::prelude::*;
+use std::cell::RefCell;
+use std::fmt;
+use std::sync::OnceLock;
+
+pub use scalar::QuantAct;
+
+/// Environment variable that overrides kernel detection.
+pub const KERNELS_ENV: &str = "NIBBLE_KERNELS";
+
+/// Largest register tile a kernel set may use: `out[r * MAX_TILE_T + t]`.
+pub(crate) const MAX_TILE_R: usize = 8;
+pub(crate) const MAX_TILE_T: usize = 8;
+pub(crate) const MAX_TILE: usize = MAX_TILE_R * MAX_TILE_T;
+
+/// A register-tiled quantized block kernel: computes the dot products of
+/// `nr` consecutive weight rows (`w`: their quant bytes, `wd`: their scales,
+/// `nb` blocks per row) with `nt` consecutive quantized activation rows (`aq`,
+/// `ad`), writing row `r`, token `t` to `out[r * MAX_TILE_T + t]`.
+/// `nr <= tile_rows`, `nt <= tile_tokens` of the owning [`Isa`].
+pub(crate) type QTileFn = fn(
+    w: &[u8],
+    wd: &[f16],
+    aq: &[i8],
+    ad: &[f32],
+    nb: usize,
+    nr: usize,
+    nt: usize,
+    out: &mut [f32; MAX_TILE],
+);
+
+/// The function table of one kernel set.
+pub(crate) struct Isa {
+    pub set: KernelSet,
+    /// Weight rows per register tile (prefill and decode).
+    pub tile_rows: usize,
+    /// Activation rows (tokens) per register tile in prefill.
+    pub tile_tokens: usize,
+    /// Quantizes whole blocks: `qs.len() == x.len()`, `d.len() == x.len() / BLOCK`.
+    pub quantize_act: fn(x: &[f32], qs: &mut [i8], d: &mut [f32]),
+    pub q4_tile: QTileFn,
+    pub q8_tile: QTileFn,
+    pub dot_f32: fn(&[f32], &[f32]) -> f32,
+    pub dot_f16: fn(&[f16], &[f32]) -> f32,
+    pub axpy_f16: fn(&mut [f32], f32, &[f16]),
+}
+
+/// A family of kernels for one instruction set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KernelSet {
+    /// Plain Rust, any CPU; the reference semantics.
+    Scalar,
+    /// x86-64 AVX2 + FMA + F16C.
+    Avx2,
+    /// x86-64 AVX-512 F/BW/VL + VNNI (`vpdpbusd`) on 256-bit vectors, plus F16C/FMA.
+    Avx512,
+    /// aarch64 NEON without the dot-product extension.
+    Neon,
+    /// aarch64 NEON with `sdot` (`vdotq_s32`).
+    NeonDotprod,
+}
+
+impl KernelSet {
+    pub const ALL: [KernelSet; 5] = [
+        Self::Scalar,
+        Self::Avx2,
+        Self::Avx512,
+        Self::Neon,
+        Self::NeonDotprod,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Scalar => "scalar",
+            Self::Avx2 => "avx2",
+            Self::Avx512 => "avx512",
+            Self::Neon => "neon",
+            Self::NeonDotprod => "neon-dotprod",
+        }
+    }
+
+    /// Parses a `NIBBLE_KERNELS` value. `neon` means the best NEON path this
+    /// CPU has (with `dotprod` if present); `neon-nodot` forces plain NEON.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s.trim().to_ascii_lowercase().as_str() {
+            "scalar" => Self::Scalar,
+            "avx2" => Self::Avx2,
+            "avx512" => Self::Avx512,
+            "neon" => {
+                if Self::NeonDotprod.is_supported() {
+                    Self::NeonDotprod
+                } else {
+                    Self::Neon
+                }
+            }
+            "neon-nodot" | "neon-plain" => Self::Neon,
+            "neon-dotprod" => Self::NeonDotprod,
+            _ => return None,
+        })
+    }
+
+    /// Whether this CPU can run the set.
+    pub fn is_supported(self) -> bool {
+        self.isa().is_some()
+    }
+
+    /// Every set this CPU can run, slowest first.
+    pub fn available() -> Vec<KernelSet> {
+        Self::ALL.into_iter().filter(|s| s.is_supported()).collect()
+    }
+
+    /// The fastest set this CPU can run.
+    pub fn detect() -> KernelSet {
+        *Self::available().last().unwrap_or(&Self::Scalar)
+    }
+
+    fn isa(self) -> Option<&'static Isa> {
+        match self {
+            Self::Scalar => Some(&scalar::ISA),
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => avx2::isa(),
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512 => avx512::isa(),
+            #[cfg(target_arch = "aarch64")]
+            Self::Neon => neon::isa_plain(),
+            #[cfg(target_arch = "aarch64")]
+            Self::NeonDotprod => neon::isa_dotprod(),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for KernelSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Why a kernel set could not be selected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelError {
+    UnknownName(String),
+    Unsupported(KernelSet),
+}
+
+impl fmt::Display for KernelError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::UnknownName(s) => write!(
+                f,
+                "{KERNELS_ENV}={s:?} is not a kernel set (use scalar, avx2, avx512, neon or neon-nodot)"
+            ),
+            Self::Unsupported(k) => {
+                let have: Vec<_> = KernelSet::available().iter().map(|k| k.name()).collect();
+                write!(
+                    f,
+                    "{KERNELS_ENV}={k}: this CPU lacks the instructions for it (available: {})",
+                    have.join(", ")
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for KernelError {}
+
+/// A handle on a kernel set this CPU supports. Every kernel is reachable
+/// through it, so tests and benchmarks can compare sets side by side.
+#[derive(Clone, Copy)]
+pub struct Kernels {
+    isa: &'static Isa,
+}
+
+impl fmt::Debug for Kernels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Kernels({})", self.isa.set)
+    }
+}
+
+static ACTIVE: OnceLock<Result<Kernels, KernelError>> = OnceLock::new();
+
+/// Chooses the process-wide kernel set (from `NIBBLE_KERNELS` if set, else by
+/// detection). Idempotent. Call it at start-up to turn a bad override into a
+/// clean error; otherwise the first kernel call does it and exits with the
+/// message.
+pub fn init() -> Result<Kernels, KernelError> {
+    ACTIVE
+        .get_or_init(|| match std::env::var(KERNELS_ENV) {
+            Ok(v) if !v.trim().is_empty() => {
+                let set = KernelSet::parse(&v).ok_or(KernelError::UnknownName(v))?;
+                Kernels::new(set)
+            }
+            _ => Kernels::new(KernelSet::detect()),
+        })
+        .clone()
+}
+
+impl Kernels {
+    pub fn new(set: KernelSet) -> Result<Kernels, KernelError> {
+        set.isa()
+            .map(|isa| Kernels { isa })
+            .ok_or(KernelError::Unsupported(set))
+    }
+
+    /// The process-wide set. A bad `NIBBLE_KERNELS` ends the process with a
+    /// one-line message (callers that want to handle it call [`init`] first).
+    pub fn active() -> Kernels {
+        match init() {
+            Ok(k) => k,
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(2);
+            }
+        }
+    }
+
+    pub fn set(&self) -> KernelSet {
+        self.isa.set
+    }
+
+    /// See [`matmul`].
+    pub fn matmul(&self, w: &WeightView, x: &[f32], n_tokens: usize, y: &mut [f32]) {
+        assert_eq!(x.len(), n_tokens * w.cols(), "matmul: activation shape");
+        assert_eq!(y.len(), n_tokens * w.rows(), "matmul: output shape");
+        matmul_impl(self.isa, w, x, n_tokens, y)
+    }
+
+    /// Quantizes `x` (a whole number of blocks) like [`scalar::quantize_act`].
+    pub fn quantize_act(&self, x: &[f32], out: &mut QuantAct) {
+        assert!(x.len().is_multiple_of(BLOCK), "quantize_act: partial block");
+        out.qs.resize(x.len(), 0);
+        out.d.resize(x.len() / BLOCK, 0.0);
+        (self.isa.quantize_act)(x, &mut out.qs, &mut out.d)
+    }
+
+    /// One row of 4-bit weight blocks against one quantized activation row.
+    pub fn dot_q4_q8(&self, wq: &[u8], wd: &[f16], aq: &[i8], ad: &[f32]) -> f32 {
+        let nb = wd.len();
+        assert!(wq.len() == nb * BLOCK / 2 && aq.len() == nb * BLOCK && ad.len() == nb);
+        let mut out = [0f32; MAX_TILE];
+        (self.isa.q4_tile)(wq, wd, aq, ad, nb, 1, 1, &mut out);
+        out[0]
+    }
+
+    /// One row of 8-bit weight blocks against one quantized activation row.
+    pub fn dot_q8_q8(&self, wq: &[i8], wd: &[f16], aq: &[i8], ad: &[f32]) -> f32 {
+        let nb = wd.len();
+        assert!(wq.len() == nb * BLOCK && aq.len() == nb * BLOCK && ad.len() == nb);
+        let mut out = [0f32; MAX_TILE];
+        (self.isa.q8_tile)(bytemuck::cast_slice(wq), wd, aq, ad, nb, 1, 1, &mut out);
+        out[0]
+    }
+
+    pub fn dot_f32(&self, a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len(), "dot_f32: lengths");
+        (self.isa.dot_f32)(a, b)
+    }
+
+    pub fn dot_f16(&self, a: &[f16], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len(), "dot_f16: lengths");
+        (self.isa.dot_f16)(a, b)
+    }
+
+    pub fn axpy_f16(&self, out: &mut [f32], s: f32, v: &[f16]) {
+        assert_eq!(out.len(), v.len(), "axpy_f16: lengths");
+        (self.isa.axpy_f16)(out, s, v)
+    }
+}
+
+/// Name of the kernel set in use (e.g. `"avx2"`), for logs and `--json`.
+pub fn active_name() -> &'static str {
+    Kernels::active().set().name()
+}
 
 /// `y[t * rows + r] = sum_c W[r, c] * x[t * cols + c]` for each of `n_tokens`
 /// activation rows. For quantized weights the activations are first quantized
 /// to 8-bit blocks (see [`scalar::quantize_act`]); for f32/f16 weights the
-/// product is computed in f32.
+/// product is computed in f32. Rows are split across the global rayon pool.
 pub fn matmul(w: &WeightView, x: &[f32], n_tokens: usize, y: &mut [f32]) {
-    assert_eq!(x.len(), n_tokens * w.cols(), "matmul: activation shape");
-    assert_eq!(y.len(), n_tokens * w.rows(), "matmul: output shape");
-    scalar::matmul(w, x, n_tokens, y)
+    Kernels::active().matmul(w, x, n_tokens, y)
 }
 
 /// `sum_i a[i] * b[i]` with `a` in f16 (a cached key).
 pub fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
-    scalar::dot_f16(a, b)
+    Kernels::active().dot_f16(a, b)
 }
 
 /// `out[i] += s * v[i]` with `v` in f16 (a cached value).
 pub fn axpy_f16(out: &mut [f32], s: f32, v: &[f16]) {
-    scalar::axpy_f16(out, s, v)
+    Kernels::active().axpy_f16(out, s, v)
+}
+
+// ---------------------------------------------------------------------------
+// The matmul driver: activation quantization into reused scratch, row chunks
+// over the thread pool, register tiles inside a chunk.
+
+thread_local! {
+    /// Quantized activations of the current call, reused across calls so the
+    /// decode loop does not allocate. Taken out (not borrowed) while in use, so
+    /// a nested call on the same thread just gets a fresh buffer.
+    static ACT_SCRATCH: RefCell<QuantAct> = RefCell::new(QuantAct::default());
+}
+
+/// Rows of a quantized matrix, as the tile kernels read them.
+struct QRows<'a> {
+    qs: &'a [u8],
+    d: &'a [f16],
+    /// Quant bytes per row.
+    row_bytes: usize,
+    tile: QTileFn,
+}
+
+/// Output pointer shared by the row chunks; each chunk writes only its rows.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: the pointer is only used to write disjoint row ranges of one `y`
+// borrowed mutably for the whole parallel section.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// Writes `y[i] = v`.
+    ///
+    /// # Safety
+    /// `i` is in bounds of `y`, and no other thread writes or reads `y[i]`
+    /// during the parallel section.
+    unsafe fn write(self, i: usize, v: f32) {
+        // SAFETY: guaranteed by the caller.
+        unsafe { *self.0.add(i) = v }
+    }
+}
+
+/// Below this many multiply-adds a matmul runs on the calling thread: waking
+/// the pool costs more than it saves.
+const MIN_PARALLEL_MACS: usize = 1 << 17;
+/// Multiply-adds per parallel chunk we aim for (big enough to amortize the
+/// scheduling, small enough to balance).
+const TARGET_CHUNK_MACS: usize = 1 << 20;
+
+fn matmul_impl(isa: &Isa, w: &WeightView, x: &[f32], n_tokens: usize, y: &mut [f32]) {
+    let (rows, cols) = (w.rows(), w.cols());
+    if rows == 0 || n_tokens == 0 {
+        return;
+    }
+    match *w {
+        WeightView::F32 { data, .. } => {
+            let dot = isa.dot_f32;
+            float_rows(rows, cols, n_tokens, y, &|r, t| {
+                dot(&data[r * cols..(r + 1) * cols], &x[t * cols..(t + 1) * cols])
+            })
+        }
+        WeightView::F16 { data, .. } => {
+            let dot = isa.dot_f16;
+            float_rows(rows, cols, n_tokens, y, &|r, t| {
+                dot(&data[r * cols..(r + 1) * cols], &x[t * cols..(t + 1) * cols])
+            })
+        }
+        WeightView::Q8 { qs, d, .. } => {
+            let q = QRows {
+                qs: bytemuck::cast_slice(qs),
+                d,
+                row_bytes: cols,
+                tile: isa.q8_tile,
+            };
+            quant_matmul(isa, &q, rows, cols, x, n_tokens, y)
+        }
+        WeightView::Q4 { qs, d, .. } => {
+            let q = QRows {
+                qs,
+                d,
+                row_bytes: cols / 2,
+                tile: isa.q4_tile,
+            };
+            quant_matmul(isa, &q, rows, cols, x, n_tokens, y)
+        }
+    }
+}
+
+/// Number of parallel chunks for `rows` rows of `macs_per_row` work each,
+/// and the chunk size in rows (a multiple of `align`).
+fn chunking(rows: usize, macs_per_row: usize, align: usize) -> (usize, usize) {
+    let total = rows.saturating_mul(macs_per_row);
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || total < MIN_PARALLEL_MACS {
+        return (1, rows);
+    }
+    let want = (total / TARGET_CHUNK_MACS).clamp(threads, threads * 8);
+    // round the chunk count to a multiple of the thread count so the last
+    // wave is not one thread working alone
+    let want = want.div_ceil(threads) * threads;
+    let chunk = rows.div_ceil(want).div_ceil(align) * align;
+    (rows.div_ceil(chunk), chunk)
+}
+
+fn quant_matmul(
+    isa: &Isa,
+    w: &QRows,
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+) {
+    assert!(cols.is_multiple_of(BLOCK), "matmul: cols not a multiple of the block");
+    let nb = cols / BLOCK;
+    assert!(w.qs.len() >= rows * w.row_bytes && w.d.len() >= rows * nb);
+    let mut act = ACT_SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    act.qs.resize(n_tokens * cols, 0);
+    act.d.resize(n_tokens * nb, 0.0);
+    (isa.quantize_act)(x, &mut act.qs, &mut act.d);
+
+    let (n_chunks, chunk) = chunking(rows, cols * n_tokens, isa.tile_rows);
+    let out = OutPtr(y.as_mut_ptr());
+    let run = |c: usize| {
+        let r0 = c * chunk;
+        let r1 = (r0 + chunk).min(rows);
+        quant_rows(isa, w, nb, r0..r1, rows, &act, n_tokens, out);
+    };
+    if n_chunks == 1 {
+        run(0)
+    } else {
+        (0..n_chunks).into_par_iter().for_each(run);
+    }
+    ACT_SCRATCH.with(|s| *s.borrow_mut() = act);
+}
+
+/// Computes rows `range` for all tokens, tile by tile: for each group of
+/// `tile_rows` weight rows, every token tile runs against the same weight
+/// bytes (which stay in L1/L2), so each weight block is unpacked once per
+/// token tile rather than once per token.
+#[allow(clippy::too_many_arguments)]
+fn quant_rows(
+    isa: &Isa,
+    w: &QRows,
+    nb: usize,
+    range: std::ops::Range<usize>,
+    rows: usize,
+    act: &QuantAct,
+    n_tokens: usize,
+    out: OutPtr,
+) {
+    let (tr, tt) = if n_tokens == 1 {
+        (isa.tile_rows, 1)
+    } else {
+        (isa.tile_rows, isa.tile_tokens)
+    };
+    let cols = nb * BLOCK;
+    let mut tile = [0f32; MAX_TILE];
+    let mut r0 = range.start;
+    while r0 < range.end {
+        let nr = tr.min(range.end - r0);
+        let wq = &w.qs[r0 * w.row_bytes..(r0 + nr) * w.row_bytes];
+        let wd = &w.d[r0 * nb..(r0 + nr) * nb];
+        let mut t0 = 0;
+        while t0 < n_tokens {
+            let nt = tt.min(n_tokens - t0);
+            let aq = &act.qs[t0 * cols..(t0 + nt) * cols];
+            let ad = &act.d[t0 * nb..(t0 + nt) * nb];
+            (w.tile)(wq, wd, aq, ad, nb, nr, nt, &mut tile);
+            for t in 0..nt {
+                for r in 0..nr {
+                    let idx = (t0 + t) * rows + r0 + r;
+                    // SAFETY: idx < n_tokens * rows == y.len() (checked by the
+                    // caller), and row r0 + r lies in this chunk's range, which
+                    // no other chunk writes.
+                    unsafe { out.write(idx, tile[r * MAX_TILE_T + t]) };
+                }
+            }
+            t0 += nt;
+        }
+        r0 += nr;
+    }
+}
+
+/// f32/f16 weights: one dot product per (row, token), rows split across the pool.
+fn float_rows(
+    rows: usize,
+    cols: usize,
+    n_tokens: usize,
+    y: &mut [f32],
+    dot: &(dyn Fn(usize, usize) -> f32 + Sync),
+) {
+    let (n_chunks, chunk) = chunking(rows, cols * n_tokens, 1);
+    let out = OutPtr(y.as_mut_ptr());
+    let run = |c: usize| {
+        let r0 = c * chunk;
+        for r in r0..(r0 + chunk).min(rows) {
+            for t in 0..n_tokens {
+                // SAFETY: as in `quant_rows`: in bounds, and row r belongs to
+                // this chunk only.
+                unsafe { out.write(t * rows + r, dot(r, t)) };
+            }
+        }
+    };
+    if n_chunks == 1 {
+        run(0)
+    } else {
+        (0..n_chunks).into_par_iter().for_each(run);
+    }
 }

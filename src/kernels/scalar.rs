@@ -2,6 +2,7 @@
 //! block dot products, then one float multiply per block) that every SIMD
 //! kernel must reproduce.
 
+use super::{Isa, KernelSet, MAX_TILE, MAX_TILE_T};
 use crate::quant::{WeightView, BLOCK};
 use half::f16;
 
@@ -13,22 +14,39 @@ pub struct QuantAct {
     pub d: Vec<f32>,
 }
 
-/// Quantizes `x` (length a multiple of [`BLOCK`]) into `out`:
-/// `d = max|x| / 127`, `q = round(x / d)` (half away from zero).
+/// Quantizes `x` (finite values, length a multiple of [`BLOCK`]) into `out`:
+/// `d = max|x| / 127`, `q = round(x * (127 / max|x|))` (half away from zero).
+/// The inverse is capped at `f32::MAX` so that a block of subnormals, whose
+/// `127 / max|x|` overflows, quantizes to small integers instead of NaN.
 pub fn quantize_act(x: &[f32], out: &mut QuantAct) {
     out.qs.resize(x.len(), 0);
     out.d.resize(x.len() / BLOCK, 0.0);
+    quantize_act_into(x, &mut out.qs, &mut out.d)
+}
+
+fn quantize_act_into(x: &[f32], qs: &mut [i8], d: &mut [f32]) {
     for ((xb, qb), d) in x
         .chunks_exact(BLOCK)
-        .zip(out.qs.chunks_exact_mut(BLOCK))
-        .zip(out.d.iter_mut())
+        .zip(qs.chunks_exact_mut(BLOCK))
+        .zip(d.iter_mut())
     {
         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
         *d = amax / 127.0;
-        let inv = if amax == 0.0 { 0.0 } else { 127.0 / amax };
+        let inv = act_inverse_scale(amax);
         for (q, &v) in qb.iter_mut().zip(xb) {
             *q = (v * inv).round() as i8;
         }
+    }
+}
+
+/// `127 / amax`, 0 for an all-zero block, capped at `f32::MAX`; every kernel
+/// set multiplies by exactly this value.
+#[inline]
+pub fn act_inverse_scale(amax: f32) -> f32 {
+    if amax == 0.0 {
+        0.0
+    } else {
+        (127.0 / amax).min(f32::MAX)
     }
 }
 
@@ -114,6 +132,70 @@ pub fn matmul(w: &WeightView, x: &[f32], n_tokens: usize, y: &mut [f32]) {
                     );
                 }
             }
+        }
+    }
+}
+
+/// The scalar kernel set: the reference functions above, driven by the same
+/// tiled, threaded matmul driver as the SIMD sets. Its accumulation order is
+/// the reference's, so its matmul equals [`matmul`] bit for bit.
+pub(crate) static ISA: Isa = Isa {
+    set: KernelSet::Scalar,
+    tile_rows: 4,
+    tile_tokens: 1,
+    quantize_act: quantize_act_into,
+    q4_tile,
+    q8_tile,
+    dot_f32,
+    dot_f16,
+    axpy_f16,
+};
+
+#[allow(clippy::too_many_arguments)]
+fn q4_tile(
+    w: &[u8],
+    wd: &[f16],
+    aq: &[i8],
+    ad: &[f32],
+    nb: usize,
+    nr: usize,
+    nt: usize,
+    out: &mut [f32; MAX_TILE],
+) {
+    let rb = nb * BLOCK / 2;
+    for r in 0..nr {
+        for t in 0..nt {
+            out[r * MAX_TILE_T + t] = dot_q4_q8(
+                &w[r * rb..(r + 1) * rb],
+                &wd[r * nb..(r + 1) * nb],
+                &aq[t * nb * BLOCK..(t + 1) * nb * BLOCK],
+                &ad[t * nb..(t + 1) * nb],
+            );
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn q8_tile(
+    w: &[u8],
+    wd: &[f16],
+    aq: &[i8],
+    ad: &[f32],
+    nb: usize,
+    nr: usize,
+    nt: usize,
+    out: &mut [f32; MAX_TILE],
+) {
+    let rb = nb * BLOCK;
+    let w: &[i8] = bytemuck::cast_slice(w);
+    for r in 0..nr {
+        for t in 0..nt {
+            out[r * MAX_TILE_T + t] = dot_q8_q8(
+                &w[r * rb..(r + 1) * rb],
+                &wd[r * nb..(r + 1) * nb],
+                &aq[t * nb * BLOCK..(t + 1) * nb * BLOCK],
+                &ad[t * nb..(t + 1) * nb],
+            );
         }
     }
 }

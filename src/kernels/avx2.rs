@@ -1,0 +1,418 @@
+//! x86-64 AVX2 + FMA + F16C kernels.
+//!
+//! Block dot products follow llama.cpp's AVX2 Q4_0/Q8_0 path: 32 weights in one
+//! 256-bit register, `vpmaddubsw` (u8 × i8 → pairs of i16) then `vpmaddwd` with
+//! ones (→ eight i32 lanes), then one float convert + FMA per block. All the
+//! integer steps are exact for our ranges (see the comments at each), so the
+//! per-block integer sums equal the scalar reference's.
+//!
+//! Every `#[target_feature]` function here is private; the only way in is the
+//! [`Isa`] table returned by [`isa`], which checks the CPU first.
+
+// Tile loops index several parallel register arrays by row and token; index
+// loops say that more plainly than zipped iterators.
+#![allow(clippy::needless_range_loop)]
+
+use super::{Isa, KernelSet, MAX_TILE, MAX_TILE_T};
+use crate::quant::BLOCK;
+use half::f16;
+use std::arch::x86_64::*;
+
+pub(crate) fn isa() -> Option<&'static Isa> {
+    let ok = is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c");
+    ok.then_some(&ISA)
+}
+
+static ISA: Isa = Isa {
+    set: KernelSet::Avx2,
+    tile_rows: 4,
+    tile_tokens: 2,
+    quantize_act,
+    q4_tile,
+    q8_tile,
+    dot_f32,
+    dot_f16,
+    axpy_f16,
+};
+
+// The safe wrappers below are only stored in `ISA`, which `isa()` hands out
+// after detecting AVX2, FMA and F16C. Each one checks the slice lengths the
+// unsafe body relies on.
+
+fn quantize_act(x: &[f32], qs: &mut [i8], d: &mut [f32]) {
+    assert!(x.len().is_multiple_of(BLOCK) && qs.len() == x.len() && d.len() == x.len() / BLOCK);
+    // SAFETY: features detected (see above); lengths checked.
+    unsafe { quantize_act_avx2(x, qs, d) }
+}
+
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    // SAFETY: features detected; equal lengths checked.
+    unsafe { dot_f32_avx2(a, b) }
+}
+
+fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    // SAFETY: features detected; equal lengths checked.
+    unsafe { dot_f16_avx2(a, b) }
+}
+
+fn axpy_f16(out: &mut [f32], s: f32, v: &[f16]) {
+    assert_eq!(out.len(), v.len());
+    // SAFETY: features detected; equal lengths checked.
+    unsafe { axpy_f16_avx2(out, s, v) }
+}
+
+/// Checks the tile inputs against the shape the unsafe tile bodies read.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn check_tile(
+    w: &[u8],
+    wd: &[f16],
+    aq: &[i8],
+    ad: &[f32],
+    nb: usize,
+    nr: usize,
+    nt: usize,
+    row_bytes: usize,
+) {
+    assert!(
+        w.len() >= nr * row_bytes
+            && wd.len() >= nr * nb
+            && aq.len() >= nt * nb * BLOCK
+            && ad.len() >= nt * nb,
+        "tile: slices shorter than the tile"
+    );
+}
+
+macro_rules! tile_dispatch {
+    ($name:ident, $body:ident, $row_bytes:expr, $maxr:literal, $maxt:literal) => {
+        #[allow(clippy::too_many_arguments)]
+        fn $name(
+            w: &[u8],
+            wd: &[f16],
+            aq: &[i8],
+            ad: &[f32],
+            nb: usize,
+            nr: usize,
+            nt: usize,
+            out: &mut [f32; MAX_TILE],
+        ) {
+            check_tile(w, wd, aq, ad, nb, nr, nt, nb * $row_bytes);
+            // SAFETY: features detected (the function is only reachable via
+            // `ISA`); slice lengths checked just above.
+            unsafe {
+                match (nr, nt) {
+                    (4, 1) => $body::<4, 1>(w, wd, aq, ad, nb, out),
+                    (4, 2) => $body::<4, 2>(w, wd, aq, ad, nb, out),
+                    (3, 1) => $body::<3, 1>(w, wd, aq, ad, nb, out),
+                    (3, 2) => $body::<3, 2>(w, wd, aq, ad, nb, out),
+                    (2, 1) => $body::<2, 1>(w, wd, aq, ad, nb, out),
+                    (2, 2) => $body::<2, 2>(w, wd, aq, ad, nb, out),
+                    (1, 1) => $body::<1, 1>(w, wd, aq, ad, nb, out),
+                    (1, 2) => $body::<1, 2>(w, wd, aq, ad, nb, out),
+                    _ => panic!("tile {nr}x{nt} larger than {}x{}", $maxr, $maxt),
+                }
+            }
+        }
+    };
+}
+
+tile_dispatch!(q4_tile, q4_tile_avx2, 16, 4, 2);
+tile_dispatch!(q8_tile, q8_tile_avx2, 32, 4, 2);
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// Converts the scales of blocks `b..b + g` (g <= 8) of `R` rows and multiplies
+/// them with those of `T` tokens: `prod[r][t][j] = wd[r][b + j] * ad[t][b + j]`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn scale_products<const R: usize, const T: usize>(
+    wd: *const f16,
+    ad: *const f32,
+    nb: usize,
+    b: usize,
+    g: usize,
+    prod: &mut [[[f32; 8]; T]; R],
+) {
+    if g == 8 {
+        for (r, pr) in prod.iter_mut().enumerate() {
+            let w = _mm256_cvtph_ps(_mm_loadu_si128(wd.add(r * nb + b) as *const __m128i));
+            for (t, pt) in pr.iter_mut().enumerate() {
+                let a = _mm256_loadu_ps(ad.add(t * nb + b));
+                _mm256_storeu_ps(pt.as_mut_ptr(), _mm256_mul_ps(w, a));
+            }
+        }
+    } else {
+        for (r, pr) in prod.iter_mut().enumerate() {
+            for (t, pt) in pr.iter_mut().enumerate() {
+                for (j, p) in pt.iter_mut().enumerate().take(g) {
+                    *p = (*wd.add(r * nb + b + j)).to_f32() * *ad.add(t * nb + b + j);
+                }
+            }
+        }
+    }
+}
+
+/// `R` rows of 4-bit blocks × `T` quantized activation rows.
+///
+/// The nibbles are used unsigned (0..=15) in `vpmaddubsw`, and 8 × the pair
+/// sums of the activations is subtracted at 16 bits: per pair
+/// `q0*a0 + q1*a1 - 8*(a0 + a1)`, |each term| <= 15 * 127 * 2 < 2^15, so no
+/// saturation; the result is exactly `sum (q - 8) * a`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_tile_avx2<const R: usize, const T: usize>(
+    w: &[u8],
+    wd: &[f16],
+    aq: &[i8],
+    ad: &[f32],
+    nb: usize,
+    out: &mut [f32; MAX_TILE],
+) {
+    let row_bytes = nb * 16;
+    let mask = _mm256_set1_epi8(0x0f);
+    let eights = _mm256_set1_epi8(8);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    let mut prod = [[[0f32; 8]; T]; R];
+    let (wp, ap) = (w.as_ptr(), aq.as_ptr());
+    let mut b = 0;
+    while b < nb {
+        let g = (nb - b).min(8);
+        scale_products::<R, T>(wd.as_ptr(), ad.as_ptr(), nb, b, g, &mut prod);
+        for j in 0..g {
+            let blk = b + j;
+            let mut a = [_mm256_setzero_si256(); T];
+            let mut c = [_mm256_setzero_si256(); T];
+            for t in 0..T {
+                a[t] = _mm256_loadu_si256(ap.add((t * nb + blk) * BLOCK) as *const __m256i);
+                c[t] = _mm256_maddubs_epi16(eights, a[t]);
+            }
+            for r in 0..R {
+                let raw = _mm_loadu_si128(wp.add(r * row_bytes + blk * 16) as *const __m128i);
+                let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), mask);
+                for t in 0..T {
+                    let p = _mm256_sub_epi16(_mm256_maddubs_epi16(q, a[t]), c[t]);
+                    let s = _mm256_madd_epi16(p, ones);
+                    let scale = _mm256_set1_ps(prod[r][t][j]);
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[r][t]);
+                }
+            }
+        }
+        b += g;
+    }
+    for r in 0..R {
+        for t in 0..T {
+            out[r * MAX_TILE_T + t] = hsum(acc[r][t]);
+        }
+    }
+}
+
+/// `R` rows of 8-bit blocks × `T` quantized activation rows.
+///
+/// `vpmaddubsw` needs one unsigned operand: |w| and a * sign(w) (llama.cpp's
+/// sign trick). |w| <= 128 and |a| <= 127 (activations never hold -128), so
+/// each pair sum is at most 2 * 128 * 127 = 32512 < 2^15: exact.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_tile_avx2<const R: usize, const T: usize>(
+    w: &[u8],
+    wd: &[f16],
+    aq: &[i8],
+    ad: &[f32],
+    nb: usize,
+    out: &mut [f32; MAX_TILE],
+) {
+    let row_bytes = nb * BLOCK;
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    let mut prod = [[[0f32; 8]; T]; R];
+    let (wp, ap) = (w.as_ptr(), aq.as_ptr());
+    let mut b = 0;
+    while b < nb {
+        let g = (nb - b).min(8);
+        scale_products::<R, T>(wd.as_ptr(), ad.as_ptr(), nb, b, g, &mut prod);
+        for j in 0..g {
+            let blk = b + j;
+            let mut a = [_mm256_setzero_si256(); T];
+            for t in 0..T {
+                a[t] = _mm256_loadu_si256(ap.add((t * nb + blk) * BLOCK) as *const __m256i);
+            }
+            for r in 0..R {
+                let q = _mm256_loadu_si256(wp.add(r * row_bytes + blk * BLOCK) as *const __m256i);
+                let qa = _mm256_sign_epi8(q, q);
+                for t in 0..T {
+                    let sa = _mm256_sign_epi8(a[t], q);
+                    let s = _mm256_madd_epi16(_mm256_maddubs_epi16(qa, sa), ones);
+                    let scale = _mm256_set1_ps(prod[r][t][j]);
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[r][t]);
+                }
+            }
+        }
+        b += g;
+    }
+    for r in 0..R {
+        for t in 0..T {
+            out[r * MAX_TILE_T + t] = hsum(acc[r][t]);
+        }
+    }
+}
+
+/// Rounds half away from zero exactly like `f32::round`: the fractional part
+/// `v - trunc(v)` is exact in floating point, so comparing it with 0.5 decides
+/// the tie the same way.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn round_away(v: __m256) -> __m256 {
+    let t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    let frac = _mm256_sub_ps(v, t);
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let big = _mm256_cmp_ps(
+        _mm256_and_ps(frac, abs_mask),
+        _mm256_set1_ps(0.5),
+        _CMP_GE_OQ,
+    );
+    let one_signed = _mm256_or_ps(_mm256_andnot_ps(abs_mask, v), _mm256_set1_ps(1.0));
+    _mm256_add_ps(t, _mm256_and_ps(big, one_signed))
+}
+
+/// Quantizes whole blocks; bit-identical to `scalar::quantize_act` (max is
+/// exact in any order, the scale and inverse are the same scalar divisions,
+/// `v * inv` is one IEEE multiply, and [`round_away`] is exact).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_act_avx2(x: &[f32], qs: &mut [i8], d: &mut [f32]) {
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (blk, db) in d.iter_mut().enumerate() {
+        let xp = x.as_ptr().add(blk * BLOCK);
+        let v = [
+            _mm256_loadu_ps(xp),
+            _mm256_loadu_ps(xp.add(8)),
+            _mm256_loadu_ps(xp.add(16)),
+            _mm256_loadu_ps(xp.add(24)),
+        ];
+        let m = _mm256_max_ps(
+            _mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
+            _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)),
+        );
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_max_ss(m, _mm_movehdup_ps(m));
+        let amax = _mm_cvtss_f32(m);
+        *db = amax / 127.0;
+        let inv = _mm256_set1_ps(super::scalar::act_inverse_scale(amax));
+        let i = [
+            _mm256_cvtps_epi32(round_away(_mm256_mul_ps(v[0], inv))),
+            _mm256_cvtps_epi32(round_away(_mm256_mul_ps(v[1], inv))),
+            _mm256_cvtps_epi32(round_away(_mm256_mul_ps(v[2], inv))),
+            _mm256_cvtps_epi32(round_away(_mm256_mul_ps(v[3], inv))),
+        ];
+        // the packs work per 128-bit lane; the permute restores element order
+        let p = _mm256_packs_epi16(
+            _mm256_packs_epi32(i[0], i[1]),
+            _mm256_packs_epi32(i[2], i[3]),
+        );
+        let p = _mm256_permutevar8x32_epi32(p, perm);
+        _mm256_storeu_si256(qs.as_mut_ptr().add(blk * BLOCK) as *mut __m256i, p);
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len();
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (k, s) in acc.iter_mut().enumerate() {
+            *s = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i + 8 * k)),
+                _mm256_loadu_ps(pb.add(i + 8 * k)),
+                *s,
+            );
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        acc[0] = _mm256_fmadd_ps(
+            _mm256_loadu_ps(pa.add(i)),
+            _mm256_loadu_ps(pb.add(i)),
+            acc[0],
+        );
+        i += 8;
+    }
+    let mut sum = hsum(_mm256_add_ps(
+        _mm256_add_ps(acc[0], acc[1]),
+        _mm256_add_ps(acc[2], acc[3]),
+    ));
+    while i < n {
+        sum += a[i] * b[i];
+        i += 1;
+    }
+    sum
+}
+
+/// Eight f16 at `p` as f32.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn ld_f16(p: *const f16) -> __m256 {
+    _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_f16_avx2(a: &[f16], b: &[f32]) -> f32 {
+    let n = a.len();
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (k, s) in acc.iter_mut().enumerate() {
+            *s = _mm256_fmadd_ps(
+                ld_f16(pa.add(i + 8 * k)),
+                _mm256_loadu_ps(pb.add(i + 8 * k)),
+                *s,
+            );
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        acc[0] = _mm256_fmadd_ps(ld_f16(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
+        i += 8;
+    }
+    let mut sum = hsum(_mm256_add_ps(
+        _mm256_add_ps(acc[0], acc[1]),
+        _mm256_add_ps(acc[2], acc[3]),
+    ));
+    while i < n {
+        sum += a[i].to_f32() * b[i];
+        i += 1;
+    }
+    sum
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn axpy_f16_avx2(out: &mut [f32], s: f32, v: &[f16]) {
+    let n = out.len();
+    let (po, pv) = (out.as_mut_ptr(), v.as_ptr());
+    let sv = _mm256_set1_ps(s);
+    let mut i = 0;
+    while i + 8 <= n {
+        let x = _mm256_cvtph_ps(_mm_loadu_si128(pv.add(i) as *const __m128i));
+        _mm256_storeu_ps(
+            po.add(i),
+            _mm256_fmadd_ps(sv, x, _mm256_loadu_ps(po.add(i))),
+        );
+        i += 8;
+    }
+    while i < n {
+        out[i] += s * v[i].to_f32();
+        i += 1;
+    }
+}

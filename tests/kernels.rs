@@ -1,0 +1,301 @@
+//! Every kernel set this CPU runs, checked against the scalar reference:
+//! activation quantization and integer block sums bit for bit, matmul and the
+//! f16/f32 helpers within a float tolerance derived from the inputs.
+//!
+//! Tolerance: SIMD kernels sum the same per-block products in a different
+//! order (lanes, then a horizontal sum), so for an output built from `n`
+//! terms of total magnitude `S = sum |term|` the difference is bounded by
+//! about `2 n eps S`; we allow `4 (n + 8) eps S`.
+
+use half::f16;
+use nibble::kernels::{scalar, KernelError, KernelSet, Kernels, QuantAct};
+use nibble::quant::{encode_matrix, TensorType, WeightView, BLOCK};
+use proptest::prelude::*;
+
+fn sets() -> Vec<Kernels> {
+    let sets: Vec<Kernels> = KernelSet::available()
+        .into_iter()
+        .map(|s| Kernels::new(s).unwrap())
+        .collect();
+    assert!(sets[0].set() == KernelSet::Scalar);
+    sets
+}
+
+/// Per-block magnitudes that stress the scales: zero blocks, subnormal-range,
+/// tiny, ordinary, huge.
+fn block_scale() -> impl Strategy<Value = f32> {
+    prop_oneof![
+        Just(0.0f32),
+        Just(1e-39f32),
+        Just(1e-20f32),
+        Just(1e-3f32),
+        Just(1.0f32),
+        Just(1e3f32),
+        Just(1e18f32),
+    ]
+}
+
+/// A vector of `nb` blocks, each block uniform in [-s, s] for its own scale `s`,
+/// sometimes with exact .5 ties after quantization.
+fn blocks(nb: usize) -> impl Strategy<Value = Vec<f32>> {
+    (
+        prop::collection::vec(block_scale(), nb),
+        prop::collection::vec(-1.0f32..1.0, nb * BLOCK),
+        prop::collection::vec(any::<bool>(), nb),
+        prop::collection::vec(-127i32..127, nb * BLOCK),
+    )
+        .prop_map(|(scales, unit, ties, halves)| {
+            let mut v = Vec::with_capacity(unit.len());
+            for b in 0..scales.len() {
+                for j in 0..BLOCK {
+                    let i = b * BLOCK + j;
+                    v.push(if ties[b] {
+                        // amax 127 makes the inverse scale exactly 1, so k + 0.5
+                        // lands on a rounding tie
+                        if j == 0 {
+                            127.0
+                        } else {
+                            halves[i] as f32 + 0.5
+                        }
+                    } else {
+                        unit[i] * scales[b]
+                    });
+                }
+            }
+            v
+        })
+}
+
+fn weights(rows: usize, nb: usize) -> impl Strategy<Value = Vec<f32>> {
+    (
+        prop::collection::vec(
+            prop_oneof![Just(0.0f32), Just(1e-6), Just(0.02), Just(1.0), Just(3e3)],
+            rows * nb,
+        ),
+        prop::collection::vec(-1.0f32..1.0, rows * nb * BLOCK),
+    )
+        .prop_map(move |(scales, unit)| {
+            unit.iter()
+                .enumerate()
+                .map(|(i, u)| u * scales[i / BLOCK])
+                .collect()
+        })
+}
+
+fn tolerance(
+    w: &WeightView,
+    x: &[f32],
+    n_tokens: usize,
+    r: usize,
+    t: usize,
+    quantized: bool,
+) -> f32 {
+    let cols = w.cols();
+    let mut wr = vec![0f32; cols];
+    w.dequantize_row(r, &mut wr);
+    let xt = &x[t * cols..(t + 1) * cols];
+    let mut xa = xt.to_vec();
+    if quantized {
+        let mut q = QuantAct::default();
+        scalar::quantize_act(xt, &mut q);
+        for (i, v) in xa.iter_mut().enumerate() {
+            *v = q.qs[i] as f32 * q.d[i / BLOCK];
+        }
+    }
+    let s: f64 = wr
+        .iter()
+        .zip(&xa)
+        .map(|(a, b)| (*a as f64 * *b as f64).abs())
+        .sum();
+    let _ = n_tokens;
+    let n = if quantized { cols / BLOCK } else { cols };
+    (4.0 * (n + 8) as f64 * f32::EPSILON as f64 * s) as f32 + f32::MIN_POSITIVE
+}
+
+fn check_matmul(
+    k: &Kernels,
+    w: &WeightView,
+    x: &[f32],
+    n_tokens: usize,
+) -> Result<(), TestCaseError> {
+    let rows = w.rows();
+    let mut want = vec![0f32; rows * n_tokens];
+    scalar::matmul(w, x, n_tokens, &mut want);
+    let mut got = vec![f32::NAN; rows * n_tokens];
+    k.matmul(w, x, n_tokens, &mut got);
+    let quantized = w.tensor_type().is_quantized();
+    for t in 0..n_tokens {
+        for r in 0..rows {
+            let (g, e) = (got[t * rows + r], want[t * rows + r]);
+            if k.set() == KernelSet::Scalar {
+                prop_assert_eq!(
+                    g.to_bits(),
+                    e.to_bits(),
+                    "scalar set differs from reference at r={} t={}",
+                    r,
+                    t
+                );
+                continue;
+            }
+            let tol = tolerance(w, x, n_tokens, r, t, quantized);
+            prop_assert!(
+                (g - e).abs() <= tol || (g == e),
+                "{} {:?} r={} t={}: got {} want {} (tol {})",
+                k.set(),
+                w.tensor_type(),
+                r,
+                t,
+                g,
+                e,
+                tol
+            );
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn quantize_act_bit_identical(x in (1usize..24).prop_flat_map(blocks)) {
+        let mut want = QuantAct::default();
+        scalar::quantize_act(&x, &mut want);
+        for k in sets() {
+            let mut got = QuantAct::default();
+            k.quantize_act(&x, &mut got);
+            prop_assert_eq!(&got.qs, &want.qs, "{} q", k.set());
+            let gd: Vec<u32> = got.d.iter().map(|d| d.to_bits()).collect();
+            let wd: Vec<u32> = want.d.iter().map(|d| d.to_bits()).collect();
+            prop_assert_eq!(gd, wd, "{} d", k.set());
+        }
+    }
+
+    /// With unit scales the float result is the sum of the integer block sums,
+    /// exact in f32 here (|sum| < 2^24), so any integer difference shows.
+    #[test]
+    fn integer_block_sums_identical(
+        (w4, w8, a) in (1usize..40).prop_flat_map(|nb| (
+            prop::collection::vec(any::<u8>(), nb * 16),
+            prop::collection::vec(any::<i8>(), nb * 32),
+            prop::collection::vec(-127i8..=127, nb * 32),
+        ))
+    ) {
+        let nb = a.len() / BLOCK;
+        let wd = vec![f16::ONE; nb];
+        let ad = vec![1f32; nb];
+        let want4 = scalar::dot_q4_q8(&w4, &wd, &a, &ad);
+        let want8 = scalar::dot_q8_q8(&w8, &wd, &a, &ad);
+        for k in sets() {
+            prop_assert_eq!(k.dot_q4_q8(&w4, &wd, &a, &ad), want4, "{} q4", k.set());
+            prop_assert_eq!(k.dot_q8_q8(&w8, &wd, &a, &ad), want8, "{} q8", k.set());
+        }
+    }
+
+    #[test]
+    fn quantized_matmul_matches_scalar(
+        (rows, nb, n_tokens, wv, x) in (1usize..19, 1usize..10, 1usize..10)
+            .prop_flat_map(|(rows, nb, n)| (Just(rows), Just(nb), Just(n), weights(rows, nb), blocks(nb * n)))
+    ) {
+        let cols = nb * BLOCK;
+        for ty in [TensorType::Q4, TensorType::Q8, TensorType::F16, TensorType::F32] {
+            let bytes = encode_matrix(ty, cols, &wv).unwrap();
+            let w = WeightView::from_bytes(ty, rows, cols, &bytes).unwrap();
+            // f16 cannot hold the huge activation blocks' products without
+            // overflow; keep float weights to the quantized comparisons' range
+            for k in sets() {
+                check_matmul(&k, &w, &x, n_tokens)?;
+            }
+        }
+    }
+
+    #[test]
+    fn f16_helpers_match_scalar(
+        (a, b, s) in (0usize..100).prop_flat_map(|n| (
+            prop::collection::vec(-100f32..100.0, n),
+            prop::collection::vec(-100f32..100.0, n),
+            -10f32..10.0,
+        ))
+    ) {
+        let ah: Vec<f16> = a.iter().map(|&v| f16::from_f32(v)).collect();
+        let mag: f32 = ah.iter().zip(&b).map(|(x, y)| (x.to_f32() * y).abs()).sum();
+        let mag32: f32 = a.iter().zip(&b).map(|(x, y)| (x * y).abs()).sum();
+        let tol = |m: f32| 4.0 * (a.len() + 8) as f32 * f32::EPSILON * m + f32::MIN_POSITIVE;
+        let want16 = scalar::dot_f16(&ah, &b);
+        let want32 = scalar::dot_f32(&a, &b);
+        let mut want_axpy = b.clone();
+        scalar::axpy_f16(&mut want_axpy, s, &ah);
+        for k in sets() {
+            let g = k.dot_f16(&ah, &b);
+            prop_assert!((g - want16).abs() <= tol(mag), "{} dot_f16 {} vs {}", k.set(), g, want16);
+            let g = k.dot_f32(&a, &b);
+            prop_assert!((g - want32).abs() <= tol(mag32), "{} dot_f32 {} vs {}", k.set(), g, want32);
+            let mut got = b.clone();
+            k.axpy_f16(&mut got, s, &ah);
+            for (i, (g, e)) in got.iter().zip(&want_axpy).enumerate() {
+                // one rounding (fma) vs two: within an ulp of the larger term
+                let t = 2.0 * f32::EPSILON * (b[i].abs() + (s * ah[i].to_f32()).abs());
+                prop_assert!((g - e).abs() <= t, "{} axpy_f16[{}] {} vs {}", k.set(), i, g, e);
+            }
+        }
+    }
+}
+
+/// Shapes big enough to be split into parallel chunks, on odd and even pool
+/// sizes, prefill and decode, with rows and tokens that are not multiples of
+/// the tiles.
+#[test]
+fn threaded_matmul_matches_scalar() {
+    let (rows, cols) = (203, 1024);
+    let mut seed = 0x9e37_79b9u32;
+    let mut rnd = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        (seed as f32 / u32::MAX as f32) * 2.0 - 1.0
+    };
+    let wv: Vec<f32> = (0..rows * cols).map(|_| rnd() * 0.05).collect();
+    let x: Vec<f32> = (0..7 * cols).map(|_| rnd()).collect();
+    for ty in [TensorType::Q4, TensorType::Q8, TensorType::F16] {
+        let bytes = encode_matrix(ty, cols, &wv).unwrap();
+        let w = WeightView::from_bytes(ty, rows, cols, &bytes).unwrap();
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for k in sets() {
+                for n in [1, 7] {
+                    pool.install(|| check_matmul(&k, &w, &x[..n * cols], n))
+                        .unwrap();
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn kernel_set_names_and_errors() {
+    for s in KernelSet::ALL {
+        if s != KernelSet::NeonDotprod {
+            let parsed = KernelSet::parse(s.name()).unwrap();
+            assert!(parsed == s || (s == KernelSet::Neon && parsed == KernelSet::NeonDotprod));
+        }
+    }
+    assert_eq!(KernelSet::parse("sse9"), None);
+    assert!(KernelSet::Scalar.is_supported());
+    for s in KernelSet::ALL {
+        match Kernels::new(s) {
+            Ok(k) => assert_eq!(k.set(), s),
+            Err(e) => {
+                assert_eq!(e, KernelError::Unsupported(s));
+                let msg = e.to_string();
+                assert!(msg.contains(s.name()) && msg.contains("scalar"), "{msg}");
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    assert!(!KernelSet::Neon.is_supported());
+    #[cfg(target_arch = "aarch64")]
+    assert!(KernelSet::Neon.is_supported() && !KernelSet::Avx2.is_supported());
+}
