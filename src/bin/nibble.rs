@@ -1,1 +1,457 @@
-fn main() {}
+//! The `nibble` command line: parses arguments and calls the library.
+
+use clap::{Args, Parser, Subcommand};
+use nibble::bench::{bench, peak_rss_bytes, BenchOptions, Stat};
+use nibble::error::read_prompt_file;
+use nibble::perplexity::perplexity;
+use nibble::{
+    generate, Conversation, Error, GenerateOptions, Model, Result, Sampler, SamplerOptions,
+    Session, SessionOptions, StopReason,
+};
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "nibble",
+    version,
+    about = "Run LLaMA-2-family models from a .nbl file on the CPU"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Continue a prompt, streaming the text to stdout.
+    Run(RunArgs),
+    /// Chat with the model using its chat template.
+    Chat(ChatArgs),
+    /// llama.cpp-style perplexity of a text file.
+    Perplexity(PerplexityArgs),
+    /// Prompt-processing and generation speed (llama-bench style).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct Common {
+    /// The .nbl model file.
+    #[arg(short = 'm', long)]
+    model: PathBuf,
+    /// Worker threads (default: all cores).
+    #[arg(short = 't', long)]
+    threads: Option<usize>,
+}
+
+#[derive(Args)]
+struct Sampling {
+    /// Temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temp: f32,
+    /// Keep only the K most likely tokens (0 = off).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Keep the most likely tokens up to this cumulative probability (1 = off).
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Drop tokens less likely than this times the most likely one (0 = off).
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    /// Penalize tokens seen in the last 64 (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// Random seed (default: from the clock).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop when the output contains this string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Context length in tokens (default: the model's).
+    #[arg(long)]
+    ctx: Option<usize>,
+}
+
+impl Sampling {
+    fn sampler(&self) -> Result<Sampler> {
+        let seed = self.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+        });
+        Sampler::new(SamplerOptions {
+            temperature: self.temp,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            seed,
+            ..SamplerOptions::default()
+        })
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The prompt.
+    #[arg(short = 'p', long, conflicts_with = "file")]
+    prompt: Option<String>,
+    /// Read the prompt from a file.
+    #[arg(short = 'f', long)]
+    file: Option<PathBuf>,
+    /// Tokens to generate.
+    #[arg(short = 'n', long, default_value_t = 128)]
+    n_predict: usize,
+    #[command(flatten)]
+    sampling: Sampling,
+    /// Print one JSON object {"prompt_tokens","tokens","text"} instead of streaming.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    common: Common,
+    /// System prompt.
+    #[arg(long)]
+    system: Option<String>,
+    /// Most tokens per reply.
+    #[arg(short = 'n', long, default_value_t = 512)]
+    n_predict: usize,
+    #[command(flatten)]
+    sampling: Sampling,
+}
+
+#[derive(Args)]
+struct PerplexityArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The text file to evaluate.
+    #[arg(short = 'f', long)]
+    file: PathBuf,
+    /// Window length in tokens.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Print {"perplexity","tokens_scored","chunks"} only.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Prompt tokens for the pp test (0 = skip).
+    #[arg(short = 'p', long, default_value_t = 512)]
+    n_prompt: usize,
+    /// Generated tokens for the tg test (0 = skip).
+    #[arg(short = 'n', long, default_value_t = 128)]
+    n_gen: usize,
+    /// Tokens in the KV cache before the tg test.
+    #[arg(short = 'd', long, default_value_t = 0)]
+    depth: usize,
+    /// Repetitions.
+    #[arg(short = 'r', long, default_value_t = 5)]
+    reps: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Run(a) => run(a),
+        Cmd::Chat(a) => chat(a),
+        Cmd::Perplexity(a) => perplexity_cmd(a),
+        Cmd::Bench(a) => bench_cmd(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = std::io::stdout().flush();
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Sets up the thread pool and opens the model, reporting the load time.
+fn load(c: &Common) -> Result<(Model, f64)> {
+    if let Some(n) = c.threads {
+        if n == 0 {
+            return Err(Error::InvalidArgument("-t must be at least 1".into()));
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .map_err(|e| Error::InvalidArgument(format!("cannot start {n} threads: {e}")))?;
+    }
+    nibble::kernels::init().map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let t = Instant::now();
+    let model = Model::open(&c.model)?;
+    Ok((model, t.elapsed().as_secs_f64()))
+}
+
+fn peak_rss_text() -> String {
+    match peak_rss_bytes() {
+        Some(b) => format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0)),
+        None => "unknown".into(),
+    }
+}
+
+fn tps(n: usize, secs: f64) -> f64 {
+    if secs > 0.0 {
+        n as f64 / secs
+    } else {
+        0.0
+    }
+}
+
+fn io_err(e: std::io::Error) -> Error {
+    Error::Io {
+        path: Path::new("<stdout>").to_owned(),
+        source: e,
+    }
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    let text = match (&a.prompt, &a.file) {
+        (Some(p), None) => p.clone(),
+        (None, Some(f)) => read_prompt_file(f)?,
+        _ => {
+            return Err(Error::InvalidArgument(
+                "give a prompt with -p TEXT or -f FILE".into(),
+            ))
+        }
+    };
+    if text.is_empty() {
+        return Err(Error::EmptyPrompt);
+    }
+    let mut sampler = a.sampling.sampler()?;
+    let (model, load_s) = load(&a.common)?;
+    eprintln!("load: {load_s:.2} s ({})", a.common.model.display());
+    let prompt = model.tokenizer().encode(&text, true)?;
+    if prompt.is_empty() {
+        return Err(Error::EmptyPrompt);
+    }
+    let mut session = Session::new(
+        &model,
+        SessionOptions {
+            ctx: a.sampling.ctx,
+        },
+    )?;
+    let opts = GenerateOptions {
+        max_tokens: a.n_predict,
+        stop: a.sampling.stop.clone(),
+        stop_at_eos: true,
+    };
+    let t = Instant::now();
+    let mut gen = generate(&mut session, &prompt, &mut sampler, opts)?;
+    let prompt_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut tokens = Vec::new();
+    let mut out_text = String::new();
+    let mut stdout = std::io::stdout().lock();
+    for piece in &mut gen {
+        let piece = piece?;
+        tokens.extend(piece.token);
+        if a.json {
+            out_text.push_str(&piece.text);
+        } else {
+            stdout.write_all(piece.text.as_bytes()).map_err(io_err)?;
+            stdout.flush().map_err(io_err)?;
+        }
+    }
+    let gen_s = t.elapsed().as_secs_f64();
+    let reason = gen.stop_reason();
+    if a.json {
+        #[derive(serde::Serialize)]
+        struct Out<'a> {
+            prompt_tokens: &'a [u32],
+            tokens: &'a [u32],
+            text: &'a str,
+        }
+        let out = Out {
+            prompt_tokens: &prompt,
+            tokens: &tokens,
+            text: &out_text,
+        };
+        let json = serde_json::to_string(&out).expect("plain data serializes");
+        writeln!(stdout, "{json}").map_err(io_err)?;
+    } else {
+        writeln!(stdout).map_err(io_err)?;
+    }
+    if reason == Some(StopReason::ContextFull) {
+        eprintln!("stopped: the context of {} tokens is full", session.ctx());
+    }
+    eprintln!(
+        "prompt: {} tokens, {:.2} s, {:.1} tok/s",
+        prompt.len(),
+        prompt_s,
+        tps(prompt.len(), prompt_s)
+    );
+    eprintln!(
+        "generation: {} tokens, {:.2} s, {:.1} tok/s",
+        tokens.len(),
+        gen_s,
+        tps(tokens.len(), gen_s)
+    );
+    eprintln!("peak RSS: {}", peak_rss_text());
+    Ok(())
+}
+
+fn chat(a: ChatArgs) -> Result<()> {
+    let mut sampler = a.sampling.sampler()?;
+    let (model, load_s) = load(&a.common)?;
+    let interactive = std::io::stdin().is_terminal();
+    if interactive {
+        eprintln!("load: {load_s:.2} s. Type a message; Ctrl-D ends the chat.");
+    }
+    let mut conv = Conversation::new(
+        &model,
+        a.system.as_deref(),
+        SessionOptions {
+            ctx: a.sampling.ctx,
+        },
+    )?;
+    let stdin = std::io::stdin();
+    let mut stdout = std::io::stdout();
+    let mut line = String::new();
+    loop {
+        if interactive {
+            eprint!("> ");
+        }
+        line.clear();
+        let n = stdin.lock().read_line(&mut line).map_err(|e| Error::Io {
+            path: Path::new("<stdin>").to_owned(),
+            source: e,
+        })?;
+        if n == 0 {
+            if interactive {
+                eprintln!();
+            }
+            return Ok(());
+        }
+        let user = line.trim_end_matches(['\n', '\r']);
+        if user.trim().is_empty() {
+            continue;
+        }
+        let suffix = conv.user_turn(user)?;
+        let opts = GenerateOptions {
+            max_tokens: a.n_predict,
+            stop: a.sampling.stop.clone(),
+            stop_at_eos: true,
+        };
+        let mut reply = String::new();
+        let mut gen = generate(conv.session(), &suffix, &mut sampler, opts)?;
+        for piece in &mut gen {
+            let piece = piece?;
+            reply.push_str(&piece.text);
+            stdout.write_all(piece.text.as_bytes()).map_err(io_err)?;
+            stdout.flush().map_err(io_err)?;
+        }
+        let full = gen.stop_reason() == Some(StopReason::ContextFull);
+        writeln!(stdout).map_err(io_err)?;
+        conv.add_reply(&reply);
+        if full {
+            return Err(Error::ContextFull {
+                ctx: conv.session().ctx(),
+                needed: conv.session().ctx() + 1,
+            });
+        }
+    }
+}
+
+fn perplexity_cmd(a: PerplexityArgs) -> Result<()> {
+    let text = read_prompt_file(&a.file)?;
+    let (model, load_s) = load(&a.common)?;
+    if !a.json {
+        eprintln!("load: {load_s:.2} s");
+    }
+    let t = Instant::now();
+    let json = a.json;
+    let r = perplexity(&model, &text, a.ctx, |done, total, ppl| {
+        if !json {
+            eprint!("[{done}/{total}] {ppl:.4}  ");
+            if done == total {
+                eprintln!();
+            }
+        }
+    })?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "perplexity": r.perplexity,
+                "tokens_scored": r.tokens_scored,
+                "chunks": r.chunks,
+            })
+        );
+    } else {
+        println!("perplexity: {:.4}", r.perplexity);
+        eprintln!(
+            "{} chunks of {} tokens, {} tokens scored, {:.1} s, peak RSS {}",
+            r.chunks,
+            a.ctx,
+            r.tokens_scored,
+            t.elapsed().as_secs_f64(),
+            peak_rss_text()
+        );
+    }
+    Ok(())
+}
+
+fn bench_cmd(a: BenchArgs) -> Result<()> {
+    let (model, load_s) = load(&a.common)?;
+    let r = bench(
+        &model,
+        &BenchOptions {
+            prompt_tokens: a.n_prompt,
+            gen_tokens: a.n_gen,
+            depth: a.depth,
+            repetitions: a.reps,
+        },
+    )?;
+    let kernels = nibble::kernels::active_name();
+    let peak = peak_rss_bytes();
+    if a.json {
+        let mean = |s: Option<Stat>| s.map(|s| s.mean);
+        println!(
+            "{}",
+            serde_json::json!({
+                "pp_tps": mean(r.pp_tps),
+                "tg_tps": mean(r.tg_tps),
+                "pp_tps_stddev": r.pp_tps.map(|s| s.stddev),
+                "tg_tps_stddev": r.tg_tps.map(|s| s.stddev),
+                "depth": a.depth,
+                "load_s": load_s,
+                "peak_rss_bytes": peak,
+                "kernels": kernels,
+            })
+        );
+        return Ok(());
+    }
+    println!(
+        "model: {} ({} threads, kernels {kernels})",
+        a.common.model.display(),
+        rayon::current_num_threads()
+    );
+    println!("load: {load_s:.3} s");
+    if let Some(s) = r.pp_tps {
+        println!("pp{}: {:.1} ± {:.1} tok/s", a.n_prompt, s.mean, s.stddev);
+    }
+    if let Some(s) = r.tg_tps {
+        println!(
+            "tg{} @ depth {}: {:.1} ± {:.1} tok/s",
+            a.n_gen, a.depth, s.mean, s.stddev
+        );
+    }
+    println!("peak RSS: {}", peak_rss_text());
+    Ok(())
+}

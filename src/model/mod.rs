@@ -1,1 +1,175 @@
-//! LLaMA forward pass (placeholder until the runtime work lands).
+//! The LLaMA model: a validated `.nbl` file ([`Model`]) and the state of one
+//! conversation over it ([`Session`], which owns the KV cache).
+//!
+//! Weights are never copied: a [`Session`] borrows [`WeightView`]s straight
+//! from the model's memory map, built once when the session is created.
+
+mod config;
+mod session;
+
+pub use config::{Config, RopeScaling};
+pub use session::{Session, SessionOptions};
+
+use crate::error::{Error, Result};
+use crate::format::names::{self, LayerTensor};
+use crate::format::{keys, NblFile};
+use crate::quant::WeightView;
+use crate::tokenizer::Tokenizer;
+use std::path::{Path, PathBuf};
+
+/// An open model: the mapped file, its hyper-parameters and its tokenizer.
+pub struct Model {
+    file: NblFile,
+    config: Config,
+    tokenizer: Tokenizer,
+    path: PathBuf,
+}
+
+/// Borrowed views of every weight, checked against the [`Config`].
+pub(crate) struct Weights<'a> {
+    pub embed: WeightView<'a>,
+    pub layers: Vec<LayerWeights<'a>>,
+    pub final_norm: &'a [f32],
+    /// `lm_head`, or the token embedding when the model ties them.
+    pub output: WeightView<'a>,
+}
+
+pub(crate) struct LayerWeights<'a> {
+    pub attn_norm: &'a [f32],
+    pub q: WeightView<'a>,
+    pub k: WeightView<'a>,
+    pub v: WeightView<'a>,
+    pub o: WeightView<'a>,
+    pub ffn_norm: &'a [f32],
+    pub gate: WeightView<'a>,
+    pub up: WeightView<'a>,
+    pub down: WeightView<'a>,
+}
+
+impl Model {
+    /// Maps `path` and checks that it holds a complete LLaMA model: every
+    /// tensor present with the shape the metadata implies, and a usable
+    /// tokenizer. Nothing is read beyond the metadata and directory; weight
+    /// pages are loaded by the OS as they are first used.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let file = NblFile::open(path)?;
+        let config = Config::from_metadata(file.metadata()).map_err(|m| Error::model(path, m))?;
+        let tokenizer = Tokenizer::from_metadata(file.metadata())
+            .map_err(|e| Error::model(path, e.to_string()))?;
+        let model = Self {
+            file,
+            config,
+            tokenizer,
+            path: path.to_owned(),
+        };
+        model.weights()?;
+        if model.tokenizer.vocab_size() > model.config.vocab_size {
+            return Err(Error::model(
+                path,
+                format!(
+                    "tokenizer has {} tokens but the model only {}",
+                    model.tokenizer.vocab_size(),
+                    model.config.vocab_size
+                ),
+            ));
+        }
+        Ok(model)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The underlying container (metadata, tensor directory).
+    pub fn file(&self) -> &NblFile {
+        &self.file
+    }
+
+    /// The HF Jinja chat template stored in the file, if any.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.file
+            .metadata()
+            .get_str(keys::CHAT_TEMPLATE)
+            .ok()
+            .flatten()
+    }
+
+    /// Builds and checks every weight view.
+    pub(crate) fn weights(&self) -> Result<Weights<'_>> {
+        let c = &self.config;
+        let err = |m: String| Error::model(&self.path, m);
+        let matrix = |name: &str, rows: usize, cols: usize| -> Result<WeightView<'_>> {
+            let w = self
+                .file
+                .require(name)
+                .and_then(|t| t.matrix())
+                .map_err(|e| err(e.to_string()))?;
+            if (w.rows(), w.cols()) != (rows, cols) {
+                return Err(err(format!(
+                    "tensor '{name}' is {}x{}, expected {rows}x{cols}",
+                    w.rows(),
+                    w.cols()
+                )));
+            }
+            Ok(w)
+        };
+        let norm = |name: &str| -> Result<&[f32]> {
+            let v = self
+                .file
+                .require(name)
+                .and_then(|t| t.f32s())
+                .map_err(|e| err(e.to_string()))?;
+            if v.len() != c.hidden_size {
+                return Err(err(format!(
+                    "tensor '{name}' has {} values, expected {}",
+                    v.len(),
+                    c.hidden_size
+                )));
+            }
+            Ok(v)
+        };
+        let (h, f) = (c.hidden_size, c.intermediate_size);
+        let embed = matrix(names::TOKEN_EMBEDDING, c.vocab_size, h)?;
+        let output = if self.file.tensor(names::OUTPUT).is_some() {
+            matrix(names::OUTPUT, c.vocab_size, h)?
+        } else if c.tie_word_embeddings {
+            embed
+        } else {
+            return Err(err(format!(
+                "missing tensor '{}' and embeddings are not tied",
+                names::OUTPUT
+            )));
+        };
+        let layers = (0..c.num_layers)
+            .map(|l| {
+                let m = |t: LayerTensor, rows, cols| matrix(&t.name(l), rows, cols);
+                Ok(LayerWeights {
+                    attn_norm: norm(&LayerTensor::AttnNorm.name(l))?,
+                    q: m(LayerTensor::Q, c.q_dim(), h)?,
+                    k: m(LayerTensor::K, c.kv_dim(), h)?,
+                    v: m(LayerTensor::V, c.kv_dim(), h)?,
+                    o: m(LayerTensor::O, h, c.q_dim())?,
+                    ffn_norm: norm(&LayerTensor::FfnNorm.name(l))?,
+                    gate: m(LayerTensor::Gate, f, h)?,
+                    up: m(LayerTensor::Up, f, h)?,
+                    down: m(LayerTensor::Down, h, f)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Weights {
+            embed,
+            layers,
+            final_norm: norm(names::FINAL_NORM)?,
+            output,
+        })
+    }
+}

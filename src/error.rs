@@ -1,0 +1,101 @@
+//! The library's one error type. Every variant displays as a single line that
+//! names the file or the argument at fault, so the CLI can print it as is.
+
+use crate::format::FormatError;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug)]
+pub enum Error {
+    /// The `.nbl` container could not be read (the message names the file).
+    Format(FormatError),
+    /// A valid container that does not describe a model nibble can run.
+    Model {
+        path: PathBuf,
+        message: String,
+    },
+    /// Reading a file other than the model failed.
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The tokenizer could not be built or could not encode/decode.
+    Tokenizer(String),
+    /// The chat template could not be rendered.
+    Template(String),
+    /// A prompt file is not UTF-8.
+    InvalidUtf8 {
+        path: PathBuf,
+    },
+    EmptyPrompt,
+    /// Processing `needed` tokens would run past the `ctx`-token context.
+    ContextFull {
+        ctx: usize,
+        needed: usize,
+    },
+    /// A bad value for an option (names the option).
+    InvalidArgument(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn model(path: &Path, message: impl Into<String>) -> Self {
+        Self::Model {
+            path: path.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Format(e) => write!(f, "{e}"),
+            Self::Model { path, message } => write!(f, "{}: {message}", path.display()),
+            Self::Io { path, source } => write!(f, "{}: {source}", path.display()),
+            Self::Tokenizer(m) => write!(f, "tokenizer: {m}"),
+            Self::Template(m) => write!(f, "chat template: {m}"),
+            Self::InvalidUtf8 { path } => {
+                write!(f, "{}: prompt file is not valid UTF-8", path.display())
+            }
+            Self::EmptyPrompt => write!(f, "the prompt is empty"),
+            Self::ContextFull { ctx, needed } => write!(
+                f,
+                "context full: {needed} tokens do not fit in the context of {ctx} tokens (raise --ctx)"
+            ),
+            Self::InvalidArgument(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Format(e) => Some(e),
+            Self::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+impl From<FormatError> for Error {
+    fn from(e: FormatError) -> Self {
+        Self::Format(e)
+    }
+}
+
+/// Reads a prompt file, refusing bytes that are not UTF-8.
+pub fn read_prompt_file(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    String::from_utf8(bytes).map_err(|_| Error::InvalidUtf8 {
+        path: path.to_owned(),
+    })
+}

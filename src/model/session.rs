@@ -1,0 +1,471 @@
+//! One sequence's state: the KV cache and the scratch buffers of the forward
+//! pass, all allocated when the session is created.
+
+use super::{Config, LayerWeights, Model, RopeScaling, Weights};
+use crate::error::{Error, Result};
+use crate::kernels;
+use half::f16;
+use rayon::prelude::*;
+
+/// Most tokens pushed through the layers at once. Longer inputs are split, so
+/// scratch memory stays bounded while prompt processing still hands the
+/// kernels whole matrices of activations.
+pub const MAX_BATCH: usize = 512;
+
+#[derive(Clone, Debug, Default)]
+pub struct SessionOptions {
+    /// Context length in tokens; `None` = the model's own.
+    pub ctx: Option<usize>,
+}
+
+/// Per-batch activations, sized for [`MAX_BATCH`] tokens on first use.
+#[derive(Default)]
+struct Scratch {
+    /// Residual stream `[n, hidden]`.
+    x: Vec<f32>,
+    /// Normalized input of the current block `[n, hidden]`.
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// Attention output, heads concatenated `[n, q_dim]`.
+    att: Vec<f32>,
+    /// Output of o_proj / down_proj `[n, hidden]`.
+    proj: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    /// Attention weights, one `ctx`-long row per head.
+    scores: Vec<f32>,
+}
+
+/// A sequence being processed: tokens go in, logits come out, keys and values
+/// of every processed position stay in the cache.
+pub struct Session<'m> {
+    model: &'m Model,
+    w: Weights<'m>,
+    ctx: usize,
+    /// Tokens whose keys and values are in the cache, in order.
+    tokens: Vec<u32>,
+    /// f16 bits, `[layer][kv_head][position][head_dim]`: each head's keys are
+    /// contiguous, so attention streams them. Stored as `u16` so the
+    /// allocation is zeroed by the OS lazily: pages of positions never
+    /// reached are never made resident.
+    k_cache: Vec<u16>,
+    v_cache: Vec<u16>,
+    /// `cos`/`sin` of every position and frequency, `[ctx][head_dim / 2]`.
+    rope_cos: Vec<f32>,
+    rope_sin: Vec<f32>,
+    s: Scratch,
+    logits: Vec<f32>,
+}
+
+impl<'m> Session<'m> {
+    pub fn new(model: &'m Model, opts: SessionOptions) -> Result<Self> {
+        let c = model.config();
+        let ctx = opts.ctx.unwrap_or(c.context_length);
+        if ctx == 0 {
+            return Err(Error::InvalidArgument(
+                "the context length must be at least 1".into(),
+            ));
+        }
+        let cache_len = c
+            .num_layers
+            .checked_mul(ctx)
+            .and_then(|n| n.checked_mul(c.kv_dim()))
+            .filter(|&n| n <= isize::MAX as usize / 2)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!("a context of {ctx} tokens is too large"))
+            })?;
+        let (rope_cos, rope_sin) = rope_tables(c, ctx);
+        Ok(Self {
+            model,
+            w: model.weights()?,
+            ctx,
+            tokens: Vec::new(),
+            k_cache: vec![0u16; cache_len],
+            v_cache: vec![0u16; cache_len],
+            rope_cos,
+            rope_sin,
+            s: Scratch::default(),
+            logits: Vec::new(),
+        })
+    }
+
+    pub fn model(&self) -> &'m Model {
+        self.model
+    }
+
+    /// Context length in tokens.
+    pub fn ctx(&self) -> usize {
+        self.ctx
+    }
+
+    /// Number of tokens in the cache (the position of the next token).
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// The tokens in the cache.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Forgets everything after the first `n` tokens (cached keys and values
+    /// of earlier positions do not depend on later ones, so they stay valid).
+    pub fn truncate(&mut self, n: usize) {
+        self.tokens.truncate(n);
+    }
+
+    pub fn reset(&mut self) {
+        self.tokens.clear();
+    }
+
+    /// Processes `tokens` after those already in the cache and returns the
+    /// logits (`vocab_size` values) predicting the token after the last one.
+    pub fn forward(&mut self, tokens: &[u32]) -> Result<&[f32]> {
+        let n = tokens.len();
+        self.forward_from(tokens, n.saturating_sub(1))
+    }
+
+    /// Like [`Session::forward`], returning the logits at every position of
+    /// `tokens` (`tokens.len() * vocab_size` values, row-major).
+    pub fn forward_all(&mut self, tokens: &[u32]) -> Result<&[f32]> {
+        self.forward_from(tokens, 0)
+    }
+
+    /// Processes `tokens` and returns the logits of positions `first..` of
+    /// `tokens` only (the output projection is skipped for the others).
+    pub fn forward_from(&mut self, tokens: &[u32], first: usize) -> Result<&[f32]> {
+        let c = self.model.config();
+        if tokens.is_empty() {
+            return Err(Error::InvalidArgument("no tokens to process".into()));
+        }
+        if first >= tokens.len() {
+            return Err(Error::InvalidArgument(format!(
+                "logits requested from position {first} of {} tokens",
+                tokens.len()
+            )));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(Error::InvalidArgument(format!(
+                "token id {bad} is outside the vocabulary of {} tokens",
+                c.vocab_size
+            )));
+        }
+        let needed = self.tokens.len() + tokens.len();
+        if needed > self.ctx {
+            return Err(Error::ContextFull {
+                ctx: self.ctx,
+                needed,
+            });
+        }
+        let vocab = c.vocab_size;
+        self.logits.resize((tokens.len() - first) * vocab, 0.0);
+        let mut start = 0;
+        for batch in tokens.chunks(MAX_BATCH) {
+            let end = start + batch.len();
+            let from = first.max(start);
+            let out_rows = end.saturating_sub(from);
+            self.forward_batch(batch);
+            if out_rows > 0 {
+                let dst = (from - first) * vocab;
+                self.output(batch.len() - out_rows, out_rows, dst);
+            }
+            start = end;
+        }
+        Ok(&self.logits)
+    }
+
+    /// Runs the layers over one batch, leaving the residual stream in `s.x`.
+    fn forward_batch(&mut self, tokens: &[u32]) {
+        let c = self.model.config();
+        let n = tokens.len();
+        let (h, qd, kvd, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let s = &mut self.s;
+        if s.x.len() < n * h {
+            let cap = MAX_BATCH.max(n);
+            s.x.resize(cap * h, 0.0);
+            s.xn.resize(cap * h, 0.0);
+            s.proj.resize(cap * h, 0.0);
+            s.q.resize(cap * qd, 0.0);
+            s.att.resize(cap * qd, 0.0);
+            s.k.resize(cap * kvd, 0.0);
+            s.v.resize(cap * kvd, 0.0);
+            s.gate.resize(cap * ffn, 0.0);
+            s.up.resize(cap * ffn, 0.0);
+        }
+        if s.scores.len() < c.num_heads * self.ctx {
+            s.scores.resize(c.num_heads * self.ctx, 0.0);
+        }
+        let pos0 = self.tokens.len();
+        for (t, &id) in tokens.iter().enumerate() {
+            self.w
+                .embed
+                .dequantize_row(id as usize, &mut s.x[t * h..(t + 1) * h]);
+        }
+        for (l, lw) in self.w.layers.iter().enumerate() {
+            self::layer(
+                c,
+                lw,
+                l,
+                n,
+                pos0,
+                self.ctx,
+                s,
+                &mut self.k_cache,
+                &mut self.v_cache,
+                &self.rope_cos,
+                &self.rope_sin,
+            );
+        }
+        self.tokens.extend_from_slice(tokens);
+    }
+
+    /// Final norm and output projection of the batch rows `row0..row0+rows`,
+    /// written to `logits[dst..]`.
+    fn output(&mut self, row0: usize, rows: usize, dst: usize) {
+        let c = self.model.config();
+        let h = c.hidden_size;
+        let s = &mut self.s;
+        for t in row0..row0 + rows {
+            rms_norm(
+                &s.x[t * h..(t + 1) * h],
+                self.w.final_norm,
+                c.rms_norm_eps,
+                &mut s.xn[t * h..(t + 1) * h],
+            );
+        }
+        let vocab = c.vocab_size;
+        kernels::matmul(
+            &self.w.output,
+            &s.xn[row0 * h..(row0 + rows) * h],
+            rows,
+            &mut self.logits[dst..dst + rows * vocab],
+        );
+    }
+}
+
+/// One transformer block over `n` tokens at positions `pos0..pos0+n`.
+#[allow(clippy::too_many_arguments)]
+fn layer(
+    c: &Config,
+    w: &LayerWeights,
+    l: usize,
+    n: usize,
+    pos0: usize,
+    ctx: usize,
+    s: &mut Scratch,
+    k_cache: &mut [u16],
+    v_cache: &mut [u16],
+    rope_cos: &[f32],
+    rope_sin: &[f32],
+) {
+    let (h, qd, kvd, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+    let hd = c.head_dim;
+    let eps = c.rms_norm_eps;
+
+    // Attention.
+    for t in 0..n {
+        rms_norm(
+            &s.x[t * h..(t + 1) * h],
+            w.attn_norm,
+            eps,
+            &mut s.xn[t * h..(t + 1) * h],
+        );
+    }
+    let xn = &s.xn[..n * h];
+    kernels::matmul(&w.q, xn, n, &mut s.q[..n * qd]);
+    kernels::matmul(&w.k, xn, n, &mut s.k[..n * kvd]);
+    kernels::matmul(&w.v, xn, n, &mut s.v[..n * kvd]);
+    let half_dim = hd / 2;
+    for t in 0..n {
+        let p = pos0 + t;
+        let cos = &rope_cos[p * half_dim..(p + 1) * half_dim];
+        let sin = &rope_sin[p * half_dim..(p + 1) * half_dim];
+        for head in s.q[t * qd..(t + 1) * qd].chunks_exact_mut(hd) {
+            rope(head, cos, sin);
+        }
+        for head in s.k[t * kvd..(t + 1) * kvd].chunks_exact_mut(hd) {
+            rope(head, cos, sin);
+        }
+    }
+    // Layout [layer][kv_head][position][head_dim].
+    let head_stride = ctx * hd;
+    let layer_base = l * c.num_kv_heads * head_stride;
+    {
+        let kc: &mut [f16] = bytemuck::cast_slice_mut(k_cache);
+        let vc: &mut [f16] = bytemuck::cast_slice_mut(v_cache);
+        for t in 0..n {
+            for kh in 0..c.num_kv_heads {
+                let dst = layer_base + kh * head_stride + (pos0 + t) * hd;
+                let src = t * kvd + kh * hd;
+                for i in 0..hd {
+                    kc[dst + i] = f16::from_f32(s.k[src + i]);
+                    vc[dst + i] = f16::from_f32(s.v[src + i]);
+                }
+            }
+        }
+    }
+    let kc: &[f16] = bytemuck::cast_slice(k_cache);
+    let vc: &[f16] = bytemuck::cast_slice(v_cache);
+    let group = c.num_heads / c.num_kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    for t in 0..n {
+        let len = pos0 + t + 1;
+        let q_t = &s.q[t * qd..(t + 1) * qd];
+        s.att[t * qd..(t + 1) * qd]
+            .par_chunks_mut(hd)
+            .zip(s.scores.par_chunks_mut(ctx))
+            .enumerate()
+            .for_each(|(head, (out, scores))| {
+                let base = layer_base + (head / group) * head_stride;
+                let keys = &kc[base..base + len * hd];
+                let values = &vc[base..base + len * hd];
+                attend(
+                    &q_t[head * hd..(head + 1) * hd],
+                    keys,
+                    values,
+                    scale,
+                    &mut scores[..len],
+                    out,
+                );
+            });
+    }
+    kernels::matmul(&w.o, &s.att[..n * qd], n, &mut s.proj[..n * h]);
+    for (x, p) in s.x[..n * h].iter_mut().zip(&s.proj[..n * h]) {
+        *x += p;
+    }
+
+    // SwiGLU MLP.
+    for t in 0..n {
+        rms_norm(
+            &s.x[t * h..(t + 1) * h],
+            w.ffn_norm,
+            eps,
+            &mut s.xn[t * h..(t + 1) * h],
+        );
+    }
+    let xn = &s.xn[..n * h];
+    kernels::matmul(&w.gate, xn, n, &mut s.gate[..n * ffn]);
+    kernels::matmul(&w.up, xn, n, &mut s.up[..n * ffn]);
+    for (g, u) in s.gate[..n * ffn].iter_mut().zip(&s.up[..n * ffn]) {
+        *g = silu(*g) * u;
+    }
+    kernels::matmul(&w.down, &s.gate[..n * ffn], n, &mut s.proj[..n * h]);
+    for (x, p) in s.x[..n * h].iter_mut().zip(&s.proj[..n * h]) {
+        *x += p;
+    }
+}
+
+/// Causal attention of one query head over `len` cached positions:
+/// `out = softmax(q·K / sqrt(d)) · V`, softmax in f32.
+fn attend(
+    q: &[f32],
+    keys: &[f16],
+    values: &[f16],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    let mut max = f32::NEG_INFINITY;
+    for (j, sc) in scores.iter_mut().enumerate() {
+        *sc = kernels::dot_f16(&keys[j * hd..(j + 1) * hd], q) * scale;
+        max = max.max(*sc);
+    }
+    let mut sum = 0f32;
+    for sc in scores.iter_mut() {
+        *sc = (*sc - max).exp();
+        sum += *sc;
+    }
+    let inv = 1.0 / sum;
+    out.fill(0.0);
+    for (j, &p) in scores.iter().enumerate() {
+        kernels::axpy_f16(out, p * inv, &values[j * hd..(j + 1) * hd]);
+    }
+}
+
+/// `out = w * x / sqrt(mean(x²) + eps)`; the mean is accumulated in f64 so
+/// long rows lose no precision.
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ss: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
+    let inv = 1.0 / ((ss / x.len() as f64) as f32 + eps).sqrt();
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+        *o = g * (v * inv);
+    }
+}
+
+/// HF "rotate half" RoPE: pairs are `(x[i], x[i + d/2])`.
+fn rope(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = x.len() / 2;
+    let (a, b) = x.split_at_mut(half);
+    for i in 0..half {
+        let (x0, x1) = (a[i], b[i]);
+        a[i] = x0 * cos[i] - x1 * sin[i];
+        b[i] = x1 * cos[i] + x0 * sin[i];
+    }
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// Rotation tables computed in f32 exactly as transformers does:
+/// `inv_freq[i] = 1 / theta^(2i/d)`, angle = position * inv_freq, with linear
+/// scaling dividing the frequencies by the factor.
+fn rope_tables(c: &Config, ctx: usize) -> (Vec<f32>, Vec<f32>) {
+    let hd = c.head_dim;
+    let factor = match c.rope_scaling {
+        RopeScaling::None => 1.0,
+        RopeScaling::Linear { factor } => factor,
+    };
+    let inv_freq: Vec<f32> = (0..hd / 2)
+        .map(|i| 1.0 / c.rope_theta.powf((2 * i) as f32 / hd as f32) / factor)
+        .collect();
+    let mut cos = Vec::with_capacity(ctx * hd / 2);
+    let mut sin = Vec::with_capacity(ctx * hd / 2);
+    for p in 0..ctx {
+        for &f in &inv_freq {
+            let a = p as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    (cos, sin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_rotates_pairs_half_apart() {
+        let mut x = [1.0, 2.0, 3.0, 4.0];
+        let (c, s) = ([0.0, 1.0], [1.0, 0.0]);
+        rope(&mut x, &c, &s);
+        // Pair (1, 3) rotated by 90°, pair (2, 4) unchanged.
+        assert_eq!(x, [-3.0, 2.0, 1.0, 4.0]);
+    }
+
+    #[test]
+    fn attention_over_one_position_returns_its_value() {
+        let keys = [f16::from_f32(0.5); 4];
+        let values: Vec<f16> = [1.0, -2.0, 3.0, 0.25].map(f16::from_f32).to_vec();
+        let mut out = [9.0; 4];
+        let mut scores = [0.0];
+        attend(&[1.0; 4], &keys, &values, 0.5, &mut scores, &mut out);
+        assert_eq!(out, [1.0, -2.0, 3.0, 0.25]);
+    }
+
+    #[test]
+    fn rms_norm_scales_to_unit_rms() {
+        let mut out = [0.0; 2];
+        rms_norm(&[3.0, 4.0], &[1.0, 2.0], 0.0, &mut out);
+        let r = (12.5f32).sqrt();
+        assert!((out[0] - 3.0 / r).abs() < 1e-6 && (out[1] - 8.0 / r).abs() < 1e-6);
+    }
+}

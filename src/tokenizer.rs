@@ -1,0 +1,193 @@
+//! Text ⇄ token ids with the HF `tokenizer.json` embedded in the model file,
+//! and a streaming decoder that never splits a UTF-8 character.
+
+use crate::error::{Error, Result};
+use crate::format::{keys, Metadata};
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    bos: Option<u32>,
+    eos: Vec<u32>,
+    /// Whether a BOS token starts every encoded text (the model's
+    /// `add_bos_token`).
+    add_bos: bool,
+    bos_text: String,
+    eos_text: String,
+}
+
+fn tok_err(e: impl std::fmt::Display) -> Error {
+    Error::Tokenizer(e.to_string())
+}
+
+impl Tokenizer {
+    /// Builds the tokenizer from `tokenizer.json` and the special-token keys
+    /// in the metadata.
+    pub fn from_metadata(m: &Metadata) -> Result<Self> {
+        let json = m.get_str(keys::TOKENIZER_JSON)?.ok_or_else(|| {
+            Error::Tokenizer(format!("metadata '{}' is missing", keys::TOKENIZER_JSON))
+        })?;
+        let inner = tokenizers::Tokenizer::from_bytes(json.as_bytes()).map_err(tok_err)?;
+        let bos = m.get_uint(keys::BOS_TOKEN_ID)?.map(|v| v as u32);
+        let eos = m
+            .get_u32_array(keys::EOS_TOKEN_IDS)?
+            .map(<[u32]>::to_vec)
+            .unwrap_or_default();
+        // Without the key, do what the tokenizer's own post-processor does.
+        let add_bos = match m.get_bool(keys::ADD_BOS_TOKEN)? {
+            Some(b) => b,
+            None => match bos {
+                Some(b) => inner.encode("", true).map_err(tok_err)?.get_ids().first() == Some(&b),
+                None => false,
+            },
+        };
+        if add_bos && bos.is_none() {
+            return Err(Error::Tokenizer(
+                "the model adds a BOS token but names none".into(),
+            ));
+        }
+        let text_of = |key: &str, id: Option<u32>| -> Result<String> {
+            Ok(match m.get_str(key)? {
+                Some(s) => s.to_owned(),
+                None => id.and_then(|i| inner.id_to_token(i)).unwrap_or_default(),
+            })
+        };
+        let bos_text = text_of(keys::BOS_TOKEN, bos)?;
+        let eos_text = text_of(keys::EOS_TOKEN, eos.first().copied())?;
+        Ok(Self {
+            inner,
+            bos,
+            eos,
+            add_bos,
+            bos_text,
+            eos_text,
+        })
+    }
+
+    /// Tokens in the vocabulary, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos
+    }
+
+    /// Token ids that end generation.
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos
+    }
+
+    /// Whether [`Tokenizer::encode`] with `add_special` starts with BOS.
+    pub fn adds_bos(&self) -> bool {
+        self.add_bos
+    }
+
+    pub fn bos_token(&self) -> &str {
+        &self.bos_text
+    }
+
+    pub fn eos_token(&self) -> &str {
+        &self.eos_text
+    }
+
+    /// Encodes `text`. With `add_special`, the model's special tokens are
+    /// added as its tokenizer would (`tokenizer(text)` in transformers: BOS for
+    /// LLaMA-2, nothing for SmolLM2), and BOS is never doubled. Special tokens
+    /// written in the text (`<s>`, `<|im_start|>`) are always recognized.
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let mut ids = self
+            .inner
+            .encode(text, add_special)
+            .map_err(tok_err)?
+            .get_ids()
+            .to_vec();
+        if add_special && self.add_bos {
+            let bos = self.bos.expect("checked at construction");
+            if ids.first() != Some(&bos) {
+                ids.insert(0, bos);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Decodes `ids` to text, special tokens included.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, false).map_err(tok_err)
+    }
+
+    /// The vocabulary string of one token (e.g. `Ġworld`), for diagnostics.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// A decoder for text generated after `context` (usually the prompt).
+    pub fn stream_decoder(&self, context: &[u32]) -> StreamDecoder<'_> {
+        StreamDecoder::new(self, context)
+    }
+}
+
+/// Incremental detokenization. Decoding tokens one at a time is wrong for
+/// SentencePiece-style tokenizers (leading spaces depend on the previous
+/// token) and for byte-level ones (a character can span tokens), so each step
+/// decodes a short window of recent tokens twice, with and without the new
+/// ones, and emits the difference once it no longer ends in an incomplete
+/// character (U+FFFD).
+pub struct StreamDecoder<'t> {
+    tok: &'t Tokenizer,
+    ids: Vec<u32>,
+    /// Start of the decoding window.
+    prefix: usize,
+    /// Tokens before this have been emitted.
+    read: usize,
+}
+
+/// Context tokens kept before the first generated one: enough for every
+/// tokenizer's decoder to see a preceding token.
+const CONTEXT_TOKENS: usize = 4;
+
+impl<'t> StreamDecoder<'t> {
+    fn new(tok: &'t Tokenizer, context: &[u32]) -> Self {
+        let keep = &context[context.len().saturating_sub(CONTEXT_TOKENS)..];
+        Self {
+            tok,
+            ids: keep.to_vec(),
+            prefix: 0,
+            read: keep.len(),
+        }
+    }
+
+    /// Adds a token; returns the text it completes (possibly empty).
+    pub fn push(&mut self, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let before = self.tok.decode(&self.ids[self.prefix..self.read])?;
+        let now = self.tok.decode(&self.ids[self.prefix..])?;
+        if now.len() > before.len() && !now.ends_with('\u{FFFD}') {
+            if let Some(new) = now.get(before.len()..) {
+                if now.starts_with(&before) {
+                    let new = new.to_owned();
+                    self.prefix = self.read;
+                    self.read = self.ids.len();
+                    return Ok(new);
+                }
+            }
+        }
+        Ok(String::new())
+    }
+
+    /// Text of tokens still held back (an incomplete character at the end of
+    /// generation is emitted as U+FFFD).
+    pub fn flush(&mut self) -> Result<String> {
+        if self.read == self.ids.len() {
+            return Ok(String::new());
+        }
+        let before = self.tok.decode(&self.ids[self.prefix..self.read])?;
+        let now = self.tok.decode(&self.ids[self.prefix..])?;
+        self.prefix = self.read;
+        self.read = self.ids.len();
+        Ok(now.get(before.len()..).unwrap_or_default().to_owned())
+    }
+}
