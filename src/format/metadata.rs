@@ -34,6 +34,8 @@ pub mod keys {
     pub const SOURCE_FILES: &str = "provenance.source_files";
     pub const CONVERTER: &str = "provenance.converter";
     pub const QUANTIZATION: &str = "provenance.quantization";
+    /// The checkpoint's declared dtype (`torch_dtype`/`dtype`), informational.
+    pub const SOURCE_DTYPE: &str = "provenance.source_dtype";
 }
 
 /// A metadata value. Type ids are in [`Value::type_id`].

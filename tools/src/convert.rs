@@ -1,0 +1,570 @@
+//! HuggingFace LLaMA checkpoint → `.nbl`.
+//!
+//! # Quantization policy
+//!
+//! | tensor | `f32` | `f16` | `q8` | `q4` |
+//! |---|---|---|---|---|
+//! | RMSNorm weights | f32 | f32 | f32 | f32 |
+//! | attention and MLP matrices | f32 | f16 | q8 | q4 |
+//! | token embedding (untied) | f32 | f16 | q8 | q4 |
+//! | output projection (`lm_head`, or the token embedding when tied) | f32 | f16 | q8 | **q8** |
+//!
+//! - Norms are tiny and every activation passes through them: never quantized.
+//! - Under `q4` the output projection stays at 8 bits: its errors land directly
+//!   on the logits, and at ~3% of a 7B model's weights the cost is small.
+//! - A matrix whose column count is not a multiple of the 32-weight block
+//!   cannot be block-quantized and is stored as f16 instead.
+//!
+//! The chosen policy is written into the file as `provenance.quantization`.
+//!
+//! # Streaming
+//!
+//! Tensors are converted one at a time, in row batches of about
+//! [`BATCH_BYTES`] of source data: each batch is decoded and quantized on all
+//! cores straight from the mmapped safetensors, then its source pages are
+//! released. Resident memory is one output tensor plus a few batches, not
+//! the model. Output goes through [`NblWriter`] (temporary file, renamed at
+//! the end), so a failure never leaves a partial `.nbl`.
+
+use crate::hf::{read_json, LlamaConfig, RopeScaling, TokenizerInfo};
+use crate::source::{Source, SourceTensor};
+pub use crate::ConvertError;
+use crate::ToolError;
+use half::f16;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use nibble::format::names::{self, LayerTensor};
+use nibble::format::{keys, Metadata, NblWriter, Value};
+use nibble::quant::{quantize_q4_row, quantize_q8_row, QuantError, TensorType, BLOCK};
+use rayon::prelude::*;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Source bytes per processing batch: large enough to keep all cores busy,
+/// small enough that resident memory stays low.
+pub const BATCH_BYTES: usize = 16 << 20;
+
+/// What `--quant` asks for; see the module documentation for the full policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QuantPolicy {
+    F32,
+    F16,
+    Q8,
+    Q4,
+}
+
+/// The role a tensor plays, which with the policy decides its type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Norm,
+    Matrix,
+    /// The matrix producing the logits.
+    OutputProjection,
+}
+
+impl QuantPolicy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Q8 => "q8",
+            Self::Q4 => "q4",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::F32, Self::F16, Self::Q8, Self::Q4]
+            .into_iter()
+            .find(|p| p.name() == s)
+    }
+
+    /// The stored type of a tensor with this role and innermost dimension.
+    pub fn tensor_type(self, role: Role, cols: usize) -> TensorType {
+        let wanted = match (role, self) {
+            (Role::Norm, _) | (_, Self::F32) => return TensorType::F32,
+            (_, Self::F16) => TensorType::F16,
+            (_, Self::Q8) | (Role::OutputProjection, Self::Q4) => TensorType::Q8,
+            (Role::Matrix, Self::Q4) => TensorType::Q4,
+        };
+        if wanted.is_quantized() && !cols.is_multiple_of(BLOCK) {
+            TensorType::F16
+        } else {
+            wanted
+        }
+    }
+
+    /// The policy in words, as recorded in `provenance.quantization`.
+    pub fn describe(self) -> String {
+        let rest = match self {
+            Self::F32 => "all matrices f32".to_owned(),
+            Self::F16 => "all matrices f16".to_owned(),
+            Self::Q8 => format!("all matrices q8 (blocks of {BLOCK}, f16 scales)"),
+            Self::Q4 => {
+                format!("matrices q4 (blocks of {BLOCK}, f16 scales), output projection q8")
+            }
+        };
+        format!(
+            "{}: norms f32; {rest}; matrices whose columns are not a multiple of {BLOCK} f16",
+            self.name()
+        )
+    }
+}
+
+impl fmt::Display for QuantPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ConvertOptions {
+    /// The HuggingFace checkpoint directory.
+    pub input: PathBuf,
+    /// The `.nbl` file to create (replaced atomically if it exists).
+    pub output: PathBuf,
+    pub quant: QuantPolicy,
+    /// Draw a progress bar on stderr (only when stderr is a terminal).
+    pub progress: bool,
+}
+
+impl ConvertOptions {
+    pub fn new(input: impl Into<PathBuf>, output: impl Into<PathBuf>, quant: QuantPolicy) -> Self {
+        Self {
+            input: input.into(),
+            output: output.into(),
+            quant,
+            progress: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConvertSummary {
+    pub tensors: usize,
+    pub output_bytes: u64,
+    /// Weights in all matrices (norms excluded).
+    pub matrix_weights: u64,
+    /// Bytes those matrices occupy, scales included.
+    pub matrix_bytes: u64,
+    pub seconds: f64,
+}
+
+impl ConvertSummary {
+    /// Average bits per weight over all matrices.
+    pub fn bits_per_weight(&self) -> f64 {
+        if self.matrix_weights == 0 {
+            0.0
+        } else {
+            self.matrix_bytes as f64 * 8.0 / self.matrix_weights as f64
+        }
+    }
+}
+
+impl fmt::Display for ConvertSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} tensors, {:.1} MiB, {:.2} bits per weight over {} matrix weights, {:.1} s",
+            self.tensors,
+            self.output_bytes as f64 / (1u64 << 20) as f64,
+            self.bits_per_weight(),
+            self.matrix_weights,
+            self.seconds
+        )
+    }
+}
+
+/// One tensor the output will hold.
+pub(crate) struct Planned {
+    pub(crate) name: String,
+    pub(crate) role: Role,
+    /// Expected HF shape, outermost first.
+    pub(crate) shape: Vec<usize>,
+}
+
+/// Every tensor of a LLaMA model with `config`, in output order.
+pub(crate) fn plan(config: &LlamaConfig) -> Vec<Planned> {
+    let c = config;
+    let q_dim = c.num_attention_heads * c.head_dim;
+    let kv_dim = c.num_key_value_heads * c.head_dim;
+    let mut out = vec![Planned {
+        name: names::TOKEN_EMBEDDING.into(),
+        role: if c.tie_word_embeddings {
+            Role::OutputProjection
+        } else {
+            Role::Matrix
+        },
+        shape: vec![c.vocab_size, c.hidden_size],
+    }];
+    for layer in 0..c.num_hidden_layers {
+        for t in LayerTensor::ALL {
+            let shape = match t {
+                LayerTensor::AttnNorm | LayerTensor::FfnNorm => vec![c.hidden_size],
+                LayerTensor::Q => vec![q_dim, c.hidden_size],
+                LayerTensor::K | LayerTensor::V => vec![kv_dim, c.hidden_size],
+                LayerTensor::O => vec![c.hidden_size, q_dim],
+                LayerTensor::Gate | LayerTensor::Up => vec![c.intermediate_size, c.hidden_size],
+                LayerTensor::Down => vec![c.hidden_size, c.intermediate_size],
+            };
+            out.push(Planned {
+                name: t.name(layer),
+                role: if t.is_norm() {
+                    Role::Norm
+                } else {
+                    Role::Matrix
+                },
+                shape,
+            });
+        }
+    }
+    out.push(Planned {
+        name: names::FINAL_NORM.into(),
+        role: Role::Norm,
+        shape: vec![c.hidden_size],
+    });
+    if !c.tie_word_embeddings {
+        out.push(Planned {
+            name: names::OUTPUT.into(),
+            role: Role::OutputProjection,
+            shape: vec![c.vocab_size, c.hidden_size],
+        });
+    }
+    out
+}
+
+/// Checks that the checkpoint holds exactly the planned tensors with the
+/// planned shapes.
+fn check_tensors(
+    dir: &Path,
+    source: &Source,
+    plan: &[Planned],
+    tied: bool,
+) -> Result<(), ToolError> {
+    for p in plan {
+        let Some(t) = source.get(&p.name) else {
+            return Err(ToolError::new(
+                dir,
+                format!("tensor '{}' is missing from the checkpoint", p.name),
+            ));
+        };
+        if t.shape != p.shape {
+            return Err(ToolError::new(
+                source.path(t),
+                format!(
+                    "tensor '{}' has shape {:?}, config.json implies {:?}",
+                    p.name, t.shape, p.shape
+                ),
+            ));
+        }
+    }
+    for (name, t) in source.tensors() {
+        // A tied model saved with its (identical) lm_head anyway is fine:
+        // the token embedding serves as the output projection.
+        if tied && name == names::OUTPUT {
+            continue;
+        }
+        if !plan.iter().any(|p| &p.name == name) {
+            return Err(ToolError::new(
+                source.path(t),
+                format!("unexpected tensor '{name}' (not part of a LLaMA model with this config)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Converts a HuggingFace LLaMA checkpoint directory into a `.nbl` file.
+pub fn convert(options: &ConvertOptions) -> Result<ConvertSummary, ConvertError> {
+    let started = Instant::now();
+    // A `.gguf` file is imported from llama.cpp's format (crate::gguf).
+    if crate::gguf::llama::is_gguf_path(&options.input) && !options.input.is_dir() {
+        return crate::gguf::llama::convert(options);
+    }
+    let dir = &options.input;
+    if !dir.is_dir() {
+        return Err(ToolError::new(
+            dir,
+            "not a directory (expected a HuggingFace checkpoint)",
+        ));
+    }
+    let config_path = dir.join("config.json");
+    let config_json = read_json(&config_path)?;
+    let config = LlamaConfig::from_json(&config_path, &config_json)?;
+    let tokenizer = TokenizerInfo::load(dir, &config_json, config.vocab_size)?;
+    let source = Source::open(dir)?;
+    let plan = plan(&config);
+    check_tensors(dir, &source, &plan, config.tie_word_embeddings)?;
+
+    let mut source_files = vec!["config.json".to_owned()];
+    source_files.extend(tokenizer.source_files.iter().cloned());
+    source_files.extend(source.file_names());
+    let metadata = metadata(&config, &tokenizer, options.quant, source_files);
+
+    let total_bytes: u64 = plan
+        .iter()
+        .map(|p| {
+            let t = &source.tensors()[&p.name];
+            (t.end - t.start) as u64
+        })
+        .sum();
+    let bar = progress_bar(options.progress, total_bytes);
+
+    let mut writer =
+        NblWriter::create(&options.output).map_err(|e| output_error(&options.output, e))?;
+    let mut buf: Vec<u32> = Vec::new();
+    let mut matrix_weights = 0u64;
+    let mut matrix_bytes = 0u64;
+    for p in &plan {
+        let t = &source.tensors()[&p.name];
+        let cols = *p.shape.last().expect("planned shapes are non-empty");
+        let ty = options.quant.tensor_type(p.role, cols);
+        bar.set_message(p.name.clone());
+        let bytes = encode_tensor(&source, t, cols, ty, &mut buf, &bar)
+            .map_err(|e| ToolError::new(source.path(t), format!("tensor '{}': {e}", p.name)))?;
+        let shape: Vec<u64> = p.shape.iter().map(|&d| d as u64).collect();
+        writer
+            .add_tensor(&p.name, ty, &shape, bytes)
+            .map_err(|e| output_error(&options.output, e))?;
+        if p.role != Role::Norm {
+            matrix_weights += shape.iter().product::<u64>();
+            matrix_bytes += bytes.len() as u64;
+        }
+    }
+    bar.finish_and_clear();
+    let output_bytes = writer
+        .finish(&metadata)
+        .map_err(|e| output_error(&options.output, e))?;
+    Ok(ConvertSummary {
+        tensors: plan.len(),
+        output_bytes,
+        matrix_weights,
+        matrix_bytes,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+pub(crate) fn output_error(output: &Path, e: nibble::format::FormatError) -> ToolError {
+    use nibble::format::FormatError;
+    match e {
+        // The writer's own I/O messages already quote the path; report the
+        // underlying reason once, after ours.
+        FormatError::Io(io) => {
+            ToolError::new(output, format!("cannot write the output: {}", io.kind()))
+        }
+        other => ToolError::new(output, other),
+    }
+}
+
+pub(crate) fn progress_bar(enabled: bool, total: u64) -> ProgressBar {
+    if !enabled {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {wide_msg}",
+        )
+        .expect("the template is valid")
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+/// Builds the metadata section.
+pub fn metadata(
+    config: &LlamaConfig,
+    tok: &TokenizerInfo,
+    quant: QuantPolicy,
+    source_files: Vec<String>,
+) -> Metadata {
+    let mut m = Metadata::new();
+    let u = |x: usize| Value::U32(x as u32);
+    m.set(keys::ARCHITECTURE, Value::Str("llama".into()));
+    m.set(keys::VOCAB_SIZE, u(config.vocab_size));
+    m.set(keys::HIDDEN_SIZE, u(config.hidden_size));
+    m.set(keys::NUM_LAYERS, u(config.num_hidden_layers));
+    m.set(keys::NUM_HEADS, u(config.num_attention_heads));
+    m.set(keys::NUM_KV_HEADS, u(config.num_key_value_heads));
+    m.set(keys::HEAD_DIM, u(config.head_dim));
+    m.set(keys::INTERMEDIATE_SIZE, u(config.intermediate_size));
+    m.set(keys::CONTEXT_LENGTH, u(config.max_position_embeddings));
+    m.set(keys::ROPE_THETA, Value::F32(config.rope_theta));
+    let (kind, factor) = match config.rope_scaling {
+        RopeScaling::None => ("none", 1.0),
+        RopeScaling::Linear { factor } => ("linear", factor),
+    };
+    m.set(keys::ROPE_SCALING_TYPE, Value::Str(kind.into()));
+    m.set(keys::ROPE_SCALING_FACTOR, Value::F32(factor));
+    m.set(keys::RMS_NORM_EPS, Value::F32(config.rms_norm_eps));
+    m.set(
+        keys::TIE_WORD_EMBEDDINGS,
+        Value::Bool(config.tie_word_embeddings),
+    );
+    m.set(keys::TOKENIZER_JSON, Value::Str(tok.tokenizer_json.clone()));
+    if let Some(t) = &tok.chat_template {
+        m.set(keys::CHAT_TEMPLATE, Value::Str(t.clone()));
+    }
+    if let Some(id) = tok.bos_token_id {
+        m.set(keys::BOS_TOKEN_ID, Value::U32(id));
+    }
+    if let Some(t) = &tok.bos_token {
+        m.set(keys::BOS_TOKEN, Value::Str(t.clone()));
+    }
+    m.set(
+        keys::EOS_TOKEN_IDS,
+        Value::U32Array(tok.eos_token_ids.clone()),
+    );
+    if let Some(t) = &tok.eos_token {
+        m.set(keys::EOS_TOKEN, Value::Str(t.clone()));
+    }
+    m.set(keys::ADD_BOS_TOKEN, Value::Bool(tok.add_bos_token));
+    m.set(keys::SOURCE_FILES, Value::StrArray(source_files));
+    m.set(
+        keys::CONVERTER,
+        Value::Str(format!("nibble-tools {}", env!("CARGO_PKG_VERSION"))),
+    );
+    m.set(keys::QUANTIZATION, Value::Str(quant.describe()));
+    if let Some(d) = &config.dtype {
+        m.set(keys::SOURCE_DTYPE, Value::Str(d.clone()));
+    }
+    m
+}
+
+/// Why a tensor's values could not be stored.
+#[derive(Debug)]
+enum EncodeError {
+    Quant(QuantError),
+    /// A value f16 cannot represent (infinite or NaN after conversion).
+    NotF16 {
+        index: usize,
+        value: f32,
+    },
+    NonFinite {
+        index: usize,
+        value: f32,
+    },
+}
+
+impl fmt::Display for EncodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Quant(e) => write!(f, "{e}"),
+            Self::NotF16 { index, value } => {
+                write!(f, "weight {index} is {value}, which f16 cannot hold")
+            }
+            Self::NonFinite { index, value } => write!(f, "weight {index} is {value}"),
+        }
+    }
+}
+
+/// Converts tensor `t` (viewed as rows of `cols`) to `ty`, returning its
+/// on-disk bytes (borrowed from `buf`, reused across tensors).
+fn encode_tensor<'b>(
+    source: &Source,
+    t: &SourceTensor,
+    cols: usize,
+    ty: TensorType,
+    buf: &'b mut Vec<u32>,
+    bar: &ProgressBar,
+) -> Result<&'b [u8], EncodeError> {
+    let n: usize = t.shape.iter().product();
+    let rows = n / cols;
+    let len = ty
+        .byte_len(n as u64)
+        .expect("the plan checked the block size") as usize;
+    buf.clear();
+    buf.resize(len.div_ceil(4), 0);
+    let out: &mut [u8] = &mut bytemuck::cast_slice_mut(buf.as_mut_slice())[..len];
+
+    let src = source.bytes(t);
+    let esize = t.dtype.size();
+    let row_src = cols * esize;
+    let rows_per_batch = (BATCH_BYTES / row_src).max(1);
+    source.will_read(t);
+
+    // Per-type output regions, each split into rows.
+    let q_row = match ty {
+        TensorType::Q8 => cols,
+        TensorType::Q4 => cols / 2,
+        TensorType::F16 => cols * 2,
+        TensorType::F32 => cols * 4,
+    };
+    let (qs, scales) = out.split_at_mut(if ty.is_quantized() { rows * q_row } else { len });
+    let scales: &mut [f16] = bytemuck::try_cast_slice_mut(scales)
+        .expect("scales start at an even offset of a 4-aligned buffer");
+    let s_row = cols / BLOCK;
+
+    let mut row0 = 0;
+    while row0 < rows {
+        let row1 = (row0 + rows_per_batch).min(rows);
+        let src_b = &src[row0 * row_src..row1 * row_src];
+        let qs_b = &mut qs[row0 * q_row..row1 * q_row];
+        let work = |f32_row: &mut Vec<f32>, r: usize, s: &[u8], q: &mut [u8], d: &mut [f16]| {
+            t.dtype.decode(s, f32_row);
+            let base = (row0 + r) * cols;
+            let locate = |e: QuantError| match e {
+                QuantError::NonFinite { index, value } => QuantError::NonFinite {
+                    index: base + index,
+                    value,
+                },
+                QuantError::TooLarge { index, value } => QuantError::TooLarge {
+                    index: base + index,
+                    value,
+                },
+                other => other,
+            };
+            match ty {
+                TensorType::Q8 => quantize_q8_row(f32_row, bytemuck::cast_slice_mut(q), d)
+                    .map_err(|e| EncodeError::Quant(locate(e))),
+                TensorType::Q4 => {
+                    quantize_q4_row(f32_row, q, d).map_err(|e| EncodeError::Quant(locate(e)))
+                }
+                TensorType::F32 => {
+                    if let Some(i) = f32_row.iter().position(|x| !x.is_finite()) {
+                        return Err(EncodeError::NonFinite {
+                            index: base + i,
+                            value: f32_row[i],
+                        });
+                    }
+                    for (o, x) in q.chunks_exact_mut(4).zip(f32_row.iter()) {
+                        o.copy_from_slice(&x.to_le_bytes());
+                    }
+                    Ok(())
+                }
+                TensorType::F16 => {
+                    for (i, (o, &x)) in q.chunks_exact_mut(2).zip(f32_row.iter()).enumerate() {
+                        let h = f16::from_f32(x);
+                        if !h.is_finite() {
+                            return Err(EncodeError::NotF16 {
+                                index: base + i,
+                                value: x,
+                            });
+                        }
+                        o.copy_from_slice(&h.to_bits().to_le_bytes());
+                    }
+                    Ok(())
+                }
+            }
+        };
+        let init = || vec![0f32; cols];
+        if ty.is_quantized() {
+            let d_b = &mut scales[row0 * s_row..row1 * s_row];
+            src_b
+                .par_chunks(row_src)
+                .zip(qs_b.par_chunks_mut(q_row))
+                .zip(d_b.par_chunks_mut(s_row))
+                .enumerate()
+                .try_for_each_init(init, |buf, (r, ((s, q), d))| work(buf, r, s, q, d))?;
+        } else {
+            src_b
+                .par_chunks(row_src)
+                .zip(qs_b.par_chunks_mut(q_row))
+                .enumerate()
+                .try_for_each_init(init, |buf, (r, (s, q))| work(buf, r, s, q, &mut []))?;
+        }
+        source.release(t, row0 * row_src, row1 * row_src);
+        bar.inc(src_b.len() as u64);
+        row0 = row1;
+    }
+    Ok(out)
+}

@@ -1,0 +1,1 @@
+//! Reports on and verification of `.nbl` files.

@@ -1,0 +1,1 @@
+//! Deterministic random HuggingFace checkpoints with official LLaMA-2 shapes.

@@ -1,0 +1,289 @@
+//! Converts the tiny HuggingFace fixtures and checks the result against the
+//! source safetensors, tensor by tensor.
+
+use nibble::format::{keys, names, NblFile};
+use nibble::quant::{TensorType, BLOCK};
+use nibble_tools::convert::{convert, ConvertOptions, QuantPolicy};
+use safetensors::{Dtype, SafeTensors};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/tiny")
+        .join(name)
+}
+
+/// Every tensor of a fixture checkpoint, upcast to f32.
+fn source_tensors(dir: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
+    let mut out = HashMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        for (name, view) in st.tensors() {
+            let data = view.data();
+            let values: Vec<f32> = match view.dtype() {
+                Dtype::F32 => data
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                    .collect(),
+                Dtype::BF16 => data
+                    .chunks_exact(2)
+                    .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+                    .collect(),
+                Dtype::F16 => data
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                other => panic!("fixture dtype {other:?}"),
+            };
+            out.insert(name, (view.shape().to_vec(), values));
+        }
+    }
+    out
+}
+
+fn convert_to(dir: &Path, quant: QuantPolicy, out: &Path) -> NblFile {
+    let summary = convert(&ConvertOptions::new(dir, out, quant)).unwrap();
+    assert_eq!(summary.output_bytes, std::fs::metadata(out).unwrap().len());
+    let file = NblFile::open(out).unwrap();
+    file.verify_checksums().unwrap();
+    assert_eq!(summary.tensors, file.tensors().len());
+    file
+}
+
+/// Checks every converted tensor against its source: exact for f32, within
+/// the quantization step of its block otherwise.
+fn check_against_source(file: &NblFile, dir: &Path, expected_type: impl Fn(&str) -> TensorType) {
+    let src = source_tensors(dir);
+    assert_eq!(
+        file.tensors().len(),
+        src.len(),
+        "one output tensor per source tensor"
+    );
+    for info in file.tensors() {
+        let (shape, values) = &src[&info.name];
+        let shape64: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+        assert_eq!(info.shape, shape64, "{}", info.name);
+        let ty = info.tensor_type.unwrap();
+        assert_eq!(ty, expected_type(&info.name), "{}", info.name);
+        let view = file.tensor(&info.name).unwrap();
+        if shape.len() == 1 {
+            assert_eq!(view.f32s().unwrap(), values.as_slice(), "{}", info.name);
+            continue;
+        }
+        let m = view.matrix().unwrap();
+        let cols = shape[1];
+        let mut row = vec![0f32; cols];
+        for (r, want_row) in values.chunks_exact(cols).enumerate() {
+            m.dequantize_row(r, &mut row);
+            for (blk, want) in row.chunks(BLOCK).zip(want_row.chunks(BLOCK)) {
+                let amax = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+                // Half a step of the block's grid, plus f16 scale rounding.
+                let tol = match ty {
+                    TensorType::F32 => 0.0,
+                    TensorType::F16 => amax * 1e-3,
+                    TensorType::Q8 => amax / 127.0 * 0.5 * 1.01 + amax * 1e-3,
+                    TensorType::Q4 => amax / 8.0 * 0.5 * 1.01 + amax * 1e-3,
+                };
+                for (g, w) in blk.iter().zip(want) {
+                    // q4's grid is -8..=7 steps with the block's largest
+                    // magnitude at -8: a value of the other sign beyond 7.5
+                    // steps clamps to 7.
+                    let step = amax / 8.0;
+                    let tol = if ty == TensorType::Q4 && w.abs() > 7.5 * step {
+                        (w.abs() - 7.0 * step) * 1.01 + amax * 1e-3
+                    } else {
+                        tol
+                    };
+                    assert!(
+                        (g - w).abs() <= tol,
+                        "{} row {r}: {g} vs {w} ({ty})",
+                        info.name
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn f32_conversion_is_exact_and_complete() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fixture("tiny-mha");
+    let file = convert_to(&dir, QuantPolicy::F32, &tmp.path().join("m.nbl"));
+    check_against_source(&file, &dir, |_| TensorType::F32);
+    let m = file.metadata();
+    assert_eq!(m.get_str(keys::ARCHITECTURE).unwrap(), Some("llama"));
+    assert_eq!(m.get_uint(keys::VOCAB_SIZE).unwrap(), Some(512));
+    assert_eq!(m.get_uint(keys::HIDDEN_SIZE).unwrap(), Some(128));
+    assert_eq!(m.get_uint(keys::NUM_LAYERS).unwrap(), Some(2));
+    assert_eq!(m.get_uint(keys::NUM_HEADS).unwrap(), Some(4));
+    assert_eq!(m.get_uint(keys::NUM_KV_HEADS).unwrap(), Some(4));
+    assert_eq!(m.get_uint(keys::HEAD_DIM).unwrap(), Some(32));
+    assert_eq!(m.get_uint(keys::INTERMEDIATE_SIZE).unwrap(), Some(352));
+    assert_eq!(m.get_uint(keys::CONTEXT_LENGTH).unwrap(), Some(256));
+    assert_eq!(m.get_f32(keys::ROPE_THETA).unwrap(), Some(10000.0));
+    assert_eq!(m.get_f32(keys::RMS_NORM_EPS).unwrap(), Some(1e-5));
+    assert_eq!(m.get_str(keys::ROPE_SCALING_TYPE).unwrap(), Some("none"));
+    assert_eq!(m.get_bool(keys::TIE_WORD_EMBEDDINGS).unwrap(), Some(false));
+    assert_eq!(m.get_uint(keys::BOS_TOKEN_ID).unwrap(), Some(1));
+    assert_eq!(
+        m.get_u32_array(keys::EOS_TOKEN_IDS).unwrap(),
+        Some(&[2u32][..])
+    );
+    assert_eq!(m.get_str(keys::BOS_TOKEN).unwrap(), Some("<s>"));
+    assert_eq!(m.get_str(keys::EOS_TOKEN).unwrap(), Some("</s>"));
+    assert_eq!(m.get_bool(keys::ADD_BOS_TOKEN).unwrap(), Some(true));
+    let tok = std::fs::read_to_string(dir.join("tokenizer.json")).unwrap();
+    assert_eq!(m.get_str(keys::TOKENIZER_JSON).unwrap(), Some(tok.as_str()));
+    assert!(m
+        .get_str(keys::QUANTIZATION)
+        .unwrap()
+        .unwrap()
+        .starts_with("f32"));
+    let files = m.get_str_array(keys::SOURCE_FILES).unwrap().unwrap();
+    assert!(files.iter().any(|f| f == "model.safetensors"), "{files:?}");
+}
+
+#[test]
+fn sharded_checkpoint_converts_like_a_single_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fixture("tiny-sharded");
+    let file = convert_to(&dir, QuantPolicy::F32, &tmp.path().join("s.nbl"));
+    check_against_source(&file, &dir, |_| TensorType::F32);
+    let files = file
+        .metadata()
+        .get_str_array(keys::SOURCE_FILES)
+        .unwrap()
+        .unwrap();
+    assert!(files
+        .iter()
+        .any(|f| f == "model-00002-of-00002.safetensors"));
+}
+
+#[test]
+fn bf16_gqa_converts_to_every_type() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fixture("tiny-gqa-small-bf16");
+    for quant in [
+        QuantPolicy::F32,
+        QuantPolicy::F16,
+        QuantPolicy::Q8,
+        QuantPolicy::Q4,
+    ] {
+        let file = convert_to(&dir, quant, &tmp.path().join(format!("{quant}.nbl")));
+        assert_eq!(
+            file.metadata().get_uint(keys::NUM_KV_HEADS).unwrap(),
+            Some(2)
+        );
+        check_against_source(&file, &dir, |name| {
+            if name.ends_with("norm.weight") {
+                TensorType::F32
+            } else if name == names::OUTPUT && quant == QuantPolicy::Q4 {
+                TensorType::Q8
+            } else {
+                match quant {
+                    QuantPolicy::F32 => TensorType::F32,
+                    QuantPolicy::F16 => TensorType::F16,
+                    QuantPolicy::Q8 => TensorType::Q8,
+                    QuantPolicy::Q4 => TensorType::Q4,
+                }
+            }
+        });
+    }
+}
+
+#[test]
+fn q4_and_q8_follow_the_policy_and_shrink_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fixture("tiny-gqa-small");
+    let f32_len = convert(&ConvertOptions::new(
+        &dir,
+        tmp.path().join("a.nbl"),
+        QuantPolicy::F32,
+    ))
+    .unwrap()
+    .output_bytes;
+    let q8 = convert(&ConvertOptions::new(
+        &dir,
+        tmp.path().join("b.nbl"),
+        QuantPolicy::Q8,
+    ))
+    .unwrap();
+    let q4 = convert(&ConvertOptions::new(
+        &dir,
+        tmp.path().join("c.nbl"),
+        QuantPolicy::Q4,
+    ))
+    .unwrap();
+    assert!(
+        (q8.bits_per_weight() - 8.5).abs() < 1e-9,
+        "{}",
+        q8.bits_per_weight()
+    );
+    // q4 everywhere except lm_head (q8): strictly between 4.5 and 8.5.
+    let bpw = q4.bits_per_weight();
+    assert!(bpw > 4.5 && bpw < 8.5, "{bpw}");
+    assert!(q4.output_bytes < q8.output_bytes && q8.output_bytes < f32_len);
+    let file = NblFile::open(&tmp.path().join("c.nbl")).unwrap();
+    let ty = |n: &str| file.tensor(n).unwrap().info.tensor_type.unwrap();
+    assert_eq!(ty(names::OUTPUT), TensorType::Q8);
+    assert_eq!(ty(names::TOKEN_EMBEDDING), TensorType::Q4);
+    assert_eq!(ty("model.layers.1.mlp.down_proj.weight"), TensorType::Q4);
+    assert_eq!(ty(names::FINAL_NORM), TensorType::F32);
+    assert!(file
+        .metadata()
+        .get_str(keys::QUANTIZATION)
+        .unwrap()
+        .unwrap()
+        .contains("output projection q8"));
+}
+
+#[test]
+fn conversion_is_byte_for_byte_deterministic() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (fx, quant) in [
+        ("tiny-sharded", QuantPolicy::Q4),
+        ("tiny-gqa-small-bf16", QuantPolicy::Q8),
+    ] {
+        let a = tmp.path().join("a.nbl");
+        let b = tmp.path().join("b.nbl");
+        convert(&ConvertOptions::new(fixture(fx), &a, quant)).unwrap();
+        convert(&ConvertOptions::new(fixture(fx), &b, quant)).unwrap();
+        assert!(
+            std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
+            "{fx} {quant}"
+        );
+    }
+}
+
+#[test]
+fn policy_falls_back_to_f16_for_odd_widths() {
+    use nibble_tools::convert::Role;
+    assert_eq!(
+        QuantPolicy::Q4.tensor_type(Role::Matrix, 48),
+        TensorType::F16
+    );
+    assert_eq!(
+        QuantPolicy::Q4.tensor_type(Role::Matrix, 64),
+        TensorType::Q4
+    );
+    assert_eq!(
+        QuantPolicy::Q4.tensor_type(Role::OutputProjection, 64),
+        TensorType::Q8
+    );
+    assert_eq!(QuantPolicy::Q8.tensor_type(Role::Norm, 64), TensorType::F32);
+    assert_eq!(
+        QuantPolicy::F16.tensor_type(Role::Norm, 64),
+        TensorType::F32
+    );
+    assert_eq!(
+        QuantPolicy::F32.tensor_type(Role::Matrix, 48),
+        TensorType::F32
+    );
+}
