@@ -4,6 +4,7 @@
 //!
 //! - [`convert`]: HF directory → `.nbl` (the quantization policy lives there)
 //! - [`hf`]: reading `config.json`, the tokenizer files and generation config
+//! - [`gguf`]: importing LLaMA models from llama.cpp's GGUF files
 //! - [`source`]: mmapped safetensors (single file or sharded)
 //! - [`inspect`]: human and JSON reports of a `.nbl`, checksum verification
 //! - [`synth`]: deterministic random checkpoints with LLaMA-2 shapes
@@ -12,6 +13,7 @@
 //! the file it concerns, so the CLI prints it as `error: <file>: <problem>`.
 
 pub mod convert;
+pub mod gguf;
 pub mod hf;
 pub mod inspect;
 pub mod source;
