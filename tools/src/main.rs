@@ -2,6 +2,8 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use nibble_tools::convert::{convert, ConvertOptions, QuantPolicy};
+use nibble_tools::inspect;
+use nibble_tools::synth::{synth, Preset, SynthDtype, SynthOptions};
 use nibble_tools::ToolError;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -37,6 +39,23 @@ impl From<Quant> for QuantPolicy {
     }
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum PresetArg {
+    #[value(name = "llama2-7b")]
+    Llama2_7b,
+    #[value(name = "llama2-13b")]
+    Llama2_13b,
+    #[value(name = "llama2-70b")]
+    Llama2_70b,
+    Tiny,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    F16,
+    Bf16,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Convert a HuggingFace LLaMA checkpoint directory into a .nbl file.
@@ -51,6 +70,26 @@ enum Command {
         #[arg(long, value_enum, default_value = "q4")]
         quant: Quant,
     },
+    /// Show a .nbl file's header, metadata and tensor table.
+    Inspect {
+        file: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a .nbl file's structure and every tensor checksum.
+    Verify { file: PathBuf },
+    /// Write a HuggingFace checkpoint with official LLaMA-2 shapes and
+    /// deterministic random weights.
+    Synth {
+        #[arg(long, value_enum)]
+        preset: PresetArg,
+        /// Output directory (created if missing).
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long, value_enum, default_value = "f16")]
+        dtype: DtypeArg,
+    },
 }
 
 fn run(cli: Cli) -> Result<(), ToolError> {
@@ -64,6 +103,55 @@ fn run(cli: Cli) -> Result<(), ToolError> {
             options.progress = std::io::stderr().is_terminal();
             let summary = convert(&options)?;
             println!("wrote {}: {summary}", output.display());
+        }
+        Command::Inspect { file, json } => {
+            let nbl = inspect::open(&file)?;
+            if json {
+                let report = inspect::json_report(&file, &nbl);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("JSON values serialize")
+                );
+            } else {
+                print!("{}", inspect::text_report(&file, &nbl));
+            }
+        }
+        Command::Verify { file } => {
+            let s = inspect::verify(&file)?;
+            println!(
+                "OK: {}: {} tensors, {} bytes, structure and all checksums valid",
+                file.display(),
+                s.tensors,
+                s.bytes
+            );
+        }
+        Command::Synth {
+            preset,
+            output,
+            dtype,
+        } => {
+            let preset = match preset {
+                PresetArg::Llama2_7b => Preset::Llama2_7b,
+                PresetArg::Llama2_13b => Preset::Llama2_13b,
+                PresetArg::Llama2_70b => Preset::Llama2_70b,
+                PresetArg::Tiny => Preset::Tiny,
+            };
+            let dtype = match dtype {
+                DtypeArg::F16 => SynthDtype::F16,
+                DtypeArg::Bf16 => SynthDtype::Bf16,
+            };
+            let mut options = SynthOptions::new(preset, &output, dtype);
+            options.progress = std::io::stderr().is_terminal();
+            let s = synth(&options)?;
+            println!(
+                "wrote {}: {} tensors, {} parameters, {} shard(s), {:.1} GiB, {:.1} s",
+                output.display(),
+                s.tensors,
+                s.parameters,
+                s.shards,
+                s.bytes as f64 / (1u64 << 30) as f64,
+                s.seconds
+            );
         }
     }
     Ok(())

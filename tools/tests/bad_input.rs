@@ -1,0 +1,438 @@
+//! Every kind of bad input gets a one-line error naming the file and the
+//! problem, exit code 1 from the CLI, no panic, and no output file (or
+//! temporary file) left behind.
+
+use nibble_tools::convert::{convert, ConvertOptions, QuantPolicy};
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const FIXTURE: &str = "tiny-gqa-small";
+
+fn fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/tiny")
+        .join(FIXTURE)
+}
+
+/// A writable copy of the fixture checkpoint (without goldens) and an empty
+/// output directory, both inside a temporary directory.
+struct Case {
+    _tmp: tempfile::TempDir,
+    model: PathBuf,
+    out_dir: PathBuf,
+}
+
+impl Case {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = tmp.path().join("model");
+        let out_dir = tmp.path().join("out");
+        std::fs::create_dir(&model).unwrap();
+        std::fs::create_dir(&out_dir).unwrap();
+        for e in std::fs::read_dir(fixture_dir()).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_file() {
+                std::fs::copy(&p, model.join(p.file_name().unwrap())).unwrap();
+            }
+        }
+        Self {
+            _tmp: tmp,
+            model,
+            out_dir,
+        }
+    }
+
+    fn out(&self) -> PathBuf {
+        self.out_dir.join("m.nbl")
+    }
+
+    fn edit_config(&self, f: impl FnOnce(&mut serde_json::Value)) {
+        let p = self.model.join("config.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        f(&mut v);
+        std::fs::write(&p, serde_json::to_string(&v).unwrap()).unwrap();
+    }
+
+    /// Rewrites model.safetensors after `f` edits its list of
+    /// (name, dtype, shape, bytes).
+    fn edit_tensors(&self, f: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>)) {
+        let p = self.model.join("model.safetensors");
+        let bytes = std::fs::read(&p).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let mut list: Vec<_> = st
+            .tensors()
+            .into_iter()
+            .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+            .collect();
+        list.sort_by(|a, b| a.0.cmp(&b.0));
+        f(&mut list);
+        let views: Vec<(String, TensorView)> = list
+            .iter()
+            .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+            .collect();
+        safetensors::serialize_to_file(views, None, &p).unwrap();
+    }
+
+    /// Converts with the library, expecting failure; returns the message and
+    /// checks that nothing was left in the output directory.
+    fn lib_error(&self) -> String {
+        let err = convert(&ConvertOptions::new(
+            &self.model,
+            self.out(),
+            QuantPolicy::Q4,
+        ))
+        .expect_err("conversion should fail");
+        self.assert_no_output();
+        let msg = err.to_string();
+        assert!(!msg.contains('\n'), "one line: {msg}");
+        msg
+    }
+
+    /// Converts with the CLI, expecting exit code 1 and one `error:` line.
+    fn cli_error(&self) -> String {
+        let out = self.out();
+        let msg = run_cli(&[
+            "convert",
+            self.model.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--quant",
+            "q4",
+        ]);
+        self.assert_no_output();
+        msg
+    }
+
+    fn assert_no_output(&self) {
+        let left: Vec<_> = std::fs::read_dir(&self.out_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "files left behind: {left:?}");
+    }
+}
+
+/// Runs the CLI expecting failure; returns stderr after checking its shape.
+fn run_cli(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_nibble-tools"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    stderr
+}
+
+#[test]
+fn missing_config() {
+    let c = Case::new();
+    std::fs::remove_file(c.model.join("config.json")).unwrap();
+    let m = c.cli_error();
+    assert!(m.contains("config.json: file not found"), "{m}");
+}
+
+#[test]
+fn malformed_config() {
+    let c = Case::new();
+    std::fs::write(c.model.join("config.json"), "{\"hidden_size\": 128,").unwrap();
+    let m = c.lib_error();
+    assert!(m.contains("config.json: malformed JSON"), "{m}");
+}
+
+#[test]
+fn config_missing_a_key() {
+    let c = Case::new();
+    c.edit_config(|v| {
+        v.as_object_mut().unwrap().remove("intermediate_size");
+    });
+    let m = c.lib_error();
+    assert!(
+        m.contains("config.json: missing required key 'intermediate_size'"),
+        "{m}"
+    );
+}
+
+#[test]
+fn non_llama_architecture() {
+    let c = Case::new();
+    c.edit_config(|v| {
+        v["model_type"] = "gpt_neox".into();
+        v["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"]);
+    });
+    let m = c.cli_error();
+    assert!(
+        m.contains("config.json: model_type 'gpt_neox' is not supported"),
+        "{m}"
+    );
+}
+
+#[test]
+fn unsupported_dtype() {
+    let c = Case::new();
+    c.edit_tensors(|ts| {
+        let t = ts.iter_mut().find(|t| t.0 == "model.norm.weight").unwrap();
+        let f64s: Vec<u8> =
+            t.3.chunks_exact(4)
+                .flat_map(|b| (f32::from_le_bytes(b.try_into().unwrap()) as f64).to_le_bytes())
+                .collect();
+        t.1 = Dtype::F64;
+        t.3 = f64s;
+    });
+    let m = c.cli_error();
+    assert!(
+        m.contains("model.safetensors: tensor 'model.norm.weight' has dtype F64"),
+        "{m}"
+    );
+}
+
+#[test]
+fn integer_tensor_is_rejected() {
+    let c = Case::new();
+    c.edit_tensors(|ts| {
+        ts.push((
+            "model.position_ids".into(),
+            Dtype::I32,
+            vec![4],
+            vec![0; 16],
+        ));
+    });
+    let m = c.lib_error();
+    assert!(
+        m.contains("tensor 'model.position_ids' has dtype I32"),
+        "{m}"
+    );
+}
+
+#[test]
+fn missing_tensor() {
+    let c = Case::new();
+    c.edit_tensors(|ts| ts.retain(|t| t.0 != "model.layers.1.mlp.up_proj.weight"));
+    let m = c.cli_error();
+    assert!(
+        m.contains("tensor 'model.layers.1.mlp.up_proj.weight' is missing"),
+        "{m}"
+    );
+}
+
+#[test]
+fn extra_tensor() {
+    let c = Case::new();
+    c.edit_tensors(|ts| {
+        ts.push((
+            "model.layers.0.self_attn.q_proj.bias".into(),
+            Dtype::F32,
+            vec![128],
+            vec![0; 512],
+        ))
+    });
+    let m = c.lib_error();
+    assert!(
+        m.contains("model.safetensors: unexpected tensor 'model.layers.0.self_attn.q_proj.bias'"),
+        "{m}"
+    );
+}
+
+#[test]
+fn rotary_inv_freq_buffers_are_ignored() {
+    let c = Case::new();
+    c.edit_tensors(|ts| {
+        ts.push((
+            "model.layers.0.self_attn.rotary_emb.inv_freq".into(),
+            Dtype::F32,
+            vec![8],
+            vec![0; 32],
+        ))
+    });
+    convert(&ConvertOptions::new(&c.model, c.out(), QuantPolicy::Q8)).unwrap();
+    assert!(c.out().exists());
+}
+
+#[test]
+fn mis_shaped_tensor() {
+    let c = Case::new();
+    c.edit_tensors(|ts| {
+        let t = ts
+            .iter_mut()
+            .find(|t| t.0 == "model.layers.0.self_attn.k_proj.weight")
+            .unwrap();
+        // [32, 128] stored as [128, 32]: same bytes, wrong shape.
+        t.2 = vec![128, 32];
+    });
+    let m = c.lib_error();
+    assert!(
+        m.contains("tensor 'model.layers.0.self_attn.k_proj.weight' has shape [128, 32], config.json implies [32, 128]"),
+        "{m}"
+    );
+}
+
+#[test]
+fn truncated_safetensors() {
+    let c = Case::new();
+    let p = c.model.join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() - 1000]).unwrap();
+    let m = c.cli_error();
+    assert!(
+        m.contains("model.safetensors: invalid safetensors file"),
+        "{m}"
+    );
+    assert!(m.contains("truncated"), "{m}");
+    // Shorter than the header length field itself.
+    std::fs::write(&p, &bytes[..5]).unwrap();
+    let m = c.lib_error();
+    assert!(m.contains("truncated"), "{m}");
+}
+
+#[test]
+fn corrupt_safetensors_header() {
+    let c = Case::new();
+    let p = c.model.join("model.safetensors");
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[8..20].copy_from_slice(b"#corruption#");
+    std::fs::write(&p, &bytes).unwrap();
+    let m = c.lib_error();
+    assert!(
+        m.contains("model.safetensors: invalid safetensors file"),
+        "{m}"
+    );
+    assert!(m.contains("corrupt header"), "{m}");
+}
+
+#[test]
+fn non_finite_weight_leaves_no_partial_output() {
+    let c = Case::new();
+    // lm_head is written last, so the temporary file already holds every
+    // other tensor when the failure happens.
+    c.edit_tensors(|ts| {
+        let t = ts.iter_mut().find(|t| t.0 == "lm_head.weight").unwrap();
+        t.3[400..404].copy_from_slice(&f32::NAN.to_le_bytes());
+    });
+    let m = c.cli_error();
+    assert!(
+        m.contains("tensor 'lm_head.weight': weight 100 is NaN"),
+        "{m}"
+    );
+}
+
+#[test]
+fn failed_conversion_keeps_an_existing_output() {
+    let c = Case::new();
+    let out = c.out();
+    std::fs::write(&out, b"previous").unwrap();
+    c.edit_tensors(|ts| {
+        let t = ts.iter_mut().find(|t| t.0 == "lm_head.weight").unwrap();
+        t.3[0..4].copy_from_slice(&f32::INFINITY.to_le_bytes());
+    });
+    convert(&ConvertOptions::new(&c.model, &out, QuantPolicy::Q4)).unwrap_err();
+    assert_eq!(std::fs::read(&out).unwrap(), b"previous");
+    assert_eq!(std::fs::read_dir(&c.out_dir).unwrap().count(), 1);
+}
+
+#[test]
+fn unwritable_output_path() {
+    let c = Case::new();
+    let blocker = c.out_dir.join("file.txt");
+    std::fs::write(&blocker, b"x").unwrap();
+    let out = blocker.join("out.nbl");
+    let err = convert(&ConvertOptions::new(&c.model, &out, QuantPolicy::Q4)).unwrap_err();
+    let m = err.to_string();
+    assert!(
+        m.starts_with(&format!("{}: cannot write the output", out.display())),
+        "{m}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&c.out_dir).unwrap().collect();
+    assert_eq!(left.len(), 1, "only the blocking file remains");
+    let stderr = run_cli(&[
+        "convert",
+        c.model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        stderr.contains("out.nbl: cannot write the output"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn missing_tokenizer_and_weights() {
+    let c = Case::new();
+    std::fs::remove_file(c.model.join("tokenizer.json")).unwrap();
+    assert!(c.lib_error().contains("tokenizer.json: file not found"));
+    let c = Case::new();
+    std::fs::remove_file(c.model.join("model.safetensors")).unwrap();
+    let m = c.lib_error();
+    assert!(
+        m.contains("no model.safetensors or model.safetensors.index.json"),
+        "{m}"
+    );
+}
+
+/// A valid converted file and its bytes.
+fn converted() -> (tempfile::TempDir, PathBuf, Vec<u8>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ok.nbl");
+    convert(&ConvertOptions::new(fixture_dir(), &out, QuantPolicy::Q4)).unwrap();
+    let bytes = std::fs::read(&out).unwrap();
+    (tmp, out, bytes)
+}
+
+#[test]
+fn inspect_and_verify_reject_a_truncated_nbl() {
+    let (_tmp, path, bytes) = converted();
+    std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+    for cmd in ["inspect", "verify"] {
+        let m = run_cli(&[cmd, path.to_str().unwrap()]);
+        assert!(m.contains("ok.nbl: not a valid .nbl file"), "{cmd}: {m}");
+        assert!(m.contains("truncated"), "{cmd}: {m}");
+    }
+}
+
+#[test]
+fn verify_catches_a_flipped_bit_in_tensor_data() {
+    let (_tmp, path, mut bytes) = converted();
+    // Just past the page-aligned start of the data section: the first
+    // tensor's quantized weights.
+    bytes[4096 + 10] ^= 0x10;
+    std::fs::write(&path, &bytes).unwrap();
+    let m = run_cli(&["verify", path.to_str().unwrap()]);
+    assert!(
+        m.contains("ok.nbl: checksum mismatch in tensor 'model.embed_tokens.weight'"),
+        "{m}"
+    );
+    // Structure is intact, so inspect still reports the file.
+    let out = Command::new(env!("CARGO_BIN_EXE_nibble-tools"))
+        .args(["inspect", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+}
+
+#[test]
+fn inspect_and_verify_reject_a_flipped_bit_in_the_directory() {
+    let (_tmp, path, mut bytes) = converted();
+    let n = bytes.len();
+    bytes[n - 30] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    for cmd in ["inspect", "verify"] {
+        let m = run_cli(&[cmd, path.to_str().unwrap()]);
+        assert!(m.contains("directory checksum mismatch"), "{cmd}: {m}");
+    }
+}
+
+#[test]
+fn verify_accepts_a_good_file() {
+    let (_tmp, path, _) = converted();
+    let out = Command::new(env!("CARGO_BIN_EXE_nibble-tools"))
+        .args(["verify", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8(out.stdout).unwrap().starts_with("OK: "));
+}
