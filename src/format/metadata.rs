@@ -274,6 +274,9 @@ impl Metadata {
         let mut c = Cursor::new(bytes, "metadata section");
         let count = c.u32()?;
         let mut entries = BTreeMap::new();
+        // Keys of skipped (unknown-type) entries count too: a key is unique
+        // whatever its type.
+        let mut skipped = std::collections::HashSet::new();
         for _ in 0..count {
             let key = c.name()?;
             let ty = c.u8()?;
@@ -284,10 +287,12 @@ impl Metadata {
                 ));
             }
             let raw = c.take(len as usize)?;
-            if let Some(v) = Value::decode(ty, raw, key)? {
-                if entries.insert(key.to_owned(), v).is_some() {
-                    return invalid(format!("metadata key '{key}' appears twice"));
-                }
+            let repeated = match Value::decode(ty, raw, key)? {
+                Some(v) => entries.insert(key.to_owned(), v).is_some() || skipped.contains(key),
+                None => !skipped.insert(key) || entries.contains_key(key),
+            };
+            if repeated {
+                return invalid(format!("metadata key '{key}' appears twice"));
             }
         }
         if c.remaining() != 0 {

@@ -164,6 +164,11 @@ impl Header {
         if u32_at(72) != crc32fast::hash(&b[0..72]) {
             return invalid("header checksum mismatch (file corrupted)");
         }
+        // Not covered by the header checksum, so they must be checked here for
+        // a corrupted byte to be noticed; v1 gives them no meaning.
+        if b[76..80] != [0; 4] {
+            return invalid("reserved header bytes 76..80 are not zero");
+        }
         let flags = u32_at(8);
         if flags & REQUIRED_FLAGS_MASK != 0 {
             return Err(FormatError::Unsupported(format!(

@@ -82,7 +82,7 @@ impl NblWriter {
                 "shape {shape:?} must have 1 to 4 non-zero dimensions"
             ));
         }
-        if ty.is_quantized() && shape[shape.len() - 1] % crate::quant::BLOCK as u64 != 0 {
+        if ty.is_quantized() && !shape[shape.len() - 1].is_multiple_of(crate::quant::BLOCK as u64) {
             return bad(format!(
                 "innermost dimension of {shape:?} is not a whole number of blocks"
             ));
@@ -118,6 +118,13 @@ impl NblWriter {
     /// Writes metadata, directory and header, flushes to disk and moves the
     /// file to its final name.
     pub fn finish(mut self, metadata: &Metadata) -> Result<u64, FormatError> {
+        if let Some((key, _)) = metadata.iter().find(|(k, _)| k.len() > MAX_NAME_LEN) {
+            return Err(FormatError::Invalid(format!(
+                "metadata key of {} bytes is longer than {MAX_NAME_LEN}: {}...",
+                key.len(),
+                &key[..key.floor_char_boundary(40)]
+            )));
+        }
         let data_len = self.pos - DATA_ALIGN;
         let meta = metadata.encode();
         let mut dir = Vec::new();

@@ -78,7 +78,7 @@ impl TensorType {
     /// number of blocks for a quantized type (or overflows).
     pub fn byte_len(self, n: u64) -> Option<u64> {
         if self.is_quantized() {
-            if n % BLOCK as u64 != 0 {
+            if !n.is_multiple_of(BLOCK as u64) {
                 return None;
             }
             let quants = n.checked_mul(self.quant_bits() as u64)? / 8;
@@ -266,16 +266,30 @@ impl<'a> WeightView<'a> {
 
 /// Quantizes a whole `[rows, cols]` f32 matrix into the on-disk byte layout of
 /// `ty` (for F32/F16 a plain conversion). Deterministic: the same input always
-/// gives the same bytes.
+/// gives the same bytes. NaN and infinite inputs are refused for every type, as
+/// are finite values the type cannot hold (beyond f16 range for F16, or a
+/// block scale beyond it for Q8/Q4): a model with such weights is corrupt.
 pub fn encode_matrix(ty: TensorType, cols: usize, src: &[f32]) -> Result<Vec<u8>, QuantError> {
     match ty {
-        TensorType::F32 => Ok(bytemuck::cast_slice(src).to_vec()),
+        TensorType::F32 => {
+            check_finite(src)?;
+            Ok(bytemuck::cast_slice(src).to_vec())
+        }
         TensorType::F16 => {
-            let v: Vec<f16> = src.iter().map(|&x| f16::from_f32(x)).collect();
+            check_finite(src)?;
+            let mut v = Vec::with_capacity(src.len());
+            for (index, &x) in src.iter().enumerate() {
+                let h = f16::from_f32(x);
+                // A finite weight must not silently become infinite.
+                if !h.is_finite() {
+                    return Err(QuantError::TooLarge { index, value: x });
+                }
+                v.push(h);
+            }
             Ok(bytemuck::cast_slice(&v).to_vec())
         }
         TensorType::Q8 | TensorType::Q4 => {
-            if cols == 0 || cols % BLOCK != 0 || src.len() % cols != 0 {
+            if cols == 0 || !cols.is_multiple_of(BLOCK) || !src.len().is_multiple_of(cols) {
                 return Err(QuantError::BadLength { len: cols });
             }
             let n = src.len();
@@ -322,10 +336,14 @@ fn check_finite(xs: &[f32]) -> Result<(), QuantError> {
     }
 }
 
-/// Rounds a block scale to f16, refusing scales f16 cannot hold.
+/// Rounds a block scale to f16 (round-to-nearest-even), refusing scales f16
+/// cannot hold. A scale that rounds to zero of either sign is stored as +0, so
+/// a zero block has one encoding (q4's `m / -8` would otherwise give -0).
 fn scale_to_f16(d: f32, block: &[f32]) -> Result<f16, QuantError> {
     let h = f16::from_f32(d);
-    if h.is_finite() {
+    if h == f16::ZERO {
+        Ok(f16::ZERO)
+    } else if h.is_finite() {
         Ok(h)
     } else {
         let index = block

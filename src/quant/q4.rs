@@ -12,7 +12,7 @@ use half::f16;
 /// extra negative level on the larger side; `q = clamp(round(x / d) + 8, 0, 15)`
 /// with round-half-away-from-zero.
 pub fn quantize_q4_row(x: &[f32], qs: &mut [u8], d: &mut [f16]) -> Result<(), QuantError> {
-    if x.len() % BLOCK != 0 || qs.len() * 2 != x.len() || d.len() != x.len() / BLOCK {
+    if !x.len().is_multiple_of(BLOCK) || qs.len() * 2 != x.len() || d.len() != x.len() / BLOCK {
         return Err(QuantError::BadLength { len: x.len() });
     }
     check_finite(x)?;

@@ -9,7 +9,7 @@ use half::f16;
 /// Per block: `d = f16(max|x| / 127)`, `q = clamp(round(x / d), -127, 127)`
 /// with round-half-away-from-zero; an all-zero block gets `d = 0, q = 0`.
 pub fn quantize_q8_row(x: &[f32], qs: &mut [i8], d: &mut [f16]) -> Result<(), QuantError> {
-    if x.len() % BLOCK != 0 || qs.len() != x.len() || d.len() != x.len() / BLOCK {
+    if !x.len().is_multiple_of(BLOCK) || qs.len() != x.len() || d.len() != x.len() / BLOCK {
         return Err(QuantError::BadLength { len: x.len() });
     }
     check_finite(x)?;
