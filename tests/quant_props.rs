@@ -64,44 +64,91 @@ fn check_q8(x: &[f32]) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-/// Checks every element of a q4 row against both bounds of SPEC.md.
+/// Round half away from zero, as SPEC.md prescribes.
+fn round_half_away(v: f32) -> f32 {
+    let t = v.abs().floor();
+    let r = if v.abs() - t >= 0.5 { t + 1.0 } else { t };
+    r.copysign(v)
+}
+
+/// Squared error of a q4 block decoded with scale `d` and the levels SPEC.md
+/// derives from it.
+fn q4_sse(xb: &[f32], d: f32) -> f64 {
+    xb.iter()
+        .map(|&x| {
+            let k = if d == 0.0 {
+                0.0
+            } else {
+                round_half_away(x / d).clamp(-8.0, 7.0)
+            };
+            (x as f64 - (d * k) as f64).powi(2)
+        })
+        .sum()
+}
+
+/// Checks a q4 row against SPEC.md: the scale's sign, each nibble being the
+/// level its value rounds to under the stored scale, the per-element bound
+/// that follows, and a block error no larger than plain max scaling's
+/// (`d = f16(m / -8)`), the baseline every q4 scale choice must match.
 fn check_q4(x: &[f32]) -> Result<(), TestCaseError> {
     let (bytes, y) = round_trip(TensorType::Q4, x);
     for (b, (xb, yb)) in x.chunks(BLOCK).zip(y.chunks(BLOCK)).enumerate() {
         let d = scale(TensorType::Q4, &bytes, b);
         let s = d.abs() as f64;
         let m = q4_m(xb);
-        let big_m = m.abs() as f64;
-        // The scale has the opposite sign of m (or is +0).
         if d == 0.0 {
             prop_assert!(d.is_sign_positive(), "a zero scale is stored as +0");
         } else {
             prop_assert!((d < 0.0) == (m > 0.0), "d {d} has the sign of m {m}");
         }
         for (j, (&xj, &yj)) in xb.iter().zip(yb).enumerate() {
-            let e = (xj as f64 - yj as f64).abs();
-            let same_side = xj == 0.0 || (xj > 0.0) == (m > 0.0);
-            let half = s * (0.5 + TWO.powi(-20));
-            let (by_scale, by_values) = if same_side {
-                (
-                    half.max(big_m - 8.0 * s),
-                    big_m / 16.0 * (1.0 + TWO.powi(-10)) + TWO.powi(-21),
-                )
+            let byte = bytes[b * 16 + j % 16];
+            let nibble = if j < 16 { byte & 0x0f } else { byte >> 4 };
+            let expect = if d == 0.0 {
+                8
             } else {
-                (
-                    half.max(xj.abs() as f64 - 7.0 * s),
-                    big_m / 8.0 * (1.0 + TWO.powi(-8)) + TWO.powi(-21),
-                )
+                (round_half_away(xj / d) + 8.0).clamp(0.0, 15.0) as u8
             };
+            prop_assert_eq!(nibble, expect, "block {} elt {}: {} / {}", b, j, xj, d);
+            // Below the grid's middle the levels reach 8 steps, above it 7.
+            let steps = if d != 0.0 && xj / d > 0.0 { 7.0 } else { 8.0 };
+            let bound = (s * (0.5 + TWO.powi(-20))).max(xj.abs() as f64 - steps * s);
+            let e = (xj as f64 - yj as f64).abs();
             prop_assert!(
-                e <= by_scale,
-                "block {b} elt {j}: {xj} -> {yj}, err {e} > {by_scale} (d {d})"
-            );
-            prop_assert!(
-                e <= by_values,
-                "block {b} elt {j}: {xj} -> {yj}, err {e} > {by_values} (m {m})"
+                e <= bound,
+                "block {b} elt {j}: {xj} -> {yj}, err {e} > {bound} (d {d})"
             );
         }
+        let plain = f16::from_f32(m / -8.0).to_f32();
+        let (chosen, baseline) = (q4_sse(xb, d), q4_sse(xb, plain));
+        prop_assert!(
+            chosen <= baseline * (1.0 + 1e-12),
+            "block {b}: squared error {chosen} > max scaling's {baseline}"
+        );
+    }
+    Ok(())
+}
+
+/// The q4 per-element bounds of SPEC.md in terms of the block's values, for
+/// max scaling (`d = f16(m / -8)`): checked on the reference formula itself.
+fn check_q4_max_scaling_bounds(xb: &[f32]) -> Result<(), TestCaseError> {
+    let m = q4_m(xb);
+    let d = f16::from_f32(m / -8.0).to_f32();
+    let big_m = m.abs() as f64;
+    for &x in xb {
+        let k = if d == 0.0 {
+            0.0
+        } else {
+            round_half_away(x / d).clamp(-8.0, 7.0)
+        };
+        let e = (x as f64 - (d * k) as f64).abs();
+        let same_side = x == 0.0 || (x > 0.0) == (m > 0.0);
+        let bound = if same_side {
+            big_m / 16.0 * (1.0 + TWO.powi(-10)) + TWO.powi(-21)
+        } else {
+            big_m / 8.0 * (1.0 + TWO.powi(-8)) + TWO.powi(-21)
+        };
+        prop_assert!(e <= bound, "{x} -> {}, err {e} > {bound} (m {m})", d * k);
     }
     Ok(())
 }
@@ -141,6 +188,9 @@ proptest! {
     #[test]
     fn q4_error_within_bound(x in blocks(3, 18)) {
         check_q4(&x)?;
+        for b in x.chunks(BLOCK) {
+            check_q4_max_scaling_bounds(b)?;
+        }
     }
 
     #[test]
@@ -229,13 +279,8 @@ proptest! {
         let (bytes, y) = round_trip(TensorType::Q8, &x);
         prop_assert!(y.iter().all(|&v| v == y[0]), "q8 constant block decodes unevenly");
         prop_assert!(bytes[..BLOCK].iter().all(|&q| q == bytes[0]));
-        let (bytes, y) = round_trip(TensorType::Q4, &x);
-        prop_assert!(y.iter().all(|&v| v == y[0]));
-        if scale(TensorType::Q4, &bytes, 0).abs() >= 2f32.powi(-14) {
-            // Every element is m, which maps to level 0 (with a subnormal
-            // scale the f16 rounding of d can move it to level 1).
-            prop_assert!(bytes[..BLOCK / 2].iter().all(|&q| q == 0x00));
-        }
+        let (_, y) = round_trip(TensorType::Q4, &x);
+        prop_assert!(y.iter().all(|&v| v == y[0]), "q4 constant block decodes unevenly");
     }
 
     /// NaN or an infinity anywhere is an error naming its index, for every type.
@@ -386,24 +431,22 @@ fn scales_beyond_f16_are_refused() {
     assert_eq!(round_trip(TensorType::F32, &[f32::MAX]).1, [f32::MAX]);
 }
 
-/// q4's scale comes from the first element of largest magnitude: `-M` then
-/// `+M` decodes `-M` exactly and clamps `+M` to `7M/8`, and the other way round.
+/// q4's scale takes its sign from the first element of largest magnitude:
+/// `-M` then `+M` puts `-M` below the grid's middle (where it reaches 8
+/// steps) and `+M` above it (7 steps), and the other way round.
 #[test]
-fn q4_first_largest_magnitude_sets_the_scale() {
+fn q4_first_largest_magnitude_sets_the_scale_sign() {
     for sign in [1.0f32, -1.0] {
         let mut x = vec![0.25f32; BLOCK];
         x[4] = -4.0 * sign;
         x[20] = 4.0 * sign;
-        let (bytes, y) = round_trip(TensorType::Q4, &x);
-        assert_eq!(scale(TensorType::Q4, &bytes, 0), 0.5 * sign);
-        assert_eq!(y[4], -4.0 * sign);
-        assert_eq!(y[20], 3.5 * sign);
-        assert_eq!(bytes[4] & 0x0f, 0, "x[4] is level 0 (low nibble of byte 4)");
-        assert_eq!(
-            bytes[4] >> 4,
-            15,
-            "x[20] is level 15 (high nibble of byte 4)"
+        let (bytes, _) = round_trip(TensorType::Q4, &x);
+        assert_eq!(scale(TensorType::Q4, &bytes, 0).signum(), sign);
+        assert!(
+            bytes[4] & 0x0f < 8,
+            "x[4] (low nibble of byte 4) below the middle"
         );
+        assert!(bytes[4] >> 4 > 8, "x[20] (high nibble of byte 4) above it");
         check_q4(&x).unwrap();
     }
 }
@@ -421,14 +464,13 @@ fn ties_round_away_from_zero() {
     let (bytes, _) = round_trip(TensorType::Q8, &x);
     let q: Vec<i8> = bytes[..5].iter().map(|&b| b as i8).collect();
     assert_eq!(q, [127, 1, -1, 3, -3]);
-    // q4 with d = -0.5 (m = 4): x / d = -0.5 -> -1 (level 7), 2.5 -> 3 (level 11).
-    let mut x = vec![0.0f32; BLOCK];
-    x[0] = 4.0;
-    x[1] = 0.25;
-    x[2] = -1.25;
-    let (bytes, _) = round_trip(TensorType::Q4, &x);
-    assert_eq!(
-        bytes[..3].iter().map(|b| b & 0x0f).collect::<Vec<_>>(),
-        [0, 7, 11]
-    );
+    // q4 rounds the same way; check_q4 compares every nibble with
+    // round-half-away of x / d, and this row makes x / d land on halves.
+    let x: Vec<f32> = (0..BLOCK)
+        .map(|j| [4.0, 0.25, -1.25, -0.75, 1.75, 0.0][j % 6])
+        .collect();
+    check_q4(&x).unwrap();
+    assert_eq!(round_half_away(2.5), 3.0);
+    assert_eq!(round_half_away(-0.5), -1.0);
+    assert_eq!(round_half_away(0.49999997), 0.0);
 }
