@@ -121,8 +121,10 @@ fn check_q4(x: &[f32]) -> Result<(), TestCaseError> {
         }
         let plain = f16::from_f32(m / -8.0).to_f32();
         let (chosen, baseline) = (q4_sse(xb, d), q4_sse(xb, plain));
+        // The encoder may compare errors summed in f32 (SPEC.md): allow for
+        // that rounding, a few parts per million of the sum.
         prop_assert!(
-            chosen <= baseline * (1.0 + 1e-12),
+            chosen <= baseline * (1.0 + 1e-5),
             "block {b}: squared error {chosen} > max scaling's {baseline}"
         );
     }
