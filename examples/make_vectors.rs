@@ -81,8 +81,8 @@ fn edge_blocks(ty: TensorType) -> Vec<f32> {
             v.push(4.0);
             v.extend((1..32).map(|j| -0.5 * ((j % 16) as f32 - 8.0)));
             // 4: halfway between levels of d = -0.5, plus the largest
-            // magnitude on both sides: the first one (-4) sets the scale,
-            // the later +4 is clamped to level 15.
+            // magnitude on both sides: the first one (-4) decides the sign
+            // of the scale, so +4 is on the grid's shorter (7-step) side.
             v.push(-4.0);
             v.push(4.0);
             v.extend((2..32).map(|j| {
