@@ -58,9 +58,11 @@ enum DtypeArg {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Convert a HuggingFace LLaMA checkpoint directory into a .nbl file.
+    /// Convert a HuggingFace LLaMA checkpoint directory, or a LLaMA GGUF
+    /// file, into a .nbl file.
     Convert {
-        /// Directory with config.json, tokenizer.json and *.safetensors.
+        /// Directory with config.json, tokenizer.json and *.safetensors, or a
+        /// llama.cpp .gguf file (general.architecture = llama).
         input: PathBuf,
         /// The .nbl file to write.
         #[arg(short, long)]

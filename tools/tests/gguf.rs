@@ -461,9 +461,9 @@ fn q6_k_hand_built_block() {
     b.extend(f16_bytes(d));
     let mut y = [0f32; 256];
     dequantize(GgmlType::Q6K, &b, &mut y);
-    for w in 0..256 {
+    for (w, &got) in y.iter().enumerate() {
         let want = (d * scale(w / 16) as f32) * (quant(w) as i32 - 32) as f32;
-        assert_eq!(y[w], want, "Q6_K weight {w}");
+        assert_eq!(got, want, "Q6_K weight {w}");
     }
 }
 
@@ -1120,4 +1120,117 @@ fn smollm2_gguf_converts_to_the_same_nbl_tensors_as_the_safetensors_route() {
     }
     let src = a.metadata().get(keys::SOURCE_FILES).unwrap();
     assert!(format!("{src:?}").contains("SmolLM2-135M-Instruct.Q4_1.gguf"));
+}
+
+/// `n` greedy tokens after `prompt` (encoded by the model's own tokenizer).
+fn greedy(model: &nibble::Model, prompt: &str, n: usize) -> (Vec<u32>, Vec<u32>) {
+    let ids = model.tokenizer().encode(prompt, true).unwrap();
+    let opts = nibble::SessionOptions {
+        ctx: Some(256),
+        ..Default::default()
+    };
+    let mut session = nibble::Session::new(model, opts).unwrap();
+    let mut logits = session.forward(&ids).unwrap().to_vec();
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = nibble::sampler::argmax(&logits);
+        out.push(t);
+        logits = session.forward(&[t]).unwrap().to_vec();
+    }
+    (ids, out)
+}
+
+#[test]
+fn smollm2_gguf_and_safetensors_routes_continue_prompts_identically() {
+    let (gguf, hf_dir) = smollm2();
+    let dir = repo_root().join("target/models/gguf-test");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (a_path, b_path) = (dir.join("from-gguf-f32.nbl"), dir.join("from-hf-f32.nbl"));
+    convert(&ConvertOptions::new(&gguf, &a_path, QuantPolicy::F32)).unwrap();
+    convert(&ConvertOptions::new(&hf_dir, &b_path, QuantPolicy::F32)).unwrap();
+    let a = nibble::Model::open(&a_path).unwrap();
+    let b = nibble::Model::open(&b_path).unwrap();
+    let chat =
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
+    for prompt in [
+        "The capital of France is",
+        "Once upon a time, in a village by the sea,",
+        chat,
+    ] {
+        let (ids_a, out_a) = greedy(&a, prompt, 16);
+        let (ids_b, out_b) = greedy(&b, prompt, 16);
+        assert_eq!(ids_a, ids_b, "prompt ids for {prompt:?}");
+        assert_eq!(out_a, out_b, "continuation of {prompt:?}");
+        let text = a.tokenizer().decode(&out_a).unwrap();
+        if prompt.starts_with("The capital") {
+            assert!(text.starts_with(" Paris"), "{text:?}");
+        }
+    }
+}
+
+/// A byte-level BPE vocabulary over digits whose merges build "1234" from
+/// the left, so the pre-tokenizer's digit splitting decides the result.
+fn digit_bpe_tokenizer(pre: Option<&str>, add_bos: bool) -> Vec<u32> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = tiny_llama_gguf();
+    let mut tokens: Vec<String> = vec!["<|begin_of_text|>".into()];
+    tokens.extend(["1", "2", "3", "4", "5", "12", "123", "1234"].map(String::from));
+    // Pad to the model's vocabulary so the tensor shapes still fit.
+    let vocab = 512;
+    tokens.extend((tokens.len()..vocab).map(|i| format!("<pad{i}>")));
+    let types: Vec<i32> = (0..vocab)
+        .map(|i| if i == 0 || i >= 9 { 3 } else { 1 })
+        .collect();
+    let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    b.str("tokenizer.ggml.model", "gpt2")
+        .remove("tokenizer.ggml.scores")
+        .remove("tokenizer.ggml.unknown_token_id")
+        .str_array("tokenizer.ggml.tokens", &refs)
+        .i32_array("tokenizer.ggml.token_type", &types)
+        .str_array("tokenizer.ggml.merges", &["1 2", "12 3", "123 4"])
+        .u32("tokenizer.ggml.bos_token_id", 0)
+        .u32("tokenizer.ggml.eos_token_id", 0)
+        .bool("tokenizer.ggml.add_bos_token", add_bos);
+    if let Some(p) = pre {
+        b.str("tokenizer.ggml.pre", p);
+    }
+    let path = b.write(dir.path(), "bpe.gguf");
+    let (tok, info) = tokenizer_of(&path);
+    assert_eq!(info.add_bos_token, add_bos);
+    let ids = tok
+        .encode("12345 <|begin_of_text|>", true)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    ids
+}
+
+#[test]
+fn byte_level_pre_tokenizers_follow_tokenizer_ggml_pre() {
+    // GPT-2's regex keeps the digits together: "1234" + "5".
+    assert_eq!(digit_bpe_tokenizer(None, false)[..2], [8, 5]);
+    assert_eq!(digit_bpe_tokenizer(Some("gpt2"), false)[..2], [8, 5]);
+    // SmolLM splits every digit.
+    assert_eq!(
+        digit_bpe_tokenizer(Some("smollm"), false)[..5],
+        [1, 2, 3, 4, 5]
+    );
+    // LLaMA-3 splits digits in groups of three: "123" + "45"; and adds BOS.
+    assert_eq!(
+        digit_bpe_tokenizer(Some("llama-bpe"), true)[..4],
+        [0, 7, 4, 5]
+    );
+    // The control token written in the text is one id.
+    assert_eq!(*digit_bpe_tokenizer(None, false).last().unwrap(), 0);
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = tiny_llama_gguf();
+    b.str("tokenizer.ggml.model", "gpt2")
+        .str_array("tokenizer.ggml.merges", &[])
+        .str("tokenizer.ggml.pre", "deepseek-coder");
+    let p = b.write(dir.path(), "x.gguf");
+    let e = LlamaGguf::open(&p).err().unwrap();
+    assert!(
+        e.message().contains("pre-tokenizer 'deepseek-coder'"),
+        "{e}"
+    );
 }

@@ -19,7 +19,7 @@ fn half(b: &[u8], at: usize) -> f32 {
 pub fn dequantize(ty: GgmlType, src: &[u8], out: &mut [f32]) {
     let bl = ty.block_len();
     assert!(
-        out.len() % bl == 0 && src.len() == out.len() / bl * ty.block_bytes(),
+        out.len().is_multiple_of(bl) && src.len() == out.len() / bl * ty.block_bytes(),
         "dequantize: {} bytes of {ty} cannot hold {} weights",
         src.len(),
         out.len()

@@ -148,7 +148,7 @@ impl LlamaGguf {
             }
             if let Some(heads) = m.unpermute_heads {
                 let rows = p.shape[0];
-                if rows % heads != 0 || (rows / heads) % 2 != 0 {
+                if !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
                     return Err(self.file.error(format!(
                         "tensor '{}' has {rows} rows, not {heads} heads of an even size",
                         m.gguf.name
@@ -264,14 +264,14 @@ pub fn config(file: &GgufFile) -> Result<LlamaConfig, ToolError> {
     let intermediate_size = req("feed_forward_length")?;
     let num_attention_heads = req("attention.head_count")?;
     let num_key_value_heads = opt("attention.head_count_kv")?.unwrap_or(num_attention_heads);
-    if num_attention_heads % num_key_value_heads != 0 {
+    if !num_attention_heads.is_multiple_of(num_key_value_heads) {
         return Err(file.error(format!(
             "head count {num_attention_heads} is not a multiple of the KV head count {num_key_value_heads}"
         )));
     }
     let head_dim = match opt("attention.key_length")?.or(opt("rope.dimension_count")?) {
         Some(d) => d,
-        None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
+        None if hidden_size.is_multiple_of(num_attention_heads) => hidden_size / num_attention_heads,
         None => {
             return Err(file.error(format!(
                 "embedding length {hidden_size} is not a multiple of the head count {num_attention_heads} and no head size is given"
@@ -285,7 +285,7 @@ pub fn config(file: &GgufFile) -> Result<LlamaConfig, ToolError> {
             )));
         }
     }
-    if head_dim % 2 != 0 {
+    if !head_dim.is_multiple_of(2) {
         return Err(file.error(format!("head size {head_dim} must be even for RoPE")));
     }
     let float = |key: &str| -> Result<Option<f32>, ToolError> {

@@ -151,7 +151,7 @@ impl GgmlType {
     /// or the size overflows.
     pub fn byte_len(self, n: u64) -> Option<u64> {
         let bl = self.block_len() as u64;
-        if n % bl != 0 {
+        if !n.is_multiple_of(bl) {
             return None;
         }
         (n / bl).checked_mul(self.block_bytes() as u64)
@@ -618,7 +618,7 @@ impl GgufFile {
                         "{what} has dimensions {dims:?}: empty or too large"
                     ))
                 })?;
-            if dims[0] % ty.block_len() as u64 != 0 {
+            if !dims[0].is_multiple_of(ty.block_len() as u64) {
                 return Err(err(format!(
                     "{what} of type {ty} has rows of {} weights, not a multiple of its block size {}",
                     dims[0],
@@ -628,7 +628,7 @@ impl GgufFile {
             let len = ty
                 .byte_len(n)
                 .ok_or_else(|| err(format!("{what} has dimensions {dims:?}: size overflows")))?;
-            if offset % alignment as u64 != 0 {
+            if !offset.is_multiple_of(alignment as u64) {
                 return Err(err(format!(
                     "{what} starts at data offset {offset}, not a multiple of the alignment {alignment}"
                 )));
