@@ -1234,3 +1234,105 @@ fn byte_level_pre_tokenizers_follow_tokenizer_ggml_pre() {
         "{e}"
     );
 }
+
+#[test]
+fn cli_converts_a_gguf_and_reports_bad_ones_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = tiny_llama_gguf().write(dir.path(), "tiny.gguf");
+    let out = dir.path().join("tiny.nbl");
+    let run = |input: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_nibble-tools"))
+            .arg("convert")
+            .arg(input)
+            .arg("-o")
+            .arg(&out)
+            .args(["--quant", "q8"])
+            .output()
+            .unwrap()
+    };
+    let ok = run(&gguf);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("wrote"));
+    NblFile::open(&out).unwrap().verify_checksums().unwrap();
+    std::fs::remove_file(&out).unwrap();
+    let mut b = tiny_llama_gguf();
+    b.str("general.architecture", "gemma");
+    let bad = b.write(dir.path(), "gemma.gguf");
+    let r = run(&bad);
+    assert_eq!(r.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with(&format!("error: {}: architecture 'gemma'", bad.display())),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn non_finite_weights_are_reported_with_their_tensor() {
+    let mut b = tiny_llama_gguf();
+    let t = b
+        .tensors
+        .iter_mut()
+        .find(|t| t.0 == "blk.1.ffn_down.weight")
+        .unwrap();
+    t.3[40..44].copy_from_slice(&f32::NAN.to_le_bytes());
+    let e = gguf_err(&b);
+    assert!(
+        e.contains("tensor 'blk.1.ffn_down.weight'") && e.contains("NaN"),
+        "{e}"
+    );
+}
+
+/// Random byte corruption of a small but complete LLaMA GGUF: opening it
+/// must succeed or fail with an error, never panic or allocate wildly.
+#[test]
+fn corrupted_files_never_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = tiny_llama_gguf();
+    // Keep the file small so many variants run quickly: one layer.
+    b.u32("llama.block_count", 1);
+    b.tensors.retain(|t| !t.0.starts_with("blk.1."));
+    let good = b.bytes();
+    let header_len = good.len()
+        - b.tensors
+            .iter()
+            .map(|t| t.3.len().div_ceil(32) * 32)
+            .sum::<usize>();
+    LlamaGguf::open(&b.write(dir.path(), "good.gguf")).unwrap();
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let path = dir.path().join("bad.gguf");
+    let mut failures = 0;
+    for _ in 0..300 {
+        let mut bytes = good.clone();
+        for _ in 0..1 + next() % 4 {
+            let at = (next() % header_len as u64) as usize;
+            bytes[at] = match next() % 3 {
+                0 => next() as u8,
+                1 => 0xFF,
+                _ => 0,
+            };
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        if LlamaGguf::open(&path).is_err() {
+            failures += 1;
+        }
+    }
+    // Most corruptions of the header are detected (some land in string
+    // contents such as token text, which are valid either way).
+    assert!(
+        failures > 50,
+        "only {failures} of 300 corruptions were rejected"
+    );
+}
