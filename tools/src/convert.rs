@@ -309,27 +309,10 @@ pub fn convert(options: &ConvertOptions) -> Result<ConvertSummary, ConvertError>
         .sum();
     let bar = progress_bar(options.progress, total_bytes);
 
-    let mut writer =
+    let writer =
         NblWriter::create(&options.output).map_err(|e| output_error(&options.output, e))?;
-    let mut buf: Vec<u32> = Vec::new();
-    let mut matrix_weights = 0u64;
-    let mut matrix_bytes = 0u64;
-    for p in &plan {
-        let t = &source.tensors()[&p.name];
-        let cols = *p.shape.last().expect("planned shapes are non-empty");
-        let ty = options.quant.tensor_type(p.role, cols);
-        bar.set_message(p.name.clone());
-        let bytes = encode_tensor(&source, t, cols, ty, &mut buf, &bar)
-            .map_err(|e| ToolError::new(source.path(t), format!("tensor '{}': {e}", p.name)))?;
-        let shape: Vec<u64> = p.shape.iter().map(|&d| d as u64).collect();
-        writer
-            .add_tensor(&p.name, ty, &shape, bytes)
-            .map_err(|e| output_error(&options.output, e))?;
-        if p.role != Role::Norm {
-            matrix_weights += shape.iter().product::<u64>();
-            matrix_bytes += bytes.len() as u64;
-        }
-    }
+    let (writer, matrix_weights, matrix_bytes) =
+        encode_and_write(&source, &plan, options, writer, &bar)?;
     bar.finish_and_clear();
     let output_bytes = writer
         .finish(&metadata)
@@ -340,6 +323,93 @@ pub fn convert(options: &ConvertOptions) -> Result<ConvertSummary, ConvertError>
         matrix_weights,
         matrix_bytes,
         seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// One encoded tensor on its way to the writer thread.
+struct Encoded {
+    name: String,
+    ty: TensorType,
+    shape: Vec<u64>,
+    /// 4-byte words so every tensor type's data is suitably aligned; `len`
+    /// bytes of it are the tensor.
+    buf: Vec<u32>,
+    len: usize,
+}
+
+/// Encodes every planned tensor while a second thread writes the previous
+/// one, so disk writes and checksums overlap the quantization. At most two
+/// encoded tensors exist at a time (the rendezvous channel holds none).
+/// Returns the writer (not yet finished) and the matrix weight and byte
+/// totals. On any error the writer is dropped, deleting its temporary file.
+fn encode_and_write(
+    source: &Source,
+    plan: &[Planned],
+    options: &ConvertOptions,
+    mut writer: NblWriter,
+    bar: &ProgressBar,
+) -> Result<(NblWriter, u64, u64), ToolError> {
+    let (to_writer, from_encoder) = std::sync::mpsc::sync_channel::<Encoded>(0);
+    let (recycle, recycled) = std::sync::mpsc::channel::<Vec<u32>>();
+    let output = &options.output;
+    std::thread::scope(|scope| {
+        let write_thread = scope.spawn(move || -> Result<NblWriter, ToolError> {
+            for e in from_encoder {
+                let bytes = &bytemuck::cast_slice::<u32, u8>(&e.buf)[..e.len];
+                writer
+                    .add_tensor(&e.name, e.ty, &e.shape, bytes)
+                    .map_err(|err| output_error(output, err))?;
+                // The encoder may have finished already; then the buffer is
+                // simply freed.
+                let _ = recycle.send(e.buf);
+            }
+            Ok(writer)
+        });
+        let mut matrix_weights = 0u64;
+        let mut matrix_bytes = 0u64;
+        let mut encode_error = None;
+        for p in plan {
+            let t = &source.tensors()[&p.name];
+            let cols = *p.shape.last().expect("planned shapes are non-empty");
+            let ty = options.quant.tensor_type(p.role, cols);
+            bar.set_message(p.name.clone());
+            let mut buf = recycled.try_recv().unwrap_or_default();
+            let len = match encode_tensor(source, t, cols, ty, &mut buf, bar) {
+                Ok(len) => len,
+                Err(e) => {
+                    encode_error = Some(ToolError::new(
+                        source.path(t),
+                        format!("tensor '{}': {e}", p.name),
+                    ));
+                    break;
+                }
+            };
+            let shape: Vec<u64> = p.shape.iter().map(|&d| d as u64).collect();
+            if p.role != Role::Norm {
+                matrix_weights += shape.iter().product::<u64>();
+                matrix_bytes += len as u64;
+            }
+            let job = Encoded {
+                name: p.name.clone(),
+                ty,
+                shape,
+                buf,
+                len,
+            };
+            if to_writer.send(job).is_err() {
+                // The writer thread stopped on an error; join reports it.
+                break;
+            }
+        }
+        drop(to_writer);
+        let writer = write_thread
+            .join()
+            .expect("the writer thread does not panic")?;
+        match encode_error {
+            // Dropping the writer deletes the temporary file.
+            Some(e) => Err(e),
+            None => Ok((writer, matrix_weights, matrix_bytes)),
+        }
     })
 }
 
@@ -457,16 +527,16 @@ impl fmt::Display for EncodeError {
     }
 }
 
-/// Converts tensor `t` (viewed as rows of `cols`) to `ty`, returning its
-/// on-disk bytes (borrowed from `buf`, reused across tensors).
-fn encode_tensor<'b>(
+/// Converts tensor `t` (viewed as rows of `cols`) to `ty`, leaving its
+/// on-disk bytes at the start of `buf` and returning their length.
+fn encode_tensor(
     source: &Source,
     t: &SourceTensor,
     cols: usize,
     ty: TensorType,
-    buf: &'b mut Vec<u32>,
+    buf: &mut Vec<u32>,
     bar: &ProgressBar,
-) -> Result<&'b [u8], EncodeError> {
+) -> Result<usize, EncodeError> {
     let n: usize = t.shape.iter().product();
     let rows = n / cols;
     let len = ty
@@ -498,6 +568,7 @@ fn encode_tensor<'b>(
     while row0 < rows {
         let row1 = (row0 + rows_per_batch).min(rows);
         let src_b = &src[row0 * row_src..row1 * row_src];
+        source.populate(t, row0 * row_src, row1 * row_src);
         let qs_b = &mut qs[row0 * q_row..row1 * q_row];
         let work = |f32_row: &mut Vec<f32>, r: usize, s: &[u8], q: &mut [u8], d: &mut [f16]| {
             t.dtype.decode(s, f32_row);
@@ -566,5 +637,5 @@ fn encode_tensor<'b>(
         bar.inc(src_b.len() as u64);
         row0 = row1;
     }
-    Ok(out)
+    Ok(len)
 }

@@ -2,7 +2,7 @@
 //! source safetensors, tensor by tensor.
 
 use nibble::format::{keys, names, NblFile};
-use nibble::quant::{TensorType, BLOCK};
+use nibble::quant::{TensorType, WeightView, BLOCK};
 use nibble_tools::convert::{convert, ConvertOptions, QuantPolicy};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::HashMap;
@@ -56,8 +56,9 @@ fn convert_to(dir: &Path, quant: QuantPolicy, out: &Path) -> NblFile {
     file
 }
 
-/// Checks every converted tensor against its source: exact for f32, within
-/// the quantization step of its block otherwise.
+/// Checks every converted tensor against its source: exact for f32 and f16
+/// (one rounding), and for q8/q4 exactly the documented level for the stored
+/// block scale.
 fn check_against_source(file: &NblFile, dir: &Path, expected_type: impl Fn(&str) -> TensorType) {
     let src = source_tensors(dir);
     assert_eq!(
@@ -81,33 +82,55 @@ fn check_against_source(file: &NblFile, dir: &Path, expected_type: impl Fn(&str)
         let mut row = vec![0f32; cols];
         for (r, want_row) in values.chunks_exact(cols).enumerate() {
             m.dequantize_row(r, &mut row);
-            for (blk, want) in row.chunks(BLOCK).zip(want_row.chunks(BLOCK)) {
-                let amax = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-                // Half a step of the block's grid, plus f16 scale rounding.
-                let tol = match ty {
-                    TensorType::F32 => 0.0,
-                    TensorType::F16 => amax * 1e-3,
-                    TensorType::Q8 => amax / 127.0 * 0.5 * 1.01 + amax * 1e-3,
-                    TensorType::Q4 => amax / 8.0 * 0.5 * 1.01 + amax * 1e-3,
-                };
-                for (g, w) in blk.iter().zip(want) {
-                    // q4's grid is -8..=7 steps with the block's largest
-                    // magnitude at -8: a value of the other sign beyond 7.5
-                    // steps clamps to 7.
-                    let step = amax / 8.0;
-                    let tol = if ty == TensorType::Q4 && w.abs() > 7.5 * step {
-                        (w.abs() - 7.0 * step) * 1.01 + amax * 1e-3
-                    } else {
-                        tol
-                    };
-                    assert!(
-                        (g - w).abs() <= tol,
-                        "{} row {r}: {g} vs {w} ({ty})",
-                        info.name
-                    );
+            for (b, (got, want)) in row.chunks(BLOCK).zip(want_row.chunks(BLOCK)).enumerate() {
+                let what = format!("{} row {r} block {b} ({ty})", info.name);
+                match m {
+                    WeightView::F32 { .. } => assert_eq!(got, want, "{what}"),
+                    WeightView::F16 { .. } => {
+                        for (g, w) in got.iter().zip(want) {
+                            assert_eq!(*g, half::f16::from_f32(*w).to_f32(), "{what}");
+                        }
+                    }
+                    WeightView::Q8 { d, .. } => {
+                        check_block(got, want, d[r * cols / BLOCK + b].to_f32(), 127, &what)
+                    }
+                    WeightView::Q4 { d, .. } => {
+                        let s = d[r * cols / BLOCK + b].to_f32();
+                        check_block(got, want, s, 7, &what);
+                        // Whatever scale the quantizer picks, the block is no
+                        // worse than plain max scaling (the largest magnitude
+                        // on level -8).
+                        let m = want
+                            .iter()
+                            .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                        let s0 = half::f16::from_f32(m / -8.0).to_f32();
+                        let sse = |g: &mut dyn Iterator<Item = f32>| -> f64 {
+                            g.zip(want).map(|(g, w)| ((g - w) as f64).powi(2)).sum()
+                        };
+                        let baseline = sse(&mut want.iter().map(|&w| s0 * level(w, s0, 7) as f32));
+                        let actual = sse(&mut got.iter().copied());
+                        assert!(actual <= baseline * (1.0 + 1e-6) + 1e-30, "{what}");
+                    }
                 }
             }
         }
+    }
+}
+
+/// `clamp(round(w / s), -hi - 1, hi)` for q4 (`hi` 7) or `±127` for q8.
+fn level(w: f32, s: f32, hi: i32) -> i32 {
+    if s == 0.0 {
+        return 0;
+    }
+    let lo = if hi == 7 { -8 } else { -hi };
+    ((w / s).round() as i32).clamp(lo, hi)
+}
+
+/// Every decoded weight is exactly its block scale times the level the
+/// documented rounding gives: the encoding is right for the stored scale.
+fn check_block(got: &[f32], want: &[f32], s: f32, hi: i32, what: &str) {
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(*g, s * level(*w, s, hi) as f32, "{what}: source {w}");
     }
 }
 
