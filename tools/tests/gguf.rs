@@ -1336,3 +1336,121 @@ fn corrupted_files_never_panic() {
         "only {failures} of 300 corruptions were rejected"
     );
 }
+
+/// Random blocks of `ty` (id, bytes per block, f16 scale offsets) with sane
+/// f16 scales, `n` weights in all.
+fn random_blocks(
+    next: &mut impl FnMut() -> u64,
+    block_len: usize,
+    block_bytes: usize,
+    scales: &[usize],
+    n: usize,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(n / block_len * block_bytes);
+    for _ in 0..n / block_len {
+        let mut blk: Vec<u8> = (0..block_bytes).map(|_| next() as u8).collect();
+        for &at in scales {
+            let v = ((next() % 2000) as f32 - 1000.0) * 1e-5;
+            blk[at..at + 2].copy_from_slice(&f16_bytes(v));
+        }
+        out.extend(blk);
+    }
+    out
+}
+
+/// Every supported tensor type in one model, through a full conversion: the
+/// f32 `.nbl` holds each GGUF tensor decoded, with Q and K rows in HF order
+/// (checked by re-applying llama.cpp's permutation).
+#[test]
+fn every_block_type_converts_through_the_full_path() {
+    let (hidden, heads, kv_heads, ffn, vocab) = (256usize, 4usize, 2usize, 512usize, 512usize);
+    let hd = hidden / heads;
+    let mut b = GgufBuilder::new();
+    b.str("general.architecture", "llama")
+        .u32("llama.context_length", 128)
+        .u32("llama.embedding_length", hidden as u32)
+        .u32("llama.block_count", 1)
+        .u32("llama.feed_forward_length", ffn as u32)
+        .u32("llama.attention.head_count", heads as u32)
+        .u32("llama.attention.head_count_kv", kv_heads as u32)
+        .f32("llama.attention.layer_norm_rms_epsilon", 1e-6);
+    tiny_tokenizer_kv(&mut b);
+    let mut state = 0x1234_5678_9abc_def1u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    // (gguf name, dims innermost first, stored type)
+    use GgmlType as G;
+    let specs = [
+        ("token_embd.weight", [hidden, vocab], G::Q6K),
+        ("blk.0.attn_q.weight", [hidden, hidden], G::Q4K),
+        ("blk.0.attn_k.weight", [hidden, kv_heads * hd], G::Q5K),
+        ("blk.0.attn_v.weight", [hidden, kv_heads * hd], G::Q6K),
+        ("blk.0.attn_output.weight", [hidden, hidden], G::Q4_0),
+        ("blk.0.ffn_gate.weight", [hidden, ffn], G::Q4_1),
+        ("blk.0.ffn_up.weight", [hidden, ffn], G::Q8_0),
+        ("blk.0.ffn_down.weight", [ffn, hidden], G::Bf16),
+        ("output.weight", [hidden, vocab], G::F16),
+        ("output_norm.weight", [hidden, 1], G::F32),
+    ];
+    for (name, dims, ty) in specs {
+        let n = dims[0] * dims[1];
+        // Where each block keeps its f16 scales (ggml-common.h).
+        let scales: &[usize] = match ty {
+            G::Q4_0 | G::Q8_0 | G::F16 => &[0],
+            G::Q4_1 | G::Q4K | G::Q5K => &[0, 2],
+            G::Q6K => &[208],
+            G::F32 | G::Bf16 => &[],
+        };
+        let data = match ty {
+            G::Bf16 => (0..n)
+                .flat_map(|_| {
+                    ((((next() % 2000) as f32 - 1000.0) * 1e-4).to_bits() >> 16).to_le_bytes()[..2]
+                        .to_vec()
+                })
+                .collect(),
+            G::F32 => (0..n)
+                .flat_map(|_| (1.0 + (next() % 100) as f32 * 0.01).to_le_bytes())
+                .collect(),
+            _ => random_blocks(&mut next, ty.block_len(), ty.block_bytes(), scales, n),
+        };
+        let dims: Vec<u64> = if dims[1] == 1 {
+            vec![dims[0] as u64]
+        } else {
+            dims.iter().map(|&d| d as u64).collect()
+        };
+        b.tensor(name, &dims, ty.id(), data);
+    }
+    for name in ["blk.0.attn_norm.weight", "blk.0.ffn_norm.weight"] {
+        b.f32_tensor(name, &[hidden as u64], &vec![1.0; hidden]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = b.write(dir.path(), "all-types.gguf");
+    let out = dir.path().join("all-types.nbl");
+    convert(&ConvertOptions::new(&path, &out, QuantPolicy::F32)).unwrap();
+    let nbl = NblFile::open(&out).unwrap();
+    let model = LlamaGguf::open(&path).unwrap();
+    for t in model.file.tensors() {
+        let ty = t.ty;
+        let cols = t.dims[0] as usize;
+        let rows = t.n_elements() as usize / cols;
+        let mut gguf_order = vec![0f32; rows * cols];
+        dequantize(ty, model.file.bytes(t), &mut gguf_order);
+        let hf_name = nibble_tools::gguf::llama::hf_name(&t.name).unwrap().0;
+        let stored = nbl_f32(&nbl, &hf_name);
+        let heads = match t.name.as_str() {
+            "blk.0.attn_q.weight" => Some(heads),
+            "blk.0.attn_k.weight" => Some(kv_heads),
+            _ => None,
+        };
+        let reordered = match heads {
+            Some(h) => llama_cpp_permute(&stored, rows, cols, h),
+            None => stored,
+        };
+        assert!(gguf_order.iter().all(|x| x.is_finite()), "{}", t.name);
+        assert_eq!(reordered, gguf_order, "{} ({ty})", t.name);
+    }
+}
