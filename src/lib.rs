@@ -34,6 +34,6 @@ pub mod tokenizer;
 pub use chat::{ChatTemplate, Conversation, Message};
 pub use error::{Error, Result};
 pub use generate::{generate, GenerateOptions, Generator, Piece, StopReason};
-pub use model::{Config, Model, Session, SessionOptions};
+pub use model::{Config, KvType, Model, Session, SessionOptions};
 pub use sampler::{Sampler, SamplerOptions};
 pub use tokenizer::{StreamDecoder, Tokenizer};

@@ -41,7 +41,13 @@ pub fn perplexity(
         )));
     }
     let vocab = model.config().vocab_size;
-    let mut session = Session::new(model, SessionOptions { ctx: Some(ctx) })?;
+    let mut session = Session::new(
+        model,
+        SessionOptions {
+            ctx: Some(ctx),
+            ..SessionOptions::default()
+        },
+    )?;
     let first = ctx / 2;
     let mut nll_sum = 0f64;
     let mut scored = 0usize;

@@ -244,6 +244,7 @@ fn run(a: RunArgs) -> Result<()> {
         &model,
         SessionOptions {
             ctx: a.sampling.ctx,
+            ..SessionOptions::default()
         },
     )?;
     let opts = GenerateOptions {
@@ -318,6 +319,7 @@ fn chat(a: ChatArgs) -> Result<()> {
         a.system.as_deref(),
         SessionOptions {
             ctx: a.sampling.ctx,
+            ..SessionOptions::default()
         },
     )?;
     let stdin = std::io::stdin();

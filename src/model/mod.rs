@@ -8,7 +8,7 @@ mod config;
 mod session;
 
 pub use config::{Config, RopeScaling};
-pub use session::{Session, SessionOptions};
+pub use session::{KvType, Session, SessionOptions};
 
 use crate::error::{Error, Result};
 use crate::format::names::{self, LayerTensor};

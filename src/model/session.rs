@@ -16,6 +16,70 @@ pub const MAX_BATCH: usize = 512;
 pub struct SessionOptions {
     /// Context length in tokens; `None` = the model's own.
     pub ctx: Option<usize>,
+    pub kv_type: KvType,
+}
+
+/// Element type of the KV cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvType {
+    /// Half the memory; rounding keys and values to f16 moves logits by
+    /// about 1e-4 relative, invisible in generation.
+    #[default]
+    F16,
+    /// Exact: for comparing against f32 references.
+    F32,
+}
+
+/// Cached keys or values, `[layer][kv_head][position][head_dim]`. f16 is kept
+/// as `u16` bits: `vec![0u16; n]` is a zeroed allocation the OS maps lazily,
+/// so pages of positions never reached never become resident.
+enum KvStore {
+    F16(Vec<u16>),
+    F32(Vec<f32>),
+}
+
+impl KvStore {
+    fn new(ty: KvType, len: usize) -> Self {
+        match ty {
+            KvType::F16 => Self::F16(vec![0u16; len]),
+            KvType::F32 => Self::F32(vec![0f32; len]),
+        }
+    }
+}
+
+/// What attention needs from a cache element type.
+trait KvElem: Copy + Send + Sync + 'static {
+    fn from_f32(x: f32) -> Self;
+    /// `sum k[i] * q[i]`
+    fn dot(k: &[Self], q: &[f32]) -> f32;
+    /// `out[i] += s * v[i]`
+    fn axpy(out: &mut [f32], s: f32, v: &[Self]);
+}
+
+impl KvElem for f16 {
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+    fn dot(k: &[Self], q: &[f32]) -> f32 {
+        kernels::dot_f16(k, q)
+    }
+    fn axpy(out: &mut [f32], s: f32, v: &[Self]) {
+        kernels::axpy_f16(out, s, v)
+    }
+}
+
+impl KvElem for f32 {
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn dot(k: &[Self], q: &[f32]) -> f32 {
+        kernels::Kernels::active().dot_f32(k, q)
+    }
+    fn axpy(out: &mut [f32], s: f32, v: &[Self]) {
+        for (o, &x) in out.iter_mut().zip(v) {
+            *o += s * x;
+        }
+    }
 }
 
 /// Per-batch activations, sized for [`MAX_BATCH`] tokens on first use.
@@ -46,12 +110,9 @@ pub struct Session<'m> {
     ctx: usize,
     /// Tokens whose keys and values are in the cache, in order.
     tokens: Vec<u32>,
-    /// f16 bits, `[layer][kv_head][position][head_dim]`: each head's keys are
-    /// contiguous, so attention streams them. Stored as `u16` so the
-    /// allocation is zeroed by the OS lazily: pages of positions never
-    /// reached are never made resident.
-    k_cache: Vec<u16>,
-    v_cache: Vec<u16>,
+    /// Each head's keys (values) are contiguous, so attention streams them.
+    k_cache: KvStore,
+    v_cache: KvStore,
     /// `cos`/`sin` of every position and frequency, `[ctx][head_dim / 2]`.
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
@@ -82,8 +143,8 @@ impl<'m> Session<'m> {
             w: model.weights()?,
             ctx,
             tokens: Vec::new(),
-            k_cache: vec![0u16; cache_len],
-            v_cache: vec![0u16; cache_len],
+            k_cache: KvStore::new(opts.kv_type, cache_len),
+            v_cache: KvStore::new(opts.kv_type, cache_len),
             rope_cos,
             rope_sin,
             s: Scratch::default(),
@@ -259,8 +320,8 @@ fn layer(
     pos0: usize,
     ctx: usize,
     s: &mut Scratch,
-    k_cache: &mut [u16],
-    v_cache: &mut [u16],
+    k_cache: &mut KvStore,
+    v_cache: &mut KvStore,
     rope_cos: &[f32],
     rope_sin: &[f32],
 ) {
@@ -293,47 +354,19 @@ fn layer(
             rope(head, cos, sin);
         }
     }
-    // Layout [layer][kv_head][position][head_dim].
-    let head_stride = ctx * hd;
-    let layer_base = l * c.num_kv_heads * head_stride;
-    {
-        let kc: &mut [f16] = bytemuck::cast_slice_mut(k_cache);
-        let vc: &mut [f16] = bytemuck::cast_slice_mut(v_cache);
-        for t in 0..n {
-            for kh in 0..c.num_kv_heads {
-                let dst = layer_base + kh * head_stride + (pos0 + t) * hd;
-                let src = t * kvd + kh * hd;
-                for i in 0..hd {
-                    kc[dst + i] = f16::from_f32(s.k[src + i]);
-                    vc[dst + i] = f16::from_f32(s.v[src + i]);
-                }
-            }
-        }
-    }
-    let kc: &[f16] = bytemuck::cast_slice(k_cache);
-    let vc: &[f16] = bytemuck::cast_slice(v_cache);
-    let group = c.num_heads / c.num_kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
-    for t in 0..n {
-        let len = pos0 + t + 1;
-        let q_t = &s.q[t * qd..(t + 1) * qd];
-        s.att[t * qd..(t + 1) * qd]
-            .par_chunks_mut(hd)
-            .zip(s.scores.par_chunks_mut(ctx))
-            .enumerate()
-            .for_each(|(head, (out, scores))| {
-                let base = layer_base + (head / group) * head_stride;
-                let keys = &kc[base..base + len * hd];
-                let values = &vc[base..base + len * hd];
-                attend(
-                    &q_t[head * hd..(head + 1) * hd],
-                    keys,
-                    values,
-                    scale,
-                    &mut scores[..len],
-                    out,
-                );
-            });
+    match (k_cache, v_cache) {
+        (KvStore::F16(k), KvStore::F16(v)) => attention::<f16>(
+            c,
+            l,
+            n,
+            pos0,
+            ctx,
+            s,
+            bytemuck::cast_slice_mut(k),
+            bytemuck::cast_slice_mut(v),
+        ),
+        (KvStore::F32(k), KvStore::F32(v)) => attention::<f32>(c, l, n, pos0, ctx, s, k, v),
+        _ => unreachable!("keys and values share one type"),
     }
     kernels::matmul(&w.o, &s.att[..n * qd], n, &mut s.proj[..n * h]);
     for (x, p) in s.x[..n * h].iter_mut().zip(&s.proj[..n * h]) {
@@ -361,12 +394,62 @@ fn layer(
     }
 }
 
+/// Stores the batch's keys and values at positions `pos0..pos0+n` and
+/// computes every query head's causal attention into `s.att`.
+#[allow(clippy::too_many_arguments)]
+fn attention<E: KvElem>(
+    c: &Config,
+    l: usize,
+    n: usize,
+    pos0: usize,
+    ctx: usize,
+    s: &mut Scratch,
+    kc: &mut [E],
+    vc: &mut [E],
+) {
+    let (qd, kvd, hd) = (c.q_dim(), c.kv_dim(), c.head_dim);
+    let head_stride = ctx * hd;
+    let layer_base = l * c.num_kv_heads * head_stride;
+    for t in 0..n {
+        for kh in 0..c.num_kv_heads {
+            let dst = layer_base + kh * head_stride + (pos0 + t) * hd;
+            let src = t * kvd + kh * hd;
+            for i in 0..hd {
+                kc[dst + i] = E::from_f32(s.k[src + i]);
+                vc[dst + i] = E::from_f32(s.v[src + i]);
+            }
+        }
+    }
+    let (kc, vc) = (&*kc, &*vc);
+    let group = c.num_heads / c.num_kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    for t in 0..n {
+        let len = pos0 + t + 1;
+        let q_t = &s.q[t * qd..(t + 1) * qd];
+        s.att[t * qd..(t + 1) * qd]
+            .par_chunks_mut(hd)
+            .zip(s.scores.par_chunks_mut(ctx))
+            .enumerate()
+            .for_each(|(head, (out, scores))| {
+                let base = layer_base + (head / group) * head_stride;
+                attend(
+                    &q_t[head * hd..(head + 1) * hd],
+                    &kc[base..base + len * hd],
+                    &vc[base..base + len * hd],
+                    scale,
+                    &mut scores[..len],
+                    out,
+                );
+            });
+    }
+}
+
 /// Causal attention of one query head over `len` cached positions:
 /// `out = softmax(q·K / sqrt(d)) · V`, softmax in f32.
-fn attend(
+fn attend<E: KvElem>(
     q: &[f32],
-    keys: &[f16],
-    values: &[f16],
+    keys: &[E],
+    values: &[E],
     scale: f32,
     scores: &mut [f32],
     out: &mut [f32],
@@ -374,7 +457,7 @@ fn attend(
     let hd = q.len();
     let mut max = f32::NEG_INFINITY;
     for (j, sc) in scores.iter_mut().enumerate() {
-        *sc = kernels::dot_f16(&keys[j * hd..(j + 1) * hd], q) * scale;
+        *sc = E::dot(&keys[j * hd..(j + 1) * hd], q) * scale;
         max = max.max(*sc);
     }
     let mut sum = 0f32;
@@ -385,7 +468,7 @@ fn attend(
     let inv = 1.0 / sum;
     out.fill(0.0);
     for (j, &p) in scores.iter().enumerate() {
-        kernels::axpy_f16(out, p * inv, &values[j * hd..(j + 1) * hd]);
+        E::axpy(out, p * inv, &values[j * hd..(j + 1) * hd]);
     }
 }
 

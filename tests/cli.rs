@@ -1,0 +1,215 @@
+//! The `nibble` binary end to end: output formats and clean one-line errors
+//! on bad input (never a panic).
+
+mod common;
+
+use common::*;
+use std::process::{Command, Output};
+
+fn nibble(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nibble"))
+        .args(args)
+        .output()
+        .expect("run nibble")
+}
+
+/// Asserts failure with exactly one `error: ...` line containing `needle`.
+fn assert_error(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "should fail: {stderr}");
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "one error line expected: {stderr}");
+    assert!(errors[0].contains(needle), "{needle:?} not in {stderr}");
+}
+
+fn tiny() -> String {
+    tiny_nbl("tiny-mha", "f32").to_str().unwrap().to_owned()
+}
+
+#[test]
+fn run_json_is_greedy_and_reproducible() {
+    let m = tiny();
+    let text = "It is a truth universally acknowledged";
+    let out = nibble(&[
+        "run", "-m", &m, "-p", text, "-n", "16", "--temp", "0", "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let prompt = ids(&j["prompt_tokens"]);
+    assert_eq!(prompt[0], 1, "BOS added once");
+    assert_ne!(prompt[1], 1);
+    assert!(j["text"].is_string());
+    let keys: Vec<_> = j.as_object().unwrap().keys().cloned().collect();
+    assert_eq!(keys.len(), 3);
+    let tokens = ids(&j["tokens"]);
+    assert!(!tokens.is_empty() && tokens.len() <= 16);
+    // The same greedy run through the library gives the same tokens.
+    let model = nibble::Model::open(&m).unwrap();
+    let mut s = nibble::Session::new(&model, Default::default()).unwrap();
+    let mut sampler = nibble::Sampler::new(nibble::SamplerOptions::greedy()).unwrap();
+    let opts = nibble::GenerateOptions {
+        max_tokens: 16,
+        ..Default::default()
+    };
+    let lib: Vec<u32> = nibble::generate(&mut s, &prompt, &mut sampler, opts)
+        .unwrap()
+        .filter_map(|p| p.unwrap().token)
+        .collect();
+    assert_eq!(tokens, lib);
+    // Sampling with a seed is reproducible.
+    let args = [
+        "run", "-m", &m, "-p", "It is", "-n", "12", "--temp", "1.0", "--seed", "7", "--json",
+    ];
+    assert_eq!(nibble(&args).stdout, nibble(&args).stdout);
+}
+
+#[test]
+fn stats_go_to_stderr() {
+    let out = nibble(&[
+        "run",
+        "-m",
+        &tiny(),
+        "-p",
+        "It is",
+        "-n",
+        "4",
+        "--temp",
+        "0",
+    ]);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for want in ["load:", "prompt:", "generation:", "tok/s", "peak RSS:"] {
+        assert!(stderr.contains(want), "{want} missing: {stderr}");
+    }
+}
+
+#[test]
+fn prompt_longer_than_context() {
+    let long = "word ".repeat(400);
+    let out = nibble(&["run", "-m", &tiny(), "-p", &long, "--ctx", "64"]);
+    assert_error(&out, "context");
+}
+
+#[test]
+fn empty_prompt() {
+    assert_error(&nibble(&["run", "-m", &tiny(), "-p", ""]), "empty");
+}
+
+#[test]
+fn missing_model_file() {
+    let out = nibble(&["run", "-m", "/nonexistent/model.nbl", "-p", "hi"]);
+    assert_error(&out, "/nonexistent/model.nbl");
+}
+
+#[test]
+fn corrupt_model_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.nbl");
+    let mut bytes = std::fs::read(tiny()).unwrap();
+    bytes.truncate(bytes.len() / 2);
+    std::fs::write(&bad, &bytes).unwrap();
+    let out = nibble(&["run", "-m", bad.to_str().unwrap(), "-p", "hi"]);
+    assert_error(&out, "bad.nbl");
+    std::fs::write(&bad, b"not a model at all").unwrap();
+    let out = nibble(&["run", "-m", bad.to_str().unwrap(), "-p", "hi"]);
+    assert_error(&out, "bad.nbl");
+}
+
+#[test]
+fn invalid_utf8_prompt_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("prompt.txt");
+    std::fs::write(&f, b"caf\xe9\n").unwrap();
+    let out = nibble(&["run", "-m", &tiny(), "-f", f.to_str().unwrap()]);
+    assert_error(&out, "not valid UTF-8");
+}
+
+#[test]
+fn bad_sampling_option() {
+    assert_error(
+        &nibble(&["run", "-m", &tiny(), "-p", "hi", "--top-p", "0"]),
+        "--top-p",
+    );
+}
+
+#[test]
+fn perplexity_json_counts_windows() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("text.txt");
+    let text = std::fs::read_to_string(fixtures().join("eval-text.txt")).unwrap();
+    std::fs::write(&f, &text[..3000]).unwrap();
+    let out = nibble(&[
+        "perplexity",
+        "-m",
+        &tiny(),
+        "-f",
+        f.to_str().unwrap(),
+        "--ctx",
+        "128",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let chunks = j["chunks"].as_u64().unwrap();
+    assert!(chunks >= 2);
+    assert_eq!(j["tokens_scored"].as_u64().unwrap(), chunks * 63);
+    let ppl = j["perplexity"].as_f64().unwrap();
+    assert!(ppl.is_finite() && ppl > 1.0);
+}
+
+#[test]
+fn chat_from_piped_stdin() {
+    use std::io::Write;
+    // The tiny model has no chat template: a clean error.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nibble"))
+        .args(["chat", "-m", &tiny(), "--temp", "0", "-n", "4"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"hello\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_error(&out, "chat template");
+}
+
+#[test]
+fn bench_json_fields() {
+    let out = nibble(&[
+        "bench",
+        "-m",
+        &tiny(),
+        "-p",
+        "16",
+        "-n",
+        "4",
+        "-r",
+        "2",
+        "-d",
+        "8",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for k in ["pp_tps", "tg_tps", "load_s", "peak_rss_bytes"] {
+        assert!(j[k].as_f64().unwrap() > 0.0, "{k}: {j}");
+    }
+    assert_eq!(j["depth"], 8);
+    assert!(j["kernels"].is_string());
+}
