@@ -299,3 +299,14 @@ fn kernel_set_names_and_errors() {
     #[cfg(target_arch = "aarch64")]
     assert!(KernelSet::Neon.is_supported() && !KernelSet::Avx2.is_supported());
 }
+
+/// Lets a CI script pin which sets the CPU must offer (e.g. that qemu's
+/// Cortex-A53 has no dotprod and its "max" CPU has), so a detection bug cannot
+/// silently skip a kernel set.
+#[test]
+fn expected_kernel_sets_available() {
+    if let Ok(expect) = std::env::var("NIBBLE_EXPECT_KERNELS") {
+        let have: Vec<&str> = KernelSet::available().iter().map(|s| s.name()).collect();
+        assert_eq!(have.join(","), expect);
+    }
+}

@@ -38,56 +38,182 @@ static ISA: Isa = Isa {
 };
 
 // The safe wrappers below are only stored in `ISA`, which `isa()` hands out
-// after detecting AVX2, FMA and F16C. Each one checks the slice lengths the
-// unsafe body relies on.
+// after detecting AVX2, FMA and F16C, and in `avx512::ISA`, which checks the
+// same features besides its own. Each one checks the slice lengths the unsafe
+// body relies on.
 
-fn quantize_act(x: &[f32], qs: &mut [i8], d: &mut [f32]) {
+pub(super) fn quantize_act(x: &[f32], qs: &mut [i8], d: &mut [f32]) {
     assert!(x.len().is_multiple_of(BLOCK) && qs.len() == x.len() && d.len() == x.len() / BLOCK);
     // SAFETY: features detected (see above); lengths checked.
     unsafe { quantize_act_avx2(x, qs, d) }
 }
 
-fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+pub(super) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     // SAFETY: features detected; equal lengths checked.
     unsafe { dot_f32_avx2(a, b) }
 }
 
-fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
+pub(super) fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     // SAFETY: features detected; equal lengths checked.
     unsafe { dot_f16_avx2(a, b) }
 }
 
-fn axpy_f16(out: &mut [f32], s: f32, v: &[f16]) {
+pub(super) fn axpy_f16(out: &mut [f32], s: f32, v: &[f16]) {
     assert_eq!(out.len(), v.len());
     // SAFETY: features detected; equal lengths checked.
     unsafe { axpy_f16_avx2(out, s, v) }
 }
 
-/// Checks the tile inputs against the shape the unsafe tile bodies read.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn check_tile(
+/// How one 32-weight block's integer dot product is formed: AVX2
+/// (`vpmaddubsw` + `vpmaddwd`) here, VNNI (`vpdpbusd`) in `avx512`. Each
+/// result is eight i32 lanes whose sum is the exact block sum.
+pub(super) trait BlockDot {
+    /// Per activation block, computed once per tile and reused for every row.
+    unsafe fn q4_prep(a: __m256i) -> __m256i;
+    /// `sum (q - 8) * a` for unsigned nibbles `q` (0..=15).
+    unsafe fn q4(q: __m256i, a: __m256i, prep: __m256i) -> __m256i;
+    /// `sum w * a`, given `wa = |w|` (computed once per row block).
+    unsafe fn q8(wa: __m256i, w: __m256i, a: __m256i) -> __m256i;
+}
+
+pub(super) struct Maddubs;
+
+impl BlockDot for Maddubs {
+    /// 8 × the pair sums of the activations.
+    #[inline(always)]
+    unsafe fn q4_prep(a: __m256i) -> __m256i {
+        _mm256_maddubs_epi16(_mm256_set1_epi8(8), a)
+    }
+
+    /// The nibbles are used unsigned in `vpmaddubsw`, then 8 × the pair sums
+    /// of `a` are subtracted at 16 bits: per pair `q0*a0 + q1*a1 - 8*(a0 + a1)`,
+    /// each part below 2^15 in magnitude, so nothing saturates.
+    #[inline(always)]
+    unsafe fn q4(q: __m256i, a: __m256i, prep: __m256i) -> __m256i {
+        let p = _mm256_sub_epi16(_mm256_maddubs_epi16(q, a), prep);
+        _mm256_madd_epi16(p, _mm256_set1_epi16(1))
+    }
+
+    /// `vpmaddubsw` needs one unsigned operand: |w| and a * sign(w) (llama.cpp's
+    /// sign trick). |w| <= 128 and |a| <= 127 (activations never hold -128), so
+    /// each pair sum is at most 2 * 128 * 127 = 32512 < 2^15: exact.
+    #[inline(always)]
+    unsafe fn q8(wa: __m256i, w: __m256i, a: __m256i) -> __m256i {
+        let p = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(a, w));
+        _mm256_madd_epi16(p, _mm256_set1_epi16(1))
+    }
+}
+
+/// `R` rows of 4-bit blocks × `T` quantized activation rows. Inlined into a
+/// `#[target_feature]` wrapper made by [`tile_fn`].
+#[inline(always)]
+pub(super) unsafe fn q4_body<D: BlockDot, const R: usize, const T: usize>(
     w: &[u8],
     wd: &[f16],
     aq: &[i8],
     ad: &[f32],
     nb: usize,
-    nr: usize,
-    nt: usize,
-    row_bytes: usize,
+    out: &mut [f32; MAX_TILE],
 ) {
-    assert!(
-        w.len() >= nr * row_bytes
-            && wd.len() >= nr * nb
-            && aq.len() >= nt * nb * BLOCK
-            && ad.len() >= nt * nb,
-        "tile: slices shorter than the tile"
-    );
+    let row_bytes = nb * 16;
+    let mask = _mm256_set1_epi8(0x0f);
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    let mut prod = [[[0f32; 8]; T]; R];
+    let (wp, ap) = (w.as_ptr(), aq.as_ptr());
+    let mut b = 0;
+    while b < nb {
+        let g = (nb - b).min(8);
+        scale_products::<R, T>(wd.as_ptr(), ad.as_ptr(), nb, b, g, &mut prod);
+        for j in 0..g {
+            let blk = b + j;
+            let mut a = [_mm256_setzero_si256(); T];
+            let mut c = [_mm256_setzero_si256(); T];
+            for t in 0..T {
+                a[t] = _mm256_loadu_si256(ap.add((t * nb + blk) * BLOCK) as *const __m256i);
+                c[t] = D::q4_prep(a[t]);
+            }
+            for r in 0..R {
+                let raw = _mm_loadu_si128(wp.add(r * row_bytes + blk * 16) as *const __m128i);
+                let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), mask);
+                for t in 0..T {
+                    let s = D::q4(q, a[t], c[t]);
+                    let scale = _mm256_set1_ps(prod[r][t][j]);
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[r][t]);
+                }
+            }
+        }
+        b += g;
+    }
+    for r in 0..R {
+        for t in 0..T {
+            out[r * MAX_TILE_T + t] = hsum(acc[r][t]);
+        }
+    }
 }
 
-macro_rules! tile_dispatch {
-    ($name:ident, $body:ident, $row_bytes:expr, $maxr:literal, $maxt:literal) => {
+/// `R` rows of 8-bit blocks × `T` quantized activation rows.
+#[inline(always)]
+pub(super) unsafe fn q8_body<D: BlockDot, const R: usize, const T: usize>(
+    w: &[u8],
+    wd: &[f16],
+    aq: &[i8],
+    ad: &[f32],
+    nb: usize,
+    out: &mut [f32; MAX_TILE],
+) {
+    let row_bytes = nb * BLOCK;
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    let mut prod = [[[0f32; 8]; T]; R];
+    let (wp, ap) = (w.as_ptr(), aq.as_ptr());
+    let mut b = 0;
+    while b < nb {
+        let g = (nb - b).min(8);
+        scale_products::<R, T>(wd.as_ptr(), ad.as_ptr(), nb, b, g, &mut prod);
+        for j in 0..g {
+            let blk = b + j;
+            let mut a = [_mm256_setzero_si256(); T];
+            for t in 0..T {
+                a[t] = _mm256_loadu_si256(ap.add((t * nb + blk) * BLOCK) as *const __m256i);
+            }
+            for r in 0..R {
+                let q = _mm256_loadu_si256(wp.add(r * row_bytes + blk * BLOCK) as *const __m256i);
+                let qa = _mm256_sign_epi8(q, q);
+                for t in 0..T {
+                    let s = D::q8(qa, q, a[t]);
+                    let scale = _mm256_set1_ps(prod[r][t][j]);
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[r][t]);
+                }
+            }
+        }
+        b += g;
+    }
+    for r in 0..R {
+        for t in 0..T {
+            out[r * MAX_TILE_T + t] = hsum(acc[r][t]);
+        }
+    }
+}
+
+/// Makes a tile function for the [`super::QTileFn`] table slot: a
+/// `#[target_feature]` body instantiated per tile shape, and a safe wrapper
+/// that checks the slices and picks the shape.
+macro_rules! tile_fn {
+    ($name:ident, $inner:ident, $body:ident, $dot:ty, $features:literal, $row_bytes:expr) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $inner<const R: usize, const T: usize>(
+            w: &[u8],
+            wd: &[f16],
+            aq: &[i8],
+            ad: &[f32],
+            nb: usize,
+            out: &mut [f32; MAX_TILE],
+        ) {
+            // SAFETY: the caller checked the slice lengths for an R×T tile.
+            unsafe { $body::<$dot, R, T>(w, wd, aq, ad, nb, out) }
+        }
+
         #[allow(clippy::too_many_arguments)]
         fn $name(
             w: &[u8],
@@ -99,28 +225,35 @@ macro_rules! tile_dispatch {
             nt: usize,
             out: &mut [f32; MAX_TILE],
         ) {
-            check_tile(w, wd, aq, ad, nb, nr, nt, nb * $row_bytes);
-            // SAFETY: features detected (the function is only reachable via
-            // `ISA`); slice lengths checked just above.
+            assert!(
+                w.len() >= nr * nb * $row_bytes
+                    && wd.len() >= nr * nb
+                    && aq.len() >= nt * nb * BLOCK
+                    && ad.len() >= nt * nb,
+                "tile: slices shorter than the tile"
+            );
+            // SAFETY: only reachable through a table handed out after the
+            // features were detected; slice lengths checked just above.
             unsafe {
                 match (nr, nt) {
-                    (4, 1) => $body::<4, 1>(w, wd, aq, ad, nb, out),
-                    (4, 2) => $body::<4, 2>(w, wd, aq, ad, nb, out),
-                    (3, 1) => $body::<3, 1>(w, wd, aq, ad, nb, out),
-                    (3, 2) => $body::<3, 2>(w, wd, aq, ad, nb, out),
-                    (2, 1) => $body::<2, 1>(w, wd, aq, ad, nb, out),
-                    (2, 2) => $body::<2, 2>(w, wd, aq, ad, nb, out),
-                    (1, 1) => $body::<1, 1>(w, wd, aq, ad, nb, out),
-                    (1, 2) => $body::<1, 2>(w, wd, aq, ad, nb, out),
-                    _ => panic!("tile {nr}x{nt} larger than {}x{}", $maxr, $maxt),
+                    (4, 1) => $inner::<4, 1>(w, wd, aq, ad, nb, out),
+                    (4, 2) => $inner::<4, 2>(w, wd, aq, ad, nb, out),
+                    (3, 1) => $inner::<3, 1>(w, wd, aq, ad, nb, out),
+                    (3, 2) => $inner::<3, 2>(w, wd, aq, ad, nb, out),
+                    (2, 1) => $inner::<2, 1>(w, wd, aq, ad, nb, out),
+                    (2, 2) => $inner::<2, 2>(w, wd, aq, ad, nb, out),
+                    (1, 1) => $inner::<1, 1>(w, wd, aq, ad, nb, out),
+                    (1, 2) => $inner::<1, 2>(w, wd, aq, ad, nb, out),
+                    _ => panic!("tile {nr}x{nt} larger than 4x2"),
                 }
             }
         }
     };
 }
+pub(super) use tile_fn;
 
-tile_dispatch!(q4_tile, q4_tile_avx2, 16, 4, 2);
-tile_dispatch!(q8_tile, q8_tile_avx2, 32, 4, 2);
+tile_fn!(q4_tile, q4_tile_avx2, q4_body, Maddubs, "avx2,fma,f16c", 16);
+tile_fn!(q8_tile, q8_tile_avx2, q8_body, Maddubs, "avx2,fma,f16c", 32);
 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -158,109 +291,6 @@ unsafe fn scale_products<const R: usize, const T: usize>(
                     *p = (*wd.add(r * nb + b + j)).to_f32() * *ad.add(t * nb + b + j);
                 }
             }
-        }
-    }
-}
-
-/// `R` rows of 4-bit blocks × `T` quantized activation rows.
-///
-/// The nibbles are used unsigned (0..=15) in `vpmaddubsw`, and 8 × the pair
-/// sums of the activations is subtracted at 16 bits: per pair
-/// `q0*a0 + q1*a1 - 8*(a0 + a1)`, |each term| <= 15 * 127 * 2 < 2^15, so no
-/// saturation; the result is exactly `sum (q - 8) * a`.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_tile_avx2<const R: usize, const T: usize>(
-    w: &[u8],
-    wd: &[f16],
-    aq: &[i8],
-    ad: &[f32],
-    nb: usize,
-    out: &mut [f32; MAX_TILE],
-) {
-    let row_bytes = nb * 16;
-    let mask = _mm256_set1_epi8(0x0f);
-    let eights = _mm256_set1_epi8(8);
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [[_mm256_setzero_ps(); T]; R];
-    let mut prod = [[[0f32; 8]; T]; R];
-    let (wp, ap) = (w.as_ptr(), aq.as_ptr());
-    let mut b = 0;
-    while b < nb {
-        let g = (nb - b).min(8);
-        scale_products::<R, T>(wd.as_ptr(), ad.as_ptr(), nb, b, g, &mut prod);
-        for j in 0..g {
-            let blk = b + j;
-            let mut a = [_mm256_setzero_si256(); T];
-            let mut c = [_mm256_setzero_si256(); T];
-            for t in 0..T {
-                a[t] = _mm256_loadu_si256(ap.add((t * nb + blk) * BLOCK) as *const __m256i);
-                c[t] = _mm256_maddubs_epi16(eights, a[t]);
-            }
-            for r in 0..R {
-                let raw = _mm_loadu_si128(wp.add(r * row_bytes + blk * 16) as *const __m128i);
-                let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), mask);
-                for t in 0..T {
-                    let p = _mm256_sub_epi16(_mm256_maddubs_epi16(q, a[t]), c[t]);
-                    let s = _mm256_madd_epi16(p, ones);
-                    let scale = _mm256_set1_ps(prod[r][t][j]);
-                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[r][t]);
-                }
-            }
-        }
-        b += g;
-    }
-    for r in 0..R {
-        for t in 0..T {
-            out[r * MAX_TILE_T + t] = hsum(acc[r][t]);
-        }
-    }
-}
-
-/// `R` rows of 8-bit blocks × `T` quantized activation rows.
-///
-/// `vpmaddubsw` needs one unsigned operand: |w| and a * sign(w) (llama.cpp's
-/// sign trick). |w| <= 128 and |a| <= 127 (activations never hold -128), so
-/// each pair sum is at most 2 * 128 * 127 = 32512 < 2^15: exact.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q8_tile_avx2<const R: usize, const T: usize>(
-    w: &[u8],
-    wd: &[f16],
-    aq: &[i8],
-    ad: &[f32],
-    nb: usize,
-    out: &mut [f32; MAX_TILE],
-) {
-    let row_bytes = nb * BLOCK;
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [[_mm256_setzero_ps(); T]; R];
-    let mut prod = [[[0f32; 8]; T]; R];
-    let (wp, ap) = (w.as_ptr(), aq.as_ptr());
-    let mut b = 0;
-    while b < nb {
-        let g = (nb - b).min(8);
-        scale_products::<R, T>(wd.as_ptr(), ad.as_ptr(), nb, b, g, &mut prod);
-        for j in 0..g {
-            let blk = b + j;
-            let mut a = [_mm256_setzero_si256(); T];
-            for t in 0..T {
-                a[t] = _mm256_loadu_si256(ap.add((t * nb + blk) * BLOCK) as *const __m256i);
-            }
-            for r in 0..R {
-                let q = _mm256_loadu_si256(wp.add(r * row_bytes + blk * BLOCK) as *const __m256i);
-                let qa = _mm256_sign_epi8(q, q);
-                for t in 0..T {
-                    let sa = _mm256_sign_epi8(a[t], q);
-                    let s = _mm256_madd_epi16(_mm256_maddubs_epi16(qa, sa), ones);
-                    let scale = _mm256_set1_ps(prod[r][t][j]);
-                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[r][t]);
-                }
-            }
-        }
-        b += g;
-    }
-    for r in 0..R {
-        for t in 0..T {
-            out[r * MAX_TILE_T + t] = hsum(acc[r][t]);
         }
     }
 }

@@ -378,13 +378,19 @@ fn matmul_impl(isa: &Isa, w: &WeightView, x: &[f32], n_tokens: usize, y: &mut [f
         WeightView::F32 { data, .. } => {
             let dot = isa.dot_f32;
             float_rows(rows, cols, n_tokens, y, &|r, t| {
-                dot(&data[r * cols..(r + 1) * cols], &x[t * cols..(t + 1) * cols])
+                dot(
+                    &data[r * cols..(r + 1) * cols],
+                    &x[t * cols..(t + 1) * cols],
+                )
             })
         }
         WeightView::F16 { data, .. } => {
             let dot = isa.dot_f16;
             float_rows(rows, cols, n_tokens, y, &|r, t| {
-                dot(&data[r * cols..(r + 1) * cols], &x[t * cols..(t + 1) * cols])
+                dot(
+                    &data[r * cols..(r + 1) * cols],
+                    &x[t * cols..(t + 1) * cols],
+                )
             })
         }
         WeightView::Q8 { qs, d, .. } => {
@@ -433,7 +439,10 @@ fn quant_matmul(
     n_tokens: usize,
     y: &mut [f32],
 ) {
-    assert!(cols.is_multiple_of(BLOCK), "matmul: cols not a multiple of the block");
+    assert!(
+        cols.is_multiple_of(BLOCK),
+        "matmul: cols not a multiple of the block"
+    );
     let nb = cols / BLOCK;
     assert!(w.qs.len() >= rows * w.row_bytes && w.d.len() >= rows * nb);
     let mut act = ACT_SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));

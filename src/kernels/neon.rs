@@ -1,0 +1,457 @@
+//! aarch64 NEON kernels, with and without the dot-product extension.
+//!
+//! Block dot products: 16 weights × 16 activations per instruction with
+//! `sdot` (FEAT_DotProd; written as inline assembly because `vdotq_s32` is not
+//! stable in Rust 1.95), otherwise `smull`/`smlal2` into i16 and a pairwise
+//! widening add into i32, as llama.cpp's `ggml_vdotq_s32` fallback does. Both
+//! are exact for our ranges, so the per-block integer sums equal the scalar
+//! reference's. f16 → f32 uses `fcvtl`, which every ARMv8 NEON has (the
+//! `vcvt_f32_f16` intrinsic would demand the separate `fp16` feature).
+//!
+//! Every `#[target_feature]` function here is private; the only way in is an
+//! [`Isa`] table returned by [`isa_plain`] / [`isa_dotprod`], which check the
+//! CPU first.
+
+// Tile loops index several parallel register arrays by row and token; index
+// loops say that more plainly than zipped iterators.
+#![allow(clippy::needless_range_loop)]
+
+use super::{Isa, KernelSet, MAX_TILE, MAX_TILE_T};
+use crate::quant::BLOCK;
+use half::f16;
+use std::arch::aarch64::*;
+use std::arch::asm;
+
+pub(crate) fn isa_plain() -> Option<&'static Isa> {
+    std::arch::is_aarch64_feature_detected!("neon").then_some(&ISA_PLAIN)
+}
+
+pub(crate) fn isa_dotprod() -> Option<&'static Isa> {
+    let ok = std::arch::is_aarch64_feature_detected!("neon")
+        && std::arch::is_aarch64_feature_detected!("dotprod");
+    ok.then_some(&ISA_DOT)
+}
+
+static ISA_PLAIN: Isa = Isa {
+    set: KernelSet::Neon,
+    tile_rows: 4,
+    tile_tokens: 2,
+    quantize_act,
+    q4_tile: q4_tile_plain,
+    q8_tile: q8_tile_plain,
+    dot_f32,
+    dot_f16,
+    axpy_f16,
+};
+
+static ISA_DOT: Isa = Isa {
+    set: KernelSet::NeonDotprod,
+    tile_rows: 4,
+    tile_tokens: 2,
+    quantize_act,
+    q4_tile: q4_tile_dot,
+    q8_tile: q8_tile_dot,
+    dot_f32,
+    dot_f16,
+    axpy_f16,
+};
+
+// The safe wrappers below are only stored in the tables above, which are handed
+// out after detecting the features their bodies use. Each checks the slice
+// lengths its unsafe body relies on.
+
+fn quantize_act(x: &[f32], qs: &mut [i8], d: &mut [f32]) {
+    assert!(x.len().is_multiple_of(BLOCK) && qs.len() == x.len() && d.len() == x.len() / BLOCK);
+    // SAFETY: NEON detected; lengths checked.
+    unsafe { quantize_act_neon(x, qs, d) }
+}
+
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    // SAFETY: NEON detected; equal lengths checked.
+    unsafe { dot_f32_neon(a, b) }
+}
+
+fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    // SAFETY: NEON detected; equal lengths checked.
+    unsafe { dot_f16_neon(a, b) }
+}
+
+fn axpy_f16(out: &mut [f32], s: f32, v: &[f16]) {
+    assert_eq!(out.len(), v.len());
+    // SAFETY: NEON detected; equal lengths checked.
+    unsafe { axpy_f16_neon(out, s, v) }
+}
+
+/// How one 32-weight block's integer dot product is formed.
+trait BlockDot {
+    /// Four i32 lanes whose sum is `sum w0[i] * a0[i] + sum w1[i] * a1[i]`.
+    unsafe fn dot2(w0: int8x16_t, a0: int8x16_t, w1: int8x16_t, a1: int8x16_t) -> int32x4_t;
+}
+
+struct Sdot;
+impl BlockDot for Sdot {
+    #[inline(always)]
+    unsafe fn dot2(w0: int8x16_t, a0: int8x16_t, w1: int8x16_t, a1: int8x16_t) -> int32x4_t {
+        let mut acc = vdupq_n_s32(0);
+        // SAFETY: only instantiated inside `#[target_feature(enable = "dotprod")]`
+        // functions reachable after detecting dotprod; register-only, no memory.
+        unsafe {
+            asm!(
+                "sdot {acc:v}.4s, {w0:v}.16b, {a0:v}.16b",
+                "sdot {acc:v}.4s, {w1:v}.16b, {a1:v}.16b",
+                acc = inout(vreg) acc,
+                w0 = in(vreg) w0, a0 = in(vreg) a0, w1 = in(vreg) w1, a1 = in(vreg) a1,
+                options(pure, nomem, nostack, preserves_flags),
+            );
+        }
+        acc
+    }
+}
+
+struct Mull;
+impl BlockDot for Mull {
+    /// |w| <= 128, |a| <= 127: a sum of two products is at most 32512 and
+    /// fits i16; pairs are then widened to i32, so nothing saturates or wraps.
+    #[inline(always)]
+    unsafe fn dot2(w0: int8x16_t, a0: int8x16_t, w1: int8x16_t, a1: int8x16_t) -> int32x4_t {
+        let p0 = vmlal_high_s8(vmull_s8(vget_low_s8(w0), vget_low_s8(a0)), w0, a0);
+        let p1 = vmlal_high_s8(vmull_s8(vget_low_s8(w1), vget_low_s8(a1)), w1, a1);
+        vpadalq_s16(vpaddlq_s16(p0), p1)
+    }
+}
+
+/// Eight f16 (as bits) to two f32x4.
+#[inline(always)]
+unsafe fn cvt_f16x8(h: uint16x8_t) -> (float32x4_t, float32x4_t) {
+    let (lo, hi): (float32x4_t, float32x4_t);
+    // SAFETY: fcvtl/fcvtl2 are base ARMv8 NEON; register-only.
+    unsafe {
+        asm!(
+            "fcvtl {lo:v}.4s, {h:v}.4h",
+            "fcvtl2 {hi:v}.4s, {h:v}.8h",
+            lo = lateout(vreg) lo, hi = lateout(vreg) hi, h = in(vreg) h,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    (lo, hi)
+}
+
+/// `prod[r][t][j] = wd[r][b + j] * ad[t][b + j]` for blocks `b..b + g`, g <= 8.
+#[inline(always)]
+unsafe fn scale_products<const R: usize, const T: usize>(
+    wd: *const f16,
+    ad: *const f32,
+    nb: usize,
+    b: usize,
+    g: usize,
+    prod: &mut [[[f32; 8]; T]; R],
+) {
+    if g == 8 {
+        for r in 0..R {
+            let (w0, w1) = cvt_f16x8(vld1q_u16(wd.add(r * nb + b) as *const u16));
+            for t in 0..T {
+                let a = ad.add(t * nb + b);
+                vst1q_f32(prod[r][t].as_mut_ptr(), vmulq_f32(w0, vld1q_f32(a)));
+                vst1q_f32(
+                    prod[r][t].as_mut_ptr().add(4),
+                    vmulq_f32(w1, vld1q_f32(a.add(4))),
+                );
+            }
+        }
+    } else {
+        for r in 0..R {
+            for t in 0..T {
+                for j in 0..g {
+                    prod[r][t][j] = (*wd.add(r * nb + b + j)).to_f32() * *ad.add(t * nb + b + j);
+                }
+            }
+        }
+    }
+}
+
+/// `R` rows of 4-bit blocks × `T` activation rows; nibbles are made signed
+/// (q - 8, in -8..=7) before the dot product.
+#[inline(always)]
+unsafe fn q4_body<D: BlockDot, const R: usize, const T: usize>(
+    w: &[u8],
+    wd: &[f16],
+    aq: &[i8],
+    ad: &[f32],
+    nb: usize,
+    out: &mut [f32; MAX_TILE],
+) {
+    let row_bytes = nb * 16;
+    let mask = vdupq_n_u8(0x0f);
+    let eight = vdupq_n_s8(8);
+    let mut acc = [[vdupq_n_f32(0.0); T]; R];
+    let mut prod = [[[0f32; 8]; T]; R];
+    let (wp, ap) = (w.as_ptr(), aq.as_ptr());
+    let mut b = 0;
+    while b < nb {
+        let g = (nb - b).min(8);
+        scale_products::<R, T>(wd.as_ptr(), ad.as_ptr(), nb, b, g, &mut prod);
+        for j in 0..g {
+            let blk = b + j;
+            let mut a = [(vdupq_n_s8(0), vdupq_n_s8(0)); T];
+            for t in 0..T {
+                let p = ap.add((t * nb + blk) * BLOCK);
+                a[t] = (vld1q_s8(p), vld1q_s8(p.add(16)));
+            }
+            for r in 0..R {
+                let raw = vld1q_u8(wp.add(r * row_bytes + blk * 16));
+                let lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(raw, mask)), eight);
+                let hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(raw, 4)), eight);
+                for t in 0..T {
+                    let s = D::dot2(lo, a[t].0, hi, a[t].1);
+                    acc[r][t] = vfmaq_n_f32(acc[r][t], vcvtq_f32_s32(s), prod[r][t][j]);
+                }
+            }
+        }
+        b += g;
+    }
+    for r in 0..R {
+        for t in 0..T {
+            out[r * MAX_TILE_T + t] = vaddvq_f32(acc[r][t]);
+        }
+    }
+}
+
+/// `R` rows of 8-bit blocks × `T` activation rows.
+#[inline(always)]
+unsafe fn q8_body<D: BlockDot, const R: usize, const T: usize>(
+    w: &[u8],
+    wd: &[f16],
+    aq: &[i8],
+    ad: &[f32],
+    nb: usize,
+    out: &mut [f32; MAX_TILE],
+) {
+    let row_bytes = nb * BLOCK;
+    let mut acc = [[vdupq_n_f32(0.0); T]; R];
+    let mut prod = [[[0f32; 8]; T]; R];
+    let (wp, ap) = (w.as_ptr() as *const i8, aq.as_ptr());
+    let mut b = 0;
+    while b < nb {
+        let g = (nb - b).min(8);
+        scale_products::<R, T>(wd.as_ptr(), ad.as_ptr(), nb, b, g, &mut prod);
+        for j in 0..g {
+            let blk = b + j;
+            let mut a = [(vdupq_n_s8(0), vdupq_n_s8(0)); T];
+            for t in 0..T {
+                let p = ap.add((t * nb + blk) * BLOCK);
+                a[t] = (vld1q_s8(p), vld1q_s8(p.add(16)));
+            }
+            for r in 0..R {
+                let p = wp.add(r * row_bytes + blk * BLOCK);
+                let (w0, w1) = (vld1q_s8(p), vld1q_s8(p.add(16)));
+                for t in 0..T {
+                    let s = D::dot2(w0, a[t].0, w1, a[t].1);
+                    acc[r][t] = vfmaq_n_f32(acc[r][t], vcvtq_f32_s32(s), prod[r][t][j]);
+                }
+            }
+        }
+        b += g;
+    }
+    for r in 0..R {
+        for t in 0..T {
+            out[r * MAX_TILE_T + t] = vaddvq_f32(acc[r][t]);
+        }
+    }
+}
+
+macro_rules! tile_fn {
+    ($name:ident, $inner:ident, $body:ident, $dot:ty, $features:literal, $row_bytes:expr) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $inner<const R: usize, const T: usize>(
+            w: &[u8],
+            wd: &[f16],
+            aq: &[i8],
+            ad: &[f32],
+            nb: usize,
+            out: &mut [f32; MAX_TILE],
+        ) {
+            // SAFETY: the caller checked the slice lengths for an R×T tile.
+            unsafe { $body::<$dot, R, T>(w, wd, aq, ad, nb, out) }
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        fn $name(
+            w: &[u8],
+            wd: &[f16],
+            aq: &[i8],
+            ad: &[f32],
+            nb: usize,
+            nr: usize,
+            nt: usize,
+            out: &mut [f32; MAX_TILE],
+        ) {
+            assert!(
+                w.len() >= nr * nb * $row_bytes
+                    && wd.len() >= nr * nb
+                    && aq.len() >= nt * nb * BLOCK
+                    && ad.len() >= nt * nb,
+                "tile: slices shorter than the tile"
+            );
+            // SAFETY: only reachable through a table handed out after the
+            // features were detected; slice lengths checked just above.
+            unsafe {
+                match (nr, nt) {
+                    (4, 1) => $inner::<4, 1>(w, wd, aq, ad, nb, out),
+                    (4, 2) => $inner::<4, 2>(w, wd, aq, ad, nb, out),
+                    (3, 1) => $inner::<3, 1>(w, wd, aq, ad, nb, out),
+                    (3, 2) => $inner::<3, 2>(w, wd, aq, ad, nb, out),
+                    (2, 1) => $inner::<2, 1>(w, wd, aq, ad, nb, out),
+                    (2, 2) => $inner::<2, 2>(w, wd, aq, ad, nb, out),
+                    (1, 1) => $inner::<1, 1>(w, wd, aq, ad, nb, out),
+                    (1, 2) => $inner::<1, 2>(w, wd, aq, ad, nb, out),
+                    _ => panic!("tile {nr}x{nt} larger than 4x2"),
+                }
+            }
+        }
+    };
+}
+
+tile_fn!(
+    q4_tile_dot,
+    q4_tile_dot_inner,
+    q4_body,
+    Sdot,
+    "neon,dotprod",
+    16
+);
+tile_fn!(
+    q8_tile_dot,
+    q8_tile_dot_inner,
+    q8_body,
+    Sdot,
+    "neon,dotprod",
+    32
+);
+tile_fn!(
+    q4_tile_plain,
+    q4_tile_plain_inner,
+    q4_body,
+    Mull,
+    "neon",
+    16
+);
+tile_fn!(
+    q8_tile_plain,
+    q8_tile_plain_inner,
+    q8_body,
+    Mull,
+    "neon",
+    32
+);
+
+/// Bit-identical to `scalar::quantize_act`: max is exact in any order, the
+/// scale and its inverse are the same scalar divisions, `v * inv` is one IEEE
+/// multiply, and `fcvtas` rounds to nearest with ties away from zero, exactly
+/// like `f32::round`.
+#[target_feature(enable = "neon")]
+unsafe fn quantize_act_neon(x: &[f32], qs: &mut [i8], d: &mut [f32]) {
+    for (blk, db) in d.iter_mut().enumerate() {
+        let xp = x.as_ptr().add(blk * BLOCK);
+        let mut v = [vdupq_n_f32(0.0); 8];
+        let mut m = vdupq_n_f32(0.0);
+        for k in 0..8 {
+            v[k] = vld1q_f32(xp.add(4 * k));
+            m = vmaxq_f32(m, vabsq_f32(v[k]));
+        }
+        let amax = vmaxvq_f32(m);
+        *db = amax / 127.0;
+        let inv = super::scalar::act_inverse_scale(amax);
+        let mut q = [vdupq_n_s32(0); 8];
+        for k in 0..8 {
+            q[k] = vcvtaq_s32_f32(vmulq_n_f32(v[k], inv));
+        }
+        let h = |i: usize| vcombine_s16(vqmovn_s32(q[i]), vqmovn_s32(q[i + 1]));
+        let lo = vcombine_s8(vqmovn_s16(h(0)), vqmovn_s16(h(2)));
+        let hi = vcombine_s8(vqmovn_s16(h(4)), vqmovn_s16(h(6)));
+        let qp = qs.as_mut_ptr().add(blk * BLOCK);
+        vst1q_s8(qp, lo);
+        vst1q_s8(qp.add(16), hi);
+    }
+}
+
+#[target_feature(enable = "neon")]
+unsafe fn dot_f32_neon(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len();
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [vdupq_n_f32(0.0); 4];
+    let mut i = 0;
+    while i + 16 <= n {
+        for k in 0..4 {
+            acc[k] = vfmaq_f32(
+                acc[k],
+                vld1q_f32(pa.add(i + 4 * k)),
+                vld1q_f32(pb.add(i + 4 * k)),
+            );
+        }
+        i += 16;
+    }
+    while i + 4 <= n {
+        acc[0] = vfmaq_f32(acc[0], vld1q_f32(pa.add(i)), vld1q_f32(pb.add(i)));
+        i += 4;
+    }
+    let mut sum = vaddvq_f32(vaddq_f32(
+        vaddq_f32(acc[0], acc[1]),
+        vaddq_f32(acc[2], acc[3]),
+    ));
+    while i < n {
+        sum += a[i] * b[i];
+        i += 1;
+    }
+    sum
+}
+
+#[target_feature(enable = "neon")]
+unsafe fn dot_f16_neon(a: &[f16], b: &[f32]) -> f32 {
+    let n = a.len();
+    let (pa, pb) = (a.as_ptr() as *const u16, b.as_ptr());
+    let mut acc = [vdupq_n_f32(0.0); 4];
+    let mut i = 0;
+    while i + 16 <= n {
+        let (x0, x1) = cvt_f16x8(vld1q_u16(pa.add(i)));
+        let (x2, x3) = cvt_f16x8(vld1q_u16(pa.add(i + 8)));
+        acc[0] = vfmaq_f32(acc[0], x0, vld1q_f32(pb.add(i)));
+        acc[1] = vfmaq_f32(acc[1], x1, vld1q_f32(pb.add(i + 4)));
+        acc[2] = vfmaq_f32(acc[2], x2, vld1q_f32(pb.add(i + 8)));
+        acc[3] = vfmaq_f32(acc[3], x3, vld1q_f32(pb.add(i + 12)));
+        i += 16;
+    }
+    while i + 8 <= n {
+        let (x0, x1) = cvt_f16x8(vld1q_u16(pa.add(i)));
+        acc[0] = vfmaq_f32(acc[0], x0, vld1q_f32(pb.add(i)));
+        acc[1] = vfmaq_f32(acc[1], x1, vld1q_f32(pb.add(i + 4)));
+        i += 8;
+    }
+    let mut sum = vaddvq_f32(vaddq_f32(
+        vaddq_f32(acc[0], acc[1]),
+        vaddq_f32(acc[2], acc[3]),
+    ));
+    while i < n {
+        sum += a[i].to_f32() * b[i];
+        i += 1;
+    }
+    sum
+}
+
+#[target_feature(enable = "neon")]
+unsafe fn axpy_f16_neon(out: &mut [f32], s: f32, v: &[f16]) {
+    let n = out.len();
+    let (po, pv) = (out.as_mut_ptr(), v.as_ptr() as *const u16);
+    let mut i = 0;
+    while i + 8 <= n {
+        let (x0, x1) = cvt_f16x8(vld1q_u16(pv.add(i)));
+        vst1q_f32(po.add(i), vfmaq_n_f32(vld1q_f32(po.add(i)), x0, s));
+        vst1q_f32(po.add(i + 4), vfmaq_n_f32(vld1q_f32(po.add(i + 4)), x1, s));
+        i += 8;
+    }
+    while i < n {
+        out[i] += s * v[i].to_f32();
+        i += 1;
+    }
+}
