@@ -196,6 +196,10 @@ impl LlamaGguf {
 
     /// Decodes HF rows `rows` of tensor `name` (viewed as `[rows, cols]`, a
     /// 1-D tensor as one row) into `out`, `cols` floats per row.
+    ///
+    /// # Panics
+    /// If `name` is not one of [`LlamaGguf::tensor_names`] or `rows` goes
+    /// past the tensor's rows.
     pub fn decode_rows(&self, name: &str, rows: std::ops::Range<usize>, out: &mut [f32]) {
         let m = &self.tensors[name];
         let t = &m.gguf;
