@@ -29,6 +29,7 @@ pub mod model;
 pub mod perplexity;
 pub mod quant;
 pub mod sampler;
+pub mod server;
 pub mod tokenizer;
 
 pub use chat::{ChatTemplate, Conversation, Message};

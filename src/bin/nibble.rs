@@ -34,6 +34,8 @@ enum Cmd {
     Perplexity(PerplexityArgs),
     /// Prompt-processing and generation speed (llama-bench style).
     Bench(BenchArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API.
+    Serve(ServeArgs),
 }
 
 #[derive(Args)]
@@ -163,6 +165,23 @@ struct BenchArgs {
     json: bool,
 }
 
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Address to listen on (0.0.0.0 exposes the server to the network).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Context length in tokens (default: the model's).
+    #[arg(long)]
+    ctx: Option<usize>,
+    /// Requests that may wait while one is generated; more get 503.
+    #[arg(long, default_value_t = nibble::server::ServerOptions::default().max_queue)]
+    max_queue: usize,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
@@ -170,6 +189,7 @@ fn main() -> ExitCode {
         Cmd::Chat(a) => chat(a),
         Cmd::Perplexity(a) => perplexity_cmd(a),
         Cmd::Bench(a) => bench_cmd(a),
+        Cmd::Serve(a) => serve_cmd(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -456,4 +476,15 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     }
     println!("peak RSS: {}", peak_rss_text());
     Ok(())
+}
+
+fn serve_cmd(a: ServeArgs) -> Result<()> {
+    let (model, load_s) = load(&a.common)?;
+    eprintln!("load: {load_s:.2} s");
+    let options = nibble::server::ServerOptions {
+        ctx: a.ctx,
+        max_queue: a.max_queue,
+        ..Default::default()
+    };
+    nibble::server::serve(model, &a.host, a.port, options)
 }

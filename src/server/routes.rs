@@ -1,0 +1,441 @@
+//! The HTTP routes and the OpenAI response shapes.
+
+use super::error::ApiError;
+use super::request::{self, Endpoint, Input};
+use super::worker::{Event, Job, Queue};
+use crate::chat::ChatTemplate;
+use crate::generate::{GenerateOptions, StopReason};
+use crate::model::Model;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Request, State};
+use axum::http::{Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::stream::{self, StreamExt};
+use serde_json::{json, Value};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+/// What every handler shares.
+pub(crate) struct AppState {
+    pub model: Arc<Model>,
+    /// The name clients use for the model (the file stem).
+    pub model_id: String,
+    /// The compiled chat template, or why there is none.
+    pub template: Result<Arc<ChatTemplate>, String>,
+    /// The session's context length in tokens.
+    pub ctx: usize,
+    pub queue: Queue,
+    pub max_body_bytes: usize,
+    /// When the server started, reported as the model's `created`.
+    pub started: u64,
+}
+
+pub(crate) fn router(state: Arc<AppState>, log_requests: bool) -> Router {
+    let limit = state.max_body_bytes;
+    let router = Router::new()
+        .route("/health", get(health))
+        .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model_by_id))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state);
+    if log_requests {
+        router.layer(middleware::from_fn(log_request))
+    } else {
+        router
+    }
+}
+
+/// One line per request on stderr. For a stream the time is until the
+/// response started, not until it ended.
+async fn log_request(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let uri = request.uri().clone();
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.to_string())
+        .unwrap_or_else(|| "-".into());
+    let response = next.run(request).await;
+    eprintln!(
+        "{peer} {method} {} {} {:.1} ms",
+        uri.path(),
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    response
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+fn model_object(s: &AppState) -> Value {
+    json!({
+        "id": s.model_id,
+        "object": "model",
+        "created": s.started,
+        "owned_by": "nibble",
+    })
+}
+
+async fn models(State(s): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({"object": "list", "data": [model_object(&s)]}))
+}
+
+async fn model_by_id(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    if id == s.model_id {
+        Json(model_object(&s)).into_response()
+    } else {
+        ApiError {
+            code: "model_not_found",
+            ..ApiError::invalid(
+                "model_not_found",
+                format!("the model '{id}' does not exist"),
+            )
+        }
+        .with_status(StatusCode::NOT_FOUND)
+        .into_response()
+    }
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::invalid("not_found", format!("no route for {method} {}", uri.path()))
+        .with_status(StatusCode::NOT_FOUND)
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::invalid(
+        "method_not_allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+    .with_status(StatusCode::METHOD_NOT_ALLOWED)
+}
+
+async fn chat_completions(
+    State(s): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    complete(s, Endpoint::Chat, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn completions(
+    State(s): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    complete(s, Endpoint::Completion, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn complete(
+    s: Arc<AppState>,
+    endpoint: Endpoint,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|r| body_error(&r, s.max_body_bytes))?;
+    let req = request::parse(endpoint, &body)?;
+    let prompt = tokenize(&s, endpoint, req.input).await?;
+    let reply = Reply::new(endpoint, &s.model_id, req.include_usage, prompt.len());
+    let (tx, rx) = unbounded_channel();
+    s.queue.submit(Job {
+        prompt,
+        sampler: req.sampler,
+        options: GenerateOptions {
+            // Generation also ends when the context is full.
+            max_tokens: req.max_tokens.unwrap_or(s.ctx),
+            stop: req.stop,
+            stop_at_eos: !req.ignore_eos,
+        },
+        events: tx,
+    })?;
+    if req.stream {
+        Ok(reply.stream(rx))
+    } else {
+        reply.collect(rx).await
+    }
+}
+
+fn body_error(rejection: &BytesRejection, limit: usize) -> ApiError {
+    let status = rejection.status();
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::invalid(
+            "body_too_large",
+            format!("the request body is larger than the limit of {limit} bytes"),
+        )
+        .with_status(status)
+    } else {
+        ApiError::invalid("invalid_body", rejection.body_text()).with_status(status)
+    }
+}
+
+/// Turns the request's input into prompt tokens: renders a conversation with
+/// the chat template, tokenizes text, checks token ids. Runs on tokio's
+/// blocking pool since a megabyte of text takes a while to tokenize.
+async fn tokenize(
+    s: &Arc<AppState>,
+    endpoint: Endpoint,
+    input: Input,
+) -> Result<Vec<u32>, ApiError> {
+    let state = s.clone();
+    let prompt = tokio::task::spawn_blocking(move || -> Result<Vec<u32>, ApiError> {
+        let tok = state.model.tokenizer();
+        let internal = |e: crate::Error| ApiError::internal(e.to_string());
+        match input {
+            Input::Messages(messages) => {
+                let template = state
+                    .template
+                    .as_ref()
+                    .map_err(|why| ApiError::invalid("no_chat_template", why.clone()))?;
+                let text = template
+                    .render(&messages, true)
+                    .map_err(|e| ApiError::param("messages", e.to_string()))?;
+                // The template writes the special tokens (BOS included) itself.
+                tok.encode(&text, false).map_err(internal)
+            }
+            Input::Text(text) => tok.encode(&text, true).map_err(internal),
+            Input::Tokens(ids) => {
+                let vocab = state.model.config().vocab_size;
+                match ids.iter().find(|&&t| t as usize >= vocab) {
+                    Some(bad) => Err(ApiError::param(
+                        "prompt",
+                        format!("token id {bad} is outside the vocabulary of {vocab} tokens"),
+                    )),
+                    None => Ok(ids),
+                }
+            }
+        }
+    })
+    .await
+    .map_err(|_| ApiError::internal("tokenization failed unexpectedly (a bug in nibble)"))??;
+    let field = match endpoint {
+        Endpoint::Chat => "messages",
+        Endpoint::Completion => "prompt",
+    };
+    if prompt.is_empty() {
+        return Err(ApiError::param(field, "the prompt is empty"));
+    }
+    if prompt.len() > s.ctx {
+        return Err(ApiError {
+            code: "context_length_exceeded",
+            ..ApiError::param(
+                field,
+                format!(
+                    "the prompt is {} tokens long but the context is only {} tokens",
+                    prompt.len(),
+                    s.ctx
+                ),
+            )
+        });
+    }
+    Ok(prompt)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A unique-enough response id: the time and a process-wide counter.
+fn response_id(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    format!(
+        "{prefix}-{nanos:x}{:04x}",
+        COUNTER.fetch_add(1, Ordering::Relaxed) & 0xffff
+    )
+}
+
+fn finish_reason(reason: StopReason) -> &'static str {
+    match reason {
+        StopReason::Eos | StopReason::StopString => "stop",
+        StopReason::MaxTokens | StopReason::ContextFull => "length",
+    }
+}
+
+/// The fixed parts of one response, and how to shape its pieces.
+struct Reply {
+    endpoint: Endpoint,
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+    prompt_tokens: usize,
+}
+
+impl Reply {
+    fn new(endpoint: Endpoint, model: &str, include_usage: bool, prompt_tokens: usize) -> Self {
+        let prefix = match endpoint {
+            Endpoint::Chat => "chatcmpl",
+            Endpoint::Completion => "cmpl",
+        };
+        Self {
+            endpoint,
+            id: response_id(prefix),
+            created: unix_now(),
+            model: model.to_owned(),
+            include_usage,
+            prompt_tokens,
+        }
+    }
+
+    fn usage(&self, completion_tokens: usize) -> Value {
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": self.prompt_tokens + completion_tokens,
+        })
+    }
+
+    /// Waits for the whole generation and answers with one JSON object.
+    async fn collect(self, mut rx: UnboundedReceiver<Event>) -> Result<Response, ApiError> {
+        let mut text = String::new();
+        loop {
+            match rx.recv().await {
+                Some(Event::Text(t)) => text.push_str(&t),
+                Some(Event::Failed(e)) => return Err(e),
+                None => {
+                    return Err(ApiError::unavailable(
+                        "shutting_down",
+                        "the server is shutting down",
+                    ))
+                }
+                Some(Event::Done {
+                    completion_tokens,
+                    reason,
+                }) => {
+                    let choice = match self.endpoint {
+                        Endpoint::Chat => json!({
+                            "index": 0,
+                            "message": {"role": "assistant", "content": text},
+                            "logprobs": null,
+                            "finish_reason": finish_reason(reason),
+                        }),
+                        Endpoint::Completion => json!({
+                            "index": 0,
+                            "text": text,
+                            "logprobs": null,
+                            "finish_reason": finish_reason(reason),
+                        }),
+                    };
+                    let object = match self.endpoint {
+                        Endpoint::Chat => "chat.completion",
+                        Endpoint::Completion => "text_completion",
+                    };
+                    return Ok(Json(json!({
+                        "id": self.id,
+                        "object": object,
+                        "created": self.created,
+                        "model": self.model,
+                        "choices": [choice],
+                        "usage": self.usage(completion_tokens),
+                    }))
+                    .into_response());
+                }
+            }
+        }
+    }
+
+    /// One streamed chunk with the given choice (or none).
+    fn chunk(&self, choice: Option<Value>, usage: Option<Value>) -> SseEvent {
+        let object = match self.endpoint {
+            Endpoint::Chat => "chat.completion.chunk",
+            Endpoint::Completion => "text_completion",
+        };
+        let mut chunk = json!({
+            "id": self.id,
+            "object": object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choice.into_iter().collect::<Vec<_>>(),
+        });
+        if self.include_usage {
+            chunk["usage"] = usage.unwrap_or(Value::Null);
+        }
+        SseEvent::default().data(chunk.to_string())
+    }
+
+    fn text_choice(&self, text: &str, finish: Option<&str>) -> Value {
+        match self.endpoint {
+            Endpoint::Chat => {
+                let delta = if finish.is_some() {
+                    json!({})
+                } else {
+                    json!({"content": text})
+                };
+                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+            }
+            Endpoint::Completion => {
+                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
+            }
+        }
+    }
+
+    /// The SSE chunks for one worker event.
+    fn events_for(&self, event: Event) -> Vec<SseEvent> {
+        match event {
+            Event::Text(t) => vec![self.chunk(Some(self.text_choice(&t, None)), None)],
+            Event::Done {
+                completion_tokens,
+                reason,
+            } => {
+                let mut out = vec![self.chunk(
+                    Some(self.text_choice("", Some(finish_reason(reason)))),
+                    None,
+                )];
+                if self.include_usage {
+                    out.push(self.chunk(None, Some(self.usage(completion_tokens))));
+                }
+                out.push(SseEvent::default().data("[DONE]"));
+                out
+            }
+            // OpenAI's clients raise an error for a chunk with an `error` key.
+            Event::Failed(e) => vec![SseEvent::default().data(e.body().to_string())],
+        }
+    }
+
+    /// Answers with server-sent events as the tokens come.
+    fn stream(self, rx: UnboundedReceiver<Event>) -> Response {
+        let head = match self.endpoint {
+            Endpoint::Chat => vec![self.chunk(
+                Some(json!({
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": null,
+                    "finish_reason": null,
+                })),
+                None,
+            )],
+            Endpoint::Completion => Vec::new(),
+        };
+        let body = stream::unfold(rx, |mut rx| async move {
+            let event = rx.recv().await?;
+            Some((event, rx))
+        })
+        .flat_map(move |event| stream::iter(self.events_for(event)));
+        let events = stream::iter(head).chain(body).map(Ok::<_, Infallible>);
+        Sse::new(events)
+            .keep_alive(KeepAlive::default())
+            .into_response()
+    }
+}
