@@ -61,22 +61,37 @@ pub(crate) fn router(state: Arc<AppState>, log_requests: bool) -> Router {
 /// One line per request on stderr. For a stream the time is until the
 /// response started, not until it ended.
 async fn log_request(request: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let method = request.method().clone();
-    let uri = request.uri().clone();
     let peer = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.to_string())
         .unwrap_or_else(|| "-".into());
+    let mut line = LogLine {
+        what: format!("{peer} {} {}", request.method(), request.uri().path()),
+        started: Instant::now(),
+        status: None,
+    };
     let response = next.run(request).await;
-    eprintln!(
-        "{peer} {method} {} {} {:.1} ms",
-        uri.path(),
-        response.status().as_u16(),
-        started.elapsed().as_secs_f64() * 1e3
-    );
+    line.status = Some(response.status().as_u16());
     response
+}
+
+/// Printed when dropped, so that a request whose client left before the
+/// answer (and whose handler was therefore cancelled) is logged too.
+struct LogLine {
+    what: String,
+    started: Instant,
+    status: Option<u16>,
+}
+
+impl Drop for LogLine {
+    fn drop(&mut self) {
+        let ms = self.started.elapsed().as_secs_f64() * 1e3;
+        match self.status {
+            Some(status) => eprintln!("{} {status} {ms:.1} ms", self.what),
+            None => eprintln!("{} - client left after {ms:.1} ms", self.what),
+        }
+    }
 }
 
 async fn health() -> Json<Value> {

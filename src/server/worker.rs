@@ -114,7 +114,13 @@ impl Worker {
             std::thread::Builder::new()
                 .name("nibble-inference".into())
                 .spawn(move || {
-                    let mut session = match Session::new(&model, SessionOptions { ctx, ..SessionOptions::default() }) {
+                    let mut session = match Session::new(
+                        &model,
+                        SessionOptions {
+                            ctx,
+                            ..SessionOptions::default()
+                        },
+                    ) {
                         Ok(s) => {
                             let _ = ready_tx.send(Ok(s.ctx()));
                             s
