@@ -225,3 +225,30 @@ fn perplexity_matches_llama_cpp_style_reference() {
         r.perplexity
     );
 }
+
+/// Streaming detokenization never emits half a character and adds up to the
+/// full decode, on multi-byte text (accents, CJK, emoji split across tokens).
+#[test]
+fn streaming_decoder_never_splits_characters() {
+    let m = model("q4");
+    let tok = m.tokenizer();
+    let cases = read_json(&fixtures().join("smollm2/tokenizer_cases.json"));
+    let mut multi_token_chars = 0;
+    for c in cases["cases"].as_array().unwrap() {
+        let want = ids(&c["ids"]);
+        let mut dec = tok.stream_decoder(&[]);
+        let mut text = String::new();
+        for &id in &want {
+            let piece = dec.push(id).unwrap();
+            assert!(!piece.contains('\u{FFFD}'), "half a character in {piece:?}");
+            multi_token_chars += piece.is_empty() as usize;
+            text.push_str(&piece);
+        }
+        text.push_str(&dec.flush().unwrap());
+        assert_eq!(text, tok.decode(&want).unwrap());
+    }
+    assert!(
+        multi_token_chars > 0,
+        "the cases split characters across tokens"
+    );
+}
