@@ -248,7 +248,9 @@ impl<'m> Session<'m> {
         let (h, qd, kvd, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let s = &mut self.s;
         if s.x.len() < n * h {
-            let cap = MAX_BATCH.max(n);
+            // Grown to the largest batch seen, not MAX_BATCH: a chat or a
+            // short prompt never pays for 512-token buffers.
+            let cap = n;
             s.x.resize(cap * h, 0.0);
             s.xn.resize(cap * h, 0.0);
             s.proj.resize(cap * h, 0.0);
