@@ -476,3 +476,32 @@ fn ties_round_away_from_zero() {
     assert_eq!(round_half_away(-0.5), -1.0);
     assert_eq!(round_half_away(0.49999997), 0.0);
 }
+
+/// SPEC.md's q8 encoding written out independently, to check that the spec
+/// text determines nibble's bytes exactly. (q4's levels are checked against
+/// the stored scale by `check_q4`.)
+fn spec_q8_block(x: &[f32]) -> Vec<u8> {
+    let a = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let h = f16::from_f32(a / 127.0);
+    let d = if h.to_f32() == 0.0 { f16::ZERO } else { h };
+    let s = d.to_f32();
+    let mut out: Vec<u8> = x
+        .iter()
+        .map(|&v| {
+            if s == 0.0 {
+                0
+            } else {
+                round_half_away(v / s).clamp(-127.0, 127.0) as i8 as u8
+            }
+        })
+        .collect();
+    out.extend(d.to_le_bytes());
+    out
+}
+
+proptest! {
+    #[test]
+    fn spec_q8_reference_gives_nibbles_bytes(x in blocks(1, 22)) {
+        prop_assert_eq!(encode_matrix(TensorType::Q8, BLOCK, &x).unwrap(), spec_q8_block(&x));
+    }
+}
