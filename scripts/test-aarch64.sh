@@ -13,13 +13,13 @@ target=aarch64-unknown-linux-gnu
 rustup target add "$target" >/dev/null
 export PROPTEST_CASES=${PROPTEST_CASES:-24}
 
-cargo test --release --target "$target" --lib --test kernels --no-run
+cargo test --target "$target" --lib --test kernels --no-run
 
 run() {
   local cpu=$1 expect=$2
   echo "== QEMU_CPU=$cpu (expect kernel sets: $expect)"
   QEMU_CPU=$cpu NIBBLE_EXPECT_KERNELS=$expect \
-    cargo test --release --target "$target" --lib --test kernels -- --test-threads 2
+    cargo test --target "$target" --lib --test kernels -- --test-threads 2
 }
 run cortex-a53 scalar,neon
 run max scalar,neon,neon-dotprod

@@ -310,3 +310,39 @@ fn expected_kernel_sets_available() {
         assert_eq!(have.join(","), expect);
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Scores differ by dot-product rounding (|q·k| scale up to ~16 here, so
+    /// ~1e-6 absolute) and the vector exp (~2e-7 relative); each output is a
+    /// convex combination of the values, so 1e-4 × max |v| bounds both.
+    #[test]
+    fn attend_f16_matches_scalar(
+        (hd, len, q, k, v, scale) in (1usize..100, 1usize..70).prop_flat_map(|(hd, len)| (
+            Just(hd),
+            Just(len),
+            prop::collection::vec(-2f32..2.0, hd),
+            prop::collection::vec(-2f32..2.0, hd * len),
+            prop::collection::vec(-50f32..50.0, hd * len),
+            0.01f32..1.0,
+        ))
+    ) {
+        let k: Vec<f16> = k.iter().map(|&x| f16::from_f32(x)).collect();
+        let v: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+        let vmax = v.iter().fold(0f32, |m, x| m.max(x.to_f32().abs()));
+        let (mut want, mut ws) = (vec![0f32; hd], vec![0f32; len]);
+        scalar::attend_f16(&q, &k, &v, scale, &mut ws, &mut want);
+        for kset in sets() {
+            let (mut got, mut gs) = (vec![f32::NAN; hd], vec![0f32; len]);
+            kset.attend_f16(&q, &k, &v, scale, &mut gs, &mut got);
+            for c in 0..hd {
+                prop_assert!((got[c] - want[c]).abs() <= 1e-4 * vmax + 1e-30,
+                    "{} out[{}] {} vs {}", kset.set(), c, got[c], want[c]);
+            }
+            for j in 0..len {
+                prop_assert!((gs[j] - ws[j]).abs() <= 1e-5, "{} p[{}] {} vs {}", kset.set(), j, gs[j], ws[j]);
+            }
+        }
+    }
+}

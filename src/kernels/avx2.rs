@@ -35,6 +35,7 @@ static ISA: Isa = Isa {
     dot_f32,
     dot_f16,
     axpy_f16,
+    attend_f16,
 };
 
 // The safe wrappers below are only stored in `ISA`, which `isa()` hands out
@@ -64,6 +65,20 @@ pub(super) fn axpy_f16(out: &mut [f32], s: f32, v: &[f16]) {
     assert_eq!(out.len(), v.len());
     // SAFETY: features detected; equal lengths checked.
     unsafe { axpy_f16_avx2(out, s, v) }
+}
+
+pub(super) fn attend_f16(
+    q: &[f32],
+    keys: &[f16],
+    values: &[f16],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let (hd, len) = (q.len(), scores.len());
+    assert!(out.len() == hd && keys.len() >= len * hd && values.len() >= len * hd);
+    // SAFETY: features detected; shapes checked.
+    unsafe { attend_f16_avx2(q, keys, values, scale, scores, out) }
 }
 
 /// How one 32-weight block's integer dot product is formed: AVX2
@@ -444,5 +459,112 @@ unsafe fn axpy_f16_avx2(out: &mut [f32], s: f32, v: &[f16]) {
     while i < n {
         out[i] += s * v[i].to_f32();
         i += 1;
+    }
+}
+
+/// `exp(x)` for eight lanes, Cephes' `expf` scheme (range reduction by ln 2 in
+/// two parts, degree-6 polynomial, exponent by integer add); relative error
+/// about 2e-7. Inputs are clamped to [-87.3, 88.3], so results stay normal.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn exp256(x: __m256) -> __m256 {
+    let x = _mm256_min_ps(
+        _mm256_max_ps(x, _mm256_set1_ps(-87.3)),
+        _mm256_set1_ps(88.3),
+    );
+    let fx = _mm256_round_ps(
+        _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+    );
+    let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), x);
+    let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), x);
+    let mut y = _mm256_set1_ps(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ] {
+        y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(c));
+    }
+    let y = _mm256_fmadd_ps(
+        y,
+        _mm256_mul_ps(x, x),
+        _mm256_add_ps(x, _mm256_set1_ps(1.0)),
+    );
+    let e = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)),
+        23,
+    );
+    _mm256_mul_ps(y, _mm256_castsi256_ps(e))
+}
+
+/// Scores with the inlined f16 dot, a vector softmax, then `out` accumulated
+/// in registers 32 lanes at a time over all positions (instead of one
+/// load/store of `out` per position).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_f16_avx2(
+    q: &[f32],
+    keys: &[f16],
+    values: &[f16],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let (hd, len) = (q.len(), scores.len());
+    let mut max = f32::NEG_INFINITY;
+    for j in 0..len {
+        let sc = dot_f16_avx2(&keys[j * hd..(j + 1) * hd], q) * scale;
+        scores[j] = sc;
+        max = max.max(sc);
+    }
+    let sp = scores.as_mut_ptr();
+    let mv = _mm256_set1_ps(max);
+    let mut sumv = _mm256_setzero_ps();
+    let mut j = 0;
+    while j + 8 <= len {
+        let e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sp.add(j)), mv));
+        _mm256_storeu_ps(sp.add(j), e);
+        sumv = _mm256_add_ps(sumv, e);
+        j += 8;
+    }
+    let mut sum = hsum(sumv);
+    while j < len {
+        scores[j] = (scores[j] - max).exp();
+        sum += scores[j];
+        j += 1;
+    }
+    let inv = 1.0 / sum;
+    for sc in scores.iter_mut() {
+        *sc *= inv;
+    }
+    let (vp, op) = (values.as_ptr(), out.as_mut_ptr());
+    let mut c0 = 0;
+    while c0 + 32 <= hd {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for j in 0..len {
+            let p = _mm256_set1_ps(scores[j]);
+            for (k, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(p, ld_f16(vp.add(j * hd + c0 + 8 * k)), *a);
+            }
+        }
+        for (k, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(op.add(c0 + 8 * k), *a);
+        }
+        c0 += 32;
+    }
+    while c0 + 8 <= hd {
+        let mut acc = _mm256_setzero_ps();
+        for j in 0..len {
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[j]), ld_f16(vp.add(j * hd + c0)), acc);
+        }
+        _mm256_storeu_ps(op.add(c0), acc);
+        c0 += 8;
+    }
+    for (c, o) in out.iter_mut().enumerate().skip(c0) {
+        *o = (0..len)
+            .map(|j| scores[j] * values[j * hd + c].to_f32())
+            .sum();
     }
 }

@@ -35,6 +35,7 @@ static ISA: Isa = Isa {
     dot_f32: avx2::dot_f32,
     dot_f16: avx2::dot_f16,
     axpy_f16: avx2::axpy_f16,
+    attend_f16: avx2::attend_f16,
 };
 
 struct Vnni;

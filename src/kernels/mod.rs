@@ -74,7 +74,12 @@ pub(crate) struct Isa {
     pub dot_f32: fn(&[f32], &[f32]) -> f32,
     pub dot_f16: fn(&[f16], &[f32]) -> f32,
     pub axpy_f16: fn(&mut [f32], f32, &[f16]),
+    /// See [`attend_f16`]; lengths checked by the caller.
+    pub attend_f16: AttendFn,
 }
+
+pub(crate) type AttendFn =
+    fn(q: &[f32], keys: &[f16], values: &[f16], scale: f32, scores: &mut [f32], out: &mut [f32]);
 
 /// A family of kernels for one instruction set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -297,6 +302,46 @@ impl Kernels {
         assert_eq!(out.len(), v.len(), "axpy_f16: lengths");
         (self.isa.axpy_f16)(out, s, v)
     }
+
+    /// See [`attend_f16`].
+    pub fn attend_f16(
+        &self,
+        q: &[f32],
+        keys: &[f16],
+        values: &[f16],
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let (hd, len) = (q.len(), scores.len());
+        assert!(
+            hd > 0
+                && len > 0
+                && out.len() == hd
+                && keys.len() >= len * hd
+                && values.len() >= len * hd,
+            "attend_f16: shapes"
+        );
+        (self.isa.attend_f16)(q, keys, values, scale, scores, out)
+    }
+}
+
+/// One query head's causal attention over `len = scores.len()` cached
+/// positions: `out = softmax(scale * K q) · V`, with `keys`/`values` the
+/// head's f16 cache rows `[len, q.len()]` (row-major, at least `len` rows).
+/// `scores` is scratch and ends up holding the softmax weights. The SIMD sets
+/// keep `out` in registers across positions and use a vector `exp` (relative
+/// error below 1e-6), so results differ from the scalar set within float
+/// tolerance.
+pub fn attend_f16(
+    q: &[f32],
+    keys: &[f16],
+    values: &[f16],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    Kernels::active().attend_f16(q, keys, values, scale, scores, out)
 }
 
 /// Name of the kernel set in use (e.g. `"avx2"`), for logs and `--json`.

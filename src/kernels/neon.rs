@@ -42,6 +42,7 @@ static ISA_PLAIN: Isa = Isa {
     dot_f32,
     dot_f16,
     axpy_f16,
+    attend_f16,
 };
 
 static ISA_DOT: Isa = Isa {
@@ -54,6 +55,7 @@ static ISA_DOT: Isa = Isa {
     dot_f32,
     dot_f16,
     axpy_f16,
+    attend_f16,
 };
 
 // The safe wrappers below are only stored in the tables above, which are handed
@@ -76,6 +78,25 @@ fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     // SAFETY: NEON detected; equal lengths checked.
     unsafe { dot_f16_neon(a, b) }
+}
+
+fn attend_f16(
+    q: &[f32],
+    keys: &[f16],
+    values: &[f16],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let dot = |k: &[f16], q: &[f32]| {
+        // SAFETY: NEON detected; the slices have equal lengths (hd each).
+        unsafe { dot_f16_neon(k, q) }
+    };
+    let axpy = |o: &mut [f32], s: f32, v: &[f16]| {
+        // SAFETY: NEON detected; the slices have equal lengths (hd each).
+        unsafe { axpy_f16_neon(o, s, v) }
+    };
+    super::scalar::attend_with(dot, axpy, q, keys, values, scale, scores, out)
 }
 
 fn axpy_f16(out: &mut [f32], s: f32, v: &[f16]) {

@@ -149,7 +149,52 @@ pub(crate) static ISA: Isa = Isa {
     dot_f32,
     dot_f16,
     axpy_f16,
+    attend_f16,
 };
+
+/// Reference attention of one head (see [`super::attend_f16`]).
+pub fn attend_f16(
+    q: &[f32],
+    keys: &[f16],
+    values: &[f16],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    attend_with(dot_f16, axpy_f16, q, keys, values, scale, scores, out)
+}
+
+/// Attention from a dot product and an axpy; the NEON set uses it with its own.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn attend_with(
+    dot: impl Fn(&[f16], &[f32]) -> f32,
+    axpy: impl Fn(&mut [f32], f32, &[f16]),
+    q: &[f32],
+    keys: &[f16],
+    values: &[f16],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    let mut max = f32::NEG_INFINITY;
+    for (j, sc) in scores.iter_mut().enumerate() {
+        *sc = dot(&keys[j * hd..(j + 1) * hd], q) * scale;
+        max = max.max(*sc);
+    }
+    let mut sum = 0f32;
+    for sc in scores.iter_mut() {
+        *sc = (*sc - max).exp();
+        sum += *sc;
+    }
+    let inv = 1.0 / sum;
+    out.fill(0.0);
+    for (j, sc) in scores.iter_mut().enumerate() {
+        *sc *= inv;
+        axpy(out, *sc, &values[j * hd..(j + 1) * hd]);
+    }
+}
 
 #[allow(clippy::too_many_arguments)]
 fn q4_tile(
