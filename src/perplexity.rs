@@ -8,6 +8,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::{Model, Session, SessionOptions};
+use rayon::prelude::*;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct PerplexityResult {
@@ -26,20 +27,8 @@ pub fn perplexity(
     ctx: usize,
     mut progress: impl FnMut(usize, usize, f64),
 ) -> Result<PerplexityResult> {
-    if ctx < 4 {
-        return Err(Error::InvalidArgument(format!(
-            "--ctx {ctx} is too small for perplexity (at least 4)"
-        )));
-    }
     let tok = model.tokenizer();
-    let tokens = tok.encode(text, true)?;
-    let chunks = tokens.len() / ctx;
-    if chunks == 0 {
-        return Err(Error::InvalidArgument(format!(
-            "the text has {} tokens, fewer than one window of --ctx {ctx}",
-            tokens.len()
-        )));
-    }
+    let (tokens, chunks) = windows(model, text, ctx)?;
     let vocab = model.config().vocab_size;
     let mut session = Session::new(
         model,
@@ -72,6 +61,151 @@ pub fn perplexity(
         chunks,
         nll_sum,
     })
+}
+
+/// How far a model's next-token distributions are from a base model's, over
+/// the positions perplexity scores: llama.cpp's `--kl-divergence` statistics.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KlResult {
+    /// Perplexity of the evaluated model.
+    pub model: PerplexityResult,
+    /// Perplexity of the base model on the same windows.
+    pub base: PerplexityResult,
+    /// Mean over scored positions of KL(base ‖ model), in nats.
+    pub kl_mean: f64,
+    /// 99th percentile (nearest rank) of the per-position KL.
+    pub kl_p99: f64,
+    /// Fraction of positions where both models' most likely token is the same.
+    pub top1_agreement: f64,
+}
+
+/// Per-position statistics of one logits row pair.
+struct RowStats {
+    kl: f64,
+    agree: bool,
+    nll_model: f64,
+    nll_base: f64,
+}
+
+/// Runs `model` and `base` on the same windows of `text` (as [`perplexity`]
+/// does) and compares their distributions at every scored position.
+/// `progress(done, total, ppl)` reports the model's running perplexity.
+pub fn perplexity_kl(
+    model: &Model,
+    base: &Model,
+    text: &str,
+    ctx: usize,
+    mut progress: impl FnMut(usize, usize, f64),
+) -> Result<KlResult> {
+    let vocab = model.config().vocab_size;
+    if base.config().vocab_size != vocab {
+        return Err(Error::InvalidArgument(format!(
+            "{}: vocabulary of {} tokens, the model has {vocab}",
+            base.path().display(),
+            base.config().vocab_size
+        )));
+    }
+    let tok = model.tokenizer();
+    let (tokens, chunks) = windows(model, text, ctx)?;
+    if base.tokenizer().encode(text, true)? != tokens {
+        return Err(Error::InvalidArgument(format!(
+            "{}: its tokenizer splits the text differently from the model's",
+            base.path().display()
+        )));
+    }
+    let opts = SessionOptions {
+        ctx: Some(ctx),
+        ..SessionOptions::default()
+    };
+    let mut session = Session::new(model, opts.clone())?;
+    let mut base_session = Session::new(base, opts)?;
+    let first = ctx / 2;
+    let mut stats: Vec<RowStats> = Vec::with_capacity(chunks * (ctx - first - 1));
+    let mut window = Vec::with_capacity(ctx);
+    for c in 0..chunks {
+        window.clear();
+        window.extend_from_slice(&tokens[c * ctx..(c + 1) * ctx]);
+        if tok.adds_bos() {
+            window[0] = tok.bos_id().expect("a tokenizer that adds BOS has one");
+        }
+        session.reset();
+        base_session.reset();
+        let logits = session.forward_from(&window, first)?;
+        let base_logits = base_session.forward_from(&window, first)?;
+        stats.par_extend(
+            logits
+                .par_chunks_exact(vocab)
+                .zip(base_logits.par_chunks_exact(vocab))
+                .zip(window[first + 1..].par_iter())
+                .map(|((m, b), &next)| compare_rows(b, m, next as usize)),
+        );
+        let nll: f64 = stats.iter().map(|s| s.nll_model).sum();
+        progress(c + 1, chunks, (nll / stats.len() as f64).exp());
+    }
+    let n = stats.len();
+    let result = |nll_sum: f64| PerplexityResult {
+        perplexity: (nll_sum / n as f64).exp(),
+        tokens_scored: n,
+        chunks,
+        nll_sum,
+    };
+    let mut kls: Vec<f64> = stats.iter().map(|s| s.kl).collect();
+    kls.sort_by(f64::total_cmp);
+    let p99_rank = (n as f64 * 0.99).ceil() as usize;
+    Ok(KlResult {
+        model: result(stats.iter().map(|s| s.nll_model).sum()),
+        base: result(stats.iter().map(|s| s.nll_base).sum()),
+        kl_mean: kls.iter().sum::<f64>() / n as f64,
+        kl_p99: kls[p99_rank.clamp(1, n) - 1],
+        top1_agreement: stats.iter().filter(|s| s.agree).count() as f64 / n as f64,
+    })
+}
+
+/// `max + ln Σ exp(v - max)` of a logits row, and its argmax (first on ties).
+fn log_sum_exp(logits: &[f32]) -> (f64, usize) {
+    let (arg, max) =
+        logits.iter().enumerate().fold(
+            (0, f32::NEG_INFINITY),
+            |(a, m), (i, &v)| if v > m { (i, v) } else { (a, m) },
+        );
+    let sum: f64 = logits.iter().map(|&v| ((v - max) as f64).exp()).sum();
+    (max as f64 + sum.ln(), arg)
+}
+
+/// KL(p_base ‖ p_model) = Σ p_base (base - model) - lse(base) + lse(model),
+/// using Σ p_base = 1; exact 0 when the rows are equal.
+fn compare_rows(base: &[f32], model: &[f32], next: usize) -> RowStats {
+    let (lse_b, arg_b) = log_sum_exp(base);
+    let (lse_m, arg_m) = log_sum_exp(model);
+    let cross: f64 = base
+        .iter()
+        .zip(model)
+        .map(|(&b, &m)| (b as f64 - lse_b).exp() * (b as f64 - m as f64))
+        .sum();
+    RowStats {
+        kl: (cross - lse_b + lse_m).max(0.0),
+        agree: arg_b == arg_m,
+        nll_model: lse_m - model[next] as f64,
+        nll_base: lse_b - base[next] as f64,
+    }
+}
+
+/// Tokenizes `text` for `model` and counts its full windows of `ctx` tokens.
+fn windows(model: &Model, text: &str, ctx: usize) -> Result<(Vec<u32>, usize)> {
+    if ctx < 4 {
+        return Err(Error::InvalidArgument(format!(
+            "--ctx {ctx} is too small for perplexity (at least 4)"
+        )));
+    }
+    let tokens = model.tokenizer().encode(text, true)?;
+    let chunks = tokens.len() / ctx;
+    if chunks == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "the text has {} tokens, fewer than one window of --ctx {ctx}",
+            tokens.len()
+        )));
+    }
+    Ok((tokens, chunks))
 }
 
 /// `log_softmax(logits)[i]`, accumulated in f64.

@@ -3,7 +3,7 @@
 use clap::{Args, Parser, Subcommand};
 use nibble::bench::{bench, peak_rss_bytes, BenchOptions, Stat};
 use nibble::error::read_prompt_file;
-use nibble::perplexity::perplexity;
+use nibble::perplexity::{perplexity, perplexity_kl};
 use nibble::{
     generate, Conversation, Error, GenerateOptions, Model, Result, Sampler, SamplerOptions,
     Session, SessionOptions, StopReason,
@@ -140,9 +140,15 @@ struct PerplexityArgs {
     /// Window length in tokens.
     #[arg(long, default_value_t = 512)]
     ctx: usize,
-    /// Print {"perplexity","tokens_scored","chunks"} only.
+    /// Print {"perplexity","tokens_scored","chunks"} only (with --kl-base
+    /// also "kl_mean","kl_p99","top1_agreement","base_perplexity").
     #[arg(long)]
     json: bool,
+    /// Also run this base model (e.g. the f32 conversion) on the same windows
+    /// and report KL(base || model) and top-1 agreement, as llama.cpp's
+    /// --kl-divergence does.
+    #[arg(long)]
+    kl_base: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -396,6 +402,9 @@ fn perplexity_cmd(a: PerplexityArgs) -> Result<()> {
     if !a.json {
         eprintln!("load: {load_s:.2} s");
     }
+    if let Some(base) = &a.kl_base {
+        return kl_cmd(&a, &text, model, base);
+    }
     let t = Instant::now();
     let json = a.json;
     let r = perplexity(&model, &text, a.ctx, |done, total, ppl| {
@@ -422,6 +431,49 @@ fn perplexity_cmd(a: PerplexityArgs) -> Result<()> {
             r.chunks,
             a.ctx,
             r.tokens_scored,
+            t.elapsed().as_secs_f64(),
+            peak_rss_text()
+        );
+    }
+    Ok(())
+}
+
+fn kl_cmd(a: &PerplexityArgs, text: &str, model: Model, base: &Path) -> Result<()> {
+    let base = Model::open(base)?;
+    let t = Instant::now();
+    let json = a.json;
+    let r = perplexity_kl(&model, &base, text, a.ctx, |done, total, ppl| {
+        if !json {
+            eprint!("[{done}/{total}] {ppl:.4}  ");
+            if done == total {
+                eprintln!();
+            }
+        }
+    })?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "perplexity": r.model.perplexity,
+                "tokens_scored": r.model.tokens_scored,
+                "chunks": r.model.chunks,
+                "base_perplexity": r.base.perplexity,
+                "kl_mean": r.kl_mean,
+                "kl_p99": r.kl_p99,
+                "top1_agreement": r.top1_agreement,
+            })
+        );
+    } else {
+        println!("perplexity: {:.4}", r.model.perplexity);
+        println!("base perplexity: {:.4}", r.base.perplexity);
+        println!("mean KL(base || model): {:.6}", r.kl_mean);
+        println!("99th percentile KL: {:.6}", r.kl_p99);
+        println!("top-1 agreement: {:.4}", r.top1_agreement);
+        eprintln!(
+            "{} chunks of {} tokens, {} tokens scored, {:.1} s, peak RSS {}",
+            r.model.chunks,
+            a.ctx,
+            r.model.tokens_scored,
             t.elapsed().as_secs_f64(),
             peak_rss_text()
         );

@@ -14,7 +14,7 @@
 mod q4;
 mod q8;
 
-pub use q4::{dequantize_q4_row, quantize_q4_row};
+pub use q4::{dequantize_q4_row, q4_max_scale, quantize_q4_row, Q4_CANDIDATE_DIVISORS};
 pub use q8::{dequantize_q8_row, quantize_q8_row};
 
 use half::f16;

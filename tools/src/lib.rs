@@ -16,6 +16,8 @@ pub mod convert;
 pub mod gguf;
 pub mod hf;
 pub mod inspect;
+pub mod perturb;
+pub mod report;
 pub mod source;
 pub mod synth;
 

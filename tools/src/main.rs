@@ -71,6 +71,21 @@ enum Command {
         /// projection stays q8).
         #[arg(long, value_enum, default_value = "q4")]
         quant: Quant,
+        /// Also print each matrix's quantization error (RMSE relative to the
+        /// source tensor's RMS), measured against the source checkpoint.
+        #[arg(long)]
+        report: bool,
+    },
+    /// Write a copy of a HuggingFace checkpoint with Gaussian noise of a
+    /// quarter of the local Q4_1 step added to every matrix (moves weights
+    /// that sit on a 4-bit grid off it, for honest quantization measurements).
+    Perturb {
+        input: PathBuf,
+        /// The output directory.
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// Show a .nbl file's header, metadata and tensor table.
     Inspect {
@@ -100,11 +115,30 @@ fn run(cli: Cli) -> Result<(), ToolError> {
             input,
             output,
             quant,
+            report,
         } => {
-            let mut options = ConvertOptions::new(input, &output, quant.into());
+            let mut options = ConvertOptions::new(&input, &output, quant.into());
             options.progress = std::io::stderr().is_terminal();
             let summary = convert(&options)?;
             println!("wrote {}: {summary}", output.display());
+            if report {
+                if !input.is_dir() {
+                    return Err(ToolError::new(
+                        &input,
+                        "--report compares against a HuggingFace checkpoint directory",
+                    ));
+                }
+                let errors = nibble_tools::report::quantization_report(&input, &output)?;
+                print!("{}", nibble_tools::report::Report(&errors));
+            }
+        }
+        Command::Perturb {
+            input,
+            output,
+            seed,
+        } => {
+            nibble_tools::perturb::perturb(&input, &output, seed)?;
+            println!("wrote {}", output.display());
         }
         Command::Inspect { file, json } => {
             let nbl = inspect::open(&file)?;

@@ -1,0 +1,54 @@
+//! `perplexity_kl`: llama.cpp `--kl-divergence` statistics between two
+//! conversions of the same tiny checkpoint.
+
+mod common;
+
+use nibble::perplexity::{perplexity, perplexity_kl};
+use nibble::Model;
+
+fn text() -> String {
+    let t = std::fs::read_to_string(common::fixtures().join("eval-text.txt")).unwrap();
+    t.chars().take(6000).collect()
+}
+
+#[test]
+fn a_model_against_itself_has_zero_kl_and_full_agreement() {
+    let m = Model::open(common::tiny_nbl("tiny-mha", "q4")).unwrap();
+    let r = perplexity_kl(&m, &m, &text(), 64, |_, _, _| {}).unwrap();
+    assert!(r.model.tokens_scored > 100, "{}", r.model.tokens_scored);
+    assert_eq!(r.kl_mean, 0.0);
+    assert_eq!(r.kl_p99, 0.0);
+    assert_eq!(r.top1_agreement, 1.0);
+    assert_eq!(r.model.perplexity, r.base.perplexity);
+}
+
+#[test]
+fn a_different_quantization_diverges_and_perplexities_match_the_plain_run() {
+    let base = Model::open(common::tiny_nbl("tiny-mha", "f32")).unwrap();
+    let q4 = Model::open(common::tiny_nbl("tiny-mha", "q4")).unwrap();
+    let text = text();
+    let r = perplexity_kl(&q4, &base, &text, 64, |_, _, _| {}).unwrap();
+    assert!(r.kl_mean > 0.0 && r.kl_mean.is_finite(), "{}", r.kl_mean);
+    assert!(
+        r.kl_p99 >= r.kl_mean,
+        "p99 {} < mean {}",
+        r.kl_p99,
+        r.kl_mean
+    );
+    assert!(r.top1_agreement > 0.0 && r.top1_agreement < 1.0 + 1e-12);
+    // The same windows as `perplexity` scores, for both models.
+    let plain_q4 = perplexity(&q4, &text, 64, |_, _, _| {}).unwrap();
+    let plain_base = perplexity(&base, &text, 64, |_, _, _| {}).unwrap();
+    assert_eq!(r.model.tokens_scored, plain_q4.tokens_scored);
+    assert!((r.model.perplexity / plain_q4.perplexity - 1.0).abs() < 1e-9);
+    assert!((r.base.perplexity / plain_base.perplexity - 1.0).abs() < 1e-9);
+    // 4-bit is further from f32 than 8-bit.
+    let q8 = Model::open(common::tiny_nbl("tiny-mha", "q8")).unwrap();
+    let r8 = perplexity_kl(&q8, &base, &text, 64, |_, _, _| {}).unwrap();
+    assert!(
+        r8.kl_mean < r.kl_mean,
+        "q8 {} vs q4 {}",
+        r8.kl_mean,
+        r.kl_mean
+    );
+}
