@@ -29,7 +29,10 @@ fn sets() -> Vec<Kernels> {
     let only = std::env::var("NIBBLE_BENCH_SETS").ok();
     KernelSet::available()
         .into_iter()
-        .filter(|s| only.as_deref().is_none_or(|o| o.split(',').any(|n| n == s.name())))
+        .filter(|s| {
+            only.as_deref()
+                .is_none_or(|o| o.split(',').any(|n| n == s.name()))
+        })
         .map(|s| Kernels::new(s).unwrap())
         .collect()
 }
