@@ -11,7 +11,7 @@ models=models
 mkdir -p "$cache" "$models"
 
 echo "==> building nibble (release)"
-cargo build --release --quiet --bin nibble --bin nibble-tools
+cargo build --release --quiet --workspace --bins
 
 gguf=$cache/SmolLM2-135M-Instruct.Q4_1.gguf
 if [[ ! -f $gguf ]]; then
