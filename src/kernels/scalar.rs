@@ -164,15 +164,17 @@ pub fn attend_f16(
     attend_with(dot_f16, axpy_f16, q, keys, values, scale, scores, out)
 }
 
-/// Attention from a dot product and an axpy; the NEON set uses it with its own.
+/// Attention from a dot product and an axpy over cached elements of type `E`:
+/// `out = softmax(q·K * scale) · V`, softmax in f32. The NEON set uses it with
+/// its own f16 helpers, the runtime's f32 KV cache with f32 ones.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub(crate) fn attend_with(
-    dot: impl Fn(&[f16], &[f32]) -> f32,
-    axpy: impl Fn(&mut [f32], f32, &[f16]),
+pub(crate) fn attend_with<E>(
+    dot: impl Fn(&[E], &[f32]) -> f32,
+    axpy: impl Fn(&mut [f32], f32, &[E]),
     q: &[f32],
-    keys: &[f16],
-    values: &[f16],
+    keys: &[E],
+    values: &[E],
     scale: f32,
     scores: &mut [f32],
     out: &mut [f32],

@@ -456,22 +456,7 @@ fn attend<E: KvElem>(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    let hd = q.len();
-    let mut max = f32::NEG_INFINITY;
-    for (j, sc) in scores.iter_mut().enumerate() {
-        *sc = E::dot(&keys[j * hd..(j + 1) * hd], q) * scale;
-        max = max.max(*sc);
-    }
-    let mut sum = 0f32;
-    for sc in scores.iter_mut() {
-        *sc = (*sc - max).exp();
-        sum += *sc;
-    }
-    let inv = 1.0 / sum;
-    out.fill(0.0);
-    for (j, &p) in scores.iter().enumerate() {
-        E::axpy(out, p * inv, &values[j * hd..(j + 1) * hd]);
-    }
+    kernels::scalar::attend_with(E::dot, E::axpy, q, keys, values, scale, scores, out)
 }
 
 /// `out = w * x / sqrt(mean(x²) + eps)`; the mean is accumulated in f64 so
