@@ -27,6 +27,7 @@ pub mod generate;
 pub mod kernels;
 pub mod model;
 pub mod perplexity;
+pub mod pool;
 pub mod quant;
 pub mod sampler;
 pub mod server;

@@ -217,6 +217,7 @@ fn load(c: &Common) -> Result<(Model, f64)> {
             .num_threads(n)
             .build_global()
             .map_err(|e| Error::InvalidArgument(format!("cannot start {n} threads: {e}")))?;
+        nibble::pool::set_threads(n);
     }
     nibble::kernels::init().map_err(|e| Error::InvalidArgument(e.to_string()))?;
     let t = Instant::now();
@@ -514,7 +515,7 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     println!(
         "model: {} ({} threads, kernels {kernels})",
         a.common.model.display(),
-        rayon::current_num_threads()
+        nibble::pool::global().threads()
     );
     println!("load: {load_s:.3} s");
     if let Some(s) = r.pp_tps {

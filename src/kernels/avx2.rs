@@ -123,7 +123,7 @@ impl BlockDot for Maddubs {
 
 /// `R` rows of 4-bit blocks × `T` quantized activation rows. Inlined into a
 /// `#[target_feature]` wrapper made by [`tile_fn`].
-#[inline(always)]
+#[inline]
 pub(super) unsafe fn q4_body<D: BlockDot, const R: usize, const T: usize>(
     w: &[u8],
     wd: &[f16],
@@ -169,7 +169,7 @@ pub(super) unsafe fn q4_body<D: BlockDot, const R: usize, const T: usize>(
 }
 
 /// `R` rows of 8-bit blocks × `T` quantized activation rows.
-#[inline(always)]
+#[inline]
 pub(super) unsafe fn q8_body<D: BlockDot, const R: usize, const T: usize>(
     w: &[u8],
     wd: &[f16],
@@ -270,8 +270,8 @@ pub(super) use tile_fn;
 tile_fn!(q4_tile, q4_tile_avx2, q4_body, Maddubs, "avx2,fma,f16c", 16);
 tile_fn!(q8_tile, q8_tile_avx2, q8_body, Maddubs, "avx2,fma,f16c", 32);
 
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
+// Inlined into the `#[target_feature]` tile wrappers of `tile_fn!`.
+#[inline(always)]
 unsafe fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -281,8 +281,8 @@ unsafe fn hsum(v: __m256) -> f32 {
 
 /// Converts the scales of blocks `b..b + g` (g <= 8) of `R` rows and multiplies
 /// them with those of `T` tokens: `prod[r][t][j] = wd[r][b + j] * ad[t][b + j]`.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
+// Inlined into the `#[target_feature]` tile wrappers of `tile_fn!`.
+#[inline(always)]
 unsafe fn scale_products<const R: usize, const T: usize>(
     wd: *const f16,
     ad: *const f32,

@@ -29,7 +29,6 @@ mod neon;
 
 use crate::quant::{WeightView, BLOCK};
 use half::f16;
-use rayon::prelude::*;
 use std::cell::RefCell;
 use std::fmt;
 use std::sync::OnceLock;
@@ -352,7 +351,7 @@ pub fn active_name() -> &'static str {
 /// `y[t * rows + r] = sum_c W[r, c] * x[t * cols + c]` for each of `n_tokens`
 /// activation rows. For quantized weights the activations are first quantized
 /// to 8-bit blocks (see [`scalar::quantize_act`]); for f32/f16 weights the
-/// product is computed in f32. Rows are split across the global rayon pool.
+/// product is computed in f32. Rows are split across the global [`crate::pool`].
 pub fn matmul(w: &WeightView, x: &[f32], n_tokens: usize, y: &mut [f32]) {
     Kernels::active().matmul(w, x, n_tokens, y)
 }
@@ -463,7 +462,7 @@ fn matmul_impl(isa: &Isa, w: &WeightView, x: &[f32], n_tokens: usize, y: &mut [f
 /// and the chunk size in rows (a multiple of `align`).
 fn chunking(rows: usize, macs_per_row: usize, align: usize) -> (usize, usize) {
     let total = rows.saturating_mul(macs_per_row);
-    let threads = rayon::current_num_threads();
+    let threads = crate::pool::global().threads();
     if threads <= 1 || total < MIN_PARALLEL_MACS {
         return (1, rows);
     }
@@ -505,7 +504,7 @@ fn quant_matmul(
     if n_chunks == 1 {
         run(0)
     } else {
-        (0..n_chunks).into_par_iter().for_each(run);
+        crate::pool::global().run(n_chunks, &run);
     }
     ACT_SCRATCH.with(|s| *s.borrow_mut() = act);
 }
@@ -581,6 +580,6 @@ fn float_rows(
     if n_chunks == 1 {
         run(0)
     } else {
-        (0..n_chunks).into_par_iter().for_each(run);
+        crate::pool::global().run(n_chunks, &run);
     }
 }

@@ -5,7 +5,6 @@ use super::{Config, LayerWeights, Model, RopeScaling, Weights};
 use crate::error::{Error, Result};
 use crate::kernels;
 use half::f16;
-use rayon::prelude::*;
 
 /// Most tokens pushed through the layers at once. Longer inputs are split, so
 /// scratch memory stays bounded while prompt processing still hands the
@@ -54,6 +53,17 @@ trait KvElem: Copy + Send + Sync + 'static {
     fn dot(k: &[Self], q: &[f32]) -> f32;
     /// `out[i] += s * v[i]`
     fn axpy(out: &mut [f32], s: f32, v: &[Self]);
+    /// One head's attention, see [`attend`].
+    fn attend(
+        q: &[f32],
+        keys: &[Self],
+        values: &[Self],
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        kernels::scalar::attend_with(Self::dot, Self::axpy, q, keys, values, scale, scores, out)
+    }
 }
 
 impl KvElem for f16 {
@@ -65,6 +75,18 @@ impl KvElem for f16 {
     }
     fn axpy(out: &mut [f32], s: f32, v: &[Self]) {
         kernels::axpy_f16(out, s, v)
+    }
+    /// The kernel set's fused attention: scores, softmax and the weighted
+    /// sum of values in one pass per head, `out` held in registers.
+    fn attend(
+        q: &[f32],
+        keys: &[Self],
+        values: &[Self],
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        kernels::attend_f16(q, keys, values, scale, scores, out)
     }
 }
 
@@ -98,8 +120,6 @@ struct Scratch {
     proj: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
-    /// Attention weights, one `ctx`-long row per head.
-    scores: Vec<f32>,
 }
 
 /// A sequence being processed: tokens go in, logits come out, keys and values
@@ -260,9 +280,6 @@ impl<'m> Session<'m> {
             s.v.resize(cap * kvd, 0.0);
             s.gate.resize(cap * ffn, 0.0);
             s.up.resize(cap * ffn, 0.0);
-        }
-        if s.scores.len() < c.num_heads * self.ctx {
-            s.scores.resize(c.num_heads * self.ctx, 0.0);
         }
         let pos0 = self.tokens.len();
         for (t, &id) in tokens.iter().enumerate() {
@@ -425,24 +442,57 @@ fn attention<E: KvElem>(
     let (kc, vc) = (&*kc, &*vc);
     let group = c.num_heads / c.num_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    for t in 0..n {
+    // One task per (token, head): every task writes its own `hd` slice of
+    // `s.att`; softmax scores live in a per-thread scratch.
+    let heads = c.num_heads;
+    let att = SharedOut(s.att.as_mut_ptr());
+    assert!(s.att.len() >= n * qd);
+    let q = &s.q;
+    crate::pool::global().run(n * heads, &|task| {
+        let (t, head) = (task / heads, task % heads);
         let len = pos0 + t + 1;
-        let q_t = &s.q[t * qd..(t + 1) * qd];
-        s.att[t * qd..(t + 1) * qd]
-            .par_chunks_mut(hd)
-            .zip(s.scores.par_chunks_mut(ctx))
-            .enumerate()
-            .for_each(|(head, (out, scores))| {
-                let base = layer_base + (head / group) * head_stride;
-                attend(
-                    &q_t[head * hd..(head + 1) * hd],
-                    &kc[base..base + len * hd],
-                    &vc[base..base + len * hd],
-                    scale,
-                    &mut scores[..len],
-                    out,
-                );
-            });
+        let base = layer_base + (head / group) * head_stride;
+        // SAFETY: task (t, head) is the only one touching this range, which
+        // is in bounds (asserted above); `s.att` outlives the run.
+        let out = unsafe { att.slice((t * heads + head) * hd, hd) };
+        SCORES.with(|scores| {
+            let mut scores = scores.borrow_mut();
+            if scores.len() < len {
+                scores.resize(len.max(ctx), 0.0);
+            }
+            attend(
+                &q[t * qd + head * hd..t * qd + (head + 1) * hd],
+                &kc[base..base + len * hd],
+                &vc[base..base + len * hd],
+                scale,
+                &mut scores[..len],
+                out,
+            );
+        });
+    });
+}
+
+thread_local! {
+    /// Attention scores of the head a thread is working on, sized once to
+    /// the context so decode does not allocate.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A buffer that parallel tasks write in disjoint ranges.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: only used through `slice`, whose callers guarantee disjoint ranges.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// # Safety
+    /// `start + len` is in bounds of the buffer, and no other live reference
+    /// overlaps the range.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
+        // SAFETY: guaranteed by the caller.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
     }
 }
 
@@ -456,7 +506,7 @@ fn attend<E: KvElem>(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    kernels::scalar::attend_with(E::dot, E::axpy, q, keys, values, scale, scores, out)
+    E::attend(q, keys, values, scale, scores, out)
 }
 
 /// `out = w * x / sqrt(mean(x²) + eps)`; the mean is accumulated in f64 so
