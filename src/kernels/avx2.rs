@@ -13,7 +13,7 @@
 // loops say that more plainly than zipped iterators.
 #![allow(clippy::needless_range_loop)]
 
-use super::{Isa, KernelSet, MAX_TILE, MAX_TILE_T};
+use super::{Isa, KernelSet, MAX_TILE, MAX_TILE_T, Q4_ROWS8_TOKENS};
 use crate::quant::BLOCK;
 use half::f16;
 use std::arch::x86_64::*;
@@ -32,6 +32,7 @@ static ISA: Isa = Isa {
     quantize_act,
     q4_tile,
     q8_tile,
+    q4_rows8: Some(q4_rows8),
     dot_f32,
     dot_f16,
     axpy_f16,
@@ -269,6 +270,137 @@ pub(super) use tile_fn;
 
 tile_fn!(q4_tile, q4_tile_avx2, q4_body, Maddubs, "avx2,fma,f16c", 16);
 tile_fn!(q8_tile, q8_tile_avx2, q8_body, Maddubs, "avx2,fma,f16c", 32);
+
+/// See [`super::Q4Rows8Fn`].
+#[allow(clippy::too_many_arguments)]
+pub(super) fn q4_rows8(
+    w: &[u8],
+    row_bytes: usize,
+    wd: &[f16],
+    nb: usize,
+    aq: &[i8],
+    ad: &[f32],
+    asum: &[i32],
+    nt: usize,
+    out: &mut [f32; MAX_TILE],
+) {
+    assert!(
+        (1..=Q4_ROWS8_TOKENS).contains(&nt)
+            && row_bytes >= nb * 16
+            && w.len() >= 7 * row_bytes + nb * 16
+            && wd.len() >= 7 * nb + nb
+            && aq.len() >= nt * nb * BLOCK
+            && ad.len() >= nt * nb
+            && asum.len() >= nt * nb,
+        "q4_rows8: slices shorter than the tile"
+    );
+    // SAFETY: only reachable through a table handed out after AVX2, FMA and
+    // F16C were detected; the slice lengths were checked just above.
+    unsafe {
+        match nt {
+            1 => q4_rows8_avx2::<1>(w, row_bytes, wd, nb, aq, ad, asum, out),
+            2 => q4_rows8_avx2::<2>(w, row_bytes, wd, nb, aq, ad, asum, out),
+            3 => q4_rows8_avx2::<3>(w, row_bytes, wd, nb, aq, ad, asum, out),
+            _ => q4_rows8_avx2::<4>(w, row_bytes, wd, nb, aq, ad, asum, out),
+        }
+    }
+}
+
+/// 8 rows × `T` tokens, rows in lanes. Per block: unpack the 8 rows' nibbles
+/// (one register per row, weights in activation order), transpose them as an
+/// 8×8 matrix of 4-byte groups so register `k` holds weights `4k..4k+4` of all
+/// 8 rows, then per token broadcast the matching 4 activation bytes and
+/// `vpmaddubsw`. The eight i16 partial sums of a lane add up exactly: each
+/// is at most 2·15·127 = 3810 in magnitude, eight of them 30480 < 2^15.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q4_rows8_avx2<const T: usize>(
+    w: &[u8],
+    row_bytes: usize,
+    wd: &[f16],
+    nb: usize,
+    aq: &[i8],
+    ad: &[f32],
+    asum: &[i32],
+    out: &mut [f32; MAX_TILE],
+) {
+    let mask = _mm256_set1_epi8(0x0f);
+    let ones = _mm256_set1_epi16(1);
+    let (wp, dp, ap) = (w.as_ptr(), wd.as_ptr() as *const u16, aq.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); T];
+    for b in 0..nb {
+        let mut v = [_mm256_setzero_si256(); 8];
+        for (r, v) in v.iter_mut().enumerate() {
+            let raw = _mm_loadu_si128(wp.add(r * row_bytes + b * 16) as *const __m128i);
+            *v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), mask);
+        }
+        let c = transpose8x8_epi32(&v);
+        let dw = _mm256_cvtph_ps(_mm_set_epi16(
+            *dp.add(7 * nb + b) as i16,
+            *dp.add(6 * nb + b) as i16,
+            *dp.add(5 * nb + b) as i16,
+            *dp.add(4 * nb + b) as i16,
+            *dp.add(3 * nb + b) as i16,
+            *dp.add(2 * nb + b) as i16,
+            *dp.add(nb + b) as i16,
+            *dp.add(b) as i16,
+        ));
+        for t in 0..T {
+            let a = ap.add((t * nb + b) * BLOCK) as *const i32;
+            let mut s16 = _mm256_maddubs_epi16(c[0], _mm256_set1_epi32(a.read_unaligned()));
+            for (k, ck) in c.iter().enumerate().skip(1) {
+                let ak = _mm256_set1_epi32(a.add(k).read_unaligned());
+                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(*ck, ak));
+            }
+            let s32 = _mm256_sub_epi32(
+                _mm256_madd_epi16(s16, ones),
+                _mm256_set1_epi32(asum[t * nb + b]),
+            );
+            let scale = _mm256_mul_ps(dw, _mm256_set1_ps(ad[t * nb + b]));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), scale, acc[t]);
+        }
+    }
+    for t in 0..T {
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc[t]);
+        for (r, &x) in lanes.iter().enumerate() {
+            out[r * MAX_TILE_T + t] = x;
+        }
+    }
+}
+
+/// `out[k]` = 32-bit element `k` of every input, input `r` in lane `r`.
+#[inline(always)]
+unsafe fn transpose8x8_epi32(v: &[__m256i; 8]) -> [__m256i; 8] {
+    // within each 128-bit half: 2×2 blocks of 32 bits, then of 64 bits
+    let t0 = _mm256_unpacklo_epi32(v[0], v[1]);
+    let t1 = _mm256_unpackhi_epi32(v[0], v[1]);
+    let t2 = _mm256_unpacklo_epi32(v[2], v[3]);
+    let t3 = _mm256_unpackhi_epi32(v[2], v[3]);
+    let t4 = _mm256_unpacklo_epi32(v[4], v[5]);
+    let t5 = _mm256_unpackhi_epi32(v[4], v[5]);
+    let t6 = _mm256_unpacklo_epi32(v[6], v[7]);
+    let t7 = _mm256_unpackhi_epi32(v[6], v[7]);
+    let u0 = _mm256_unpacklo_epi64(t0, t2);
+    let u1 = _mm256_unpackhi_epi64(t0, t2);
+    let u2 = _mm256_unpacklo_epi64(t1, t3);
+    let u3 = _mm256_unpackhi_epi64(t1, t3);
+    let u4 = _mm256_unpacklo_epi64(t4, t6);
+    let u5 = _mm256_unpackhi_epi64(t4, t6);
+    let u6 = _mm256_unpacklo_epi64(t5, t7);
+    let u7 = _mm256_unpackhi_epi64(t5, t7);
+    // then the 128-bit halves: rows 0-3 from u0..u3, rows 4-7 from u4..u7
+    [
+        _mm256_permute2x128_si256(u0, u4, 0x20),
+        _mm256_permute2x128_si256(u1, u5, 0x20),
+        _mm256_permute2x128_si256(u2, u6, 0x20),
+        _mm256_permute2x128_si256(u3, u7, 0x20),
+        _mm256_permute2x128_si256(u0, u4, 0x31),
+        _mm256_permute2x128_si256(u1, u5, 0x31),
+        _mm256_permute2x128_si256(u2, u6, 0x31),
+        _mm256_permute2x128_si256(u3, u7, 0x31),
+    ]
+}
 
 // Inlined into the `#[target_feature]` tile wrappers of `tile_fn!`.
 #[inline(always)]

@@ -32,6 +32,7 @@ static ISA: Isa = Isa {
     quantize_act: avx2::quantize_act,
     q4_tile,
     q8_tile,
+    q4_rows8: Some(avx2::q4_rows8),
     dot_f32: avx2::dot_f32,
     dot_f16: avx2::dot_f16,
     axpy_f16: avx2::axpy_f16,

@@ -59,6 +59,42 @@ pub(crate) type QTileFn = fn(
     out: &mut [f32; MAX_TILE],
 );
 
+/// Prefill kernel for 4-bit weights with the rows in the vector lanes:
+/// exactly 8 consecutive weight rows (`w`: quant bytes, `row_bytes` apart;
+/// `wd`: their scales, `nb` apart) against `nt <= Q4_ROWS8_TOKENS` quantized
+/// activation rows, writing row `r`, token `t` to `out[r * MAX_TILE_T + t]`.
+/// `asum[t * nb + b]` is `8 * sum(aq)` of token `t`'s block `b` (the Q4
+/// offset folded into the activations), from [`q4_offsets`].
+///
+/// The planar layout stores each row's blocks contiguously; the kernel
+/// transposes 8 rows' unpacked blocks in registers once and reuses them for
+/// every token, so one vector instruction serves 8 rows where the row tiles
+/// need one per row.
+pub(crate) type Q4Rows8Fn = fn(
+    w: &[u8],
+    row_bytes: usize,
+    wd: &[f16],
+    nb: usize,
+    aq: &[i8],
+    ad: &[f32],
+    asum: &[i32],
+    nt: usize,
+    out: &mut [f32; MAX_TILE],
+);
+
+/// Tokens per call of a [`Q4Rows8Fn`].
+pub(crate) const Q4_ROWS8_TOKENS: usize = 4;
+
+/// `8 * sum` of each 32-value activation block: the `-8` offset of Q4
+/// nibbles applied once per (token, block) instead of once per weight.
+pub(crate) fn q4_offsets(aq: &[i8], out: &mut Vec<i32>) {
+    out.clear();
+    out.extend(
+        aq.chunks_exact(BLOCK)
+            .map(|b| 8 * b.iter().map(|&v| v as i32).sum::<i32>()),
+    );
+}
+
 /// The function table of one kernel set.
 pub(crate) struct Isa {
     pub set: KernelSet,
@@ -70,6 +106,8 @@ pub(crate) struct Isa {
     pub quantize_act: fn(x: &[f32], qs: &mut [i8], d: &mut [f32]),
     pub q4_tile: QTileFn,
     pub q8_tile: QTileFn,
+    /// Optional prefill kernel for 4-bit weights, see [`Q4Rows8Fn`].
+    pub q4_rows8: Option<Q4Rows8Fn>,
     pub dot_f32: fn(&[f32], &[f32]) -> f32,
     pub dot_f16: fn(&[f16], &[f32]) -> f32,
     pub axpy_f16: fn(&mut [f32], f32, &[f16]),
@@ -375,6 +413,8 @@ thread_local! {
     /// decode loop does not allocate. Taken out (not borrowed) while in use, so
     /// a nested call on the same thread just gets a fresh buffer.
     static ACT_SCRATCH: RefCell<QuantAct> = RefCell::new(QuantAct::default());
+    /// Per-block activation offsets for [`Q4Rows8Fn`], reused likewise.
+    static OFFSET_SCRATCH: RefCell<Vec<i32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Rows of a quantized matrix, as the tile kernels read them.
@@ -384,6 +424,8 @@ struct QRows<'a> {
     /// Quant bytes per row.
     row_bytes: usize,
     tile: QTileFn,
+    /// Prefill kernel with rows in lanes (4-bit weights only).
+    rows8: Option<Q4Rows8Fn>,
 }
 
 /// Output pointer shared by the row chunks; each chunk writes only its rows.
@@ -443,6 +485,7 @@ fn matmul_impl(isa: &Isa, w: &WeightView, x: &[f32], n_tokens: usize, y: &mut [f
                 d,
                 row_bytes: cols,
                 tile: isa.q8_tile,
+                rows8: None,
             };
             quant_matmul(isa, &q, rows, cols, x, n_tokens, y)
         }
@@ -452,6 +495,7 @@ fn matmul_impl(isa: &Isa, w: &WeightView, x: &[f32], n_tokens: usize, y: &mut [f
                 d,
                 row_bytes: cols / 2,
                 tile: isa.q4_tile,
+                rows8: isa.q4_rows8,
             };
             quant_matmul(isa, &q, rows, cols, x, n_tokens, y)
         }
@@ -494,18 +538,29 @@ fn quant_matmul(
     act.d.resize(n_tokens * nb, 0.0);
     (isa.quantize_act)(x, &mut act.qs, &mut act.d);
 
-    let (n_chunks, chunk) = chunking(rows, cols * n_tokens, isa.tile_rows);
+    let rows8 = w.rows8.filter(|_| n_tokens > 1);
+    let mut asum = OFFSET_SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    if rows8.is_some() {
+        q4_offsets(&act.qs, &mut asum);
+    }
+    let align = if rows8.is_some() { 8 } else { isa.tile_rows };
+    let (n_chunks, chunk) = chunking(rows, cols * n_tokens, align);
     let out = OutPtr(y.as_mut_ptr());
     let run = |c: usize| {
         let r0 = c * chunk;
         let r1 = (r0 + chunk).min(rows);
-        quant_rows(isa, w, nb, r0..r1, rows, &act, n_tokens, out);
+        let mut r = r0;
+        if let Some(rows8) = rows8 {
+            r = q4_rows8_range(rows8, w, nb, r0..r1, rows, &act, &asum, n_tokens, out);
+        }
+        quant_rows(isa, w, nb, r..r1, rows, &act, n_tokens, out);
     };
     if n_chunks == 1 {
         run(0)
     } else {
         crate::pool::global().run(n_chunks, &run);
     }
+    OFFSET_SCRATCH.with(|s| *s.borrow_mut() = asum);
     ACT_SCRATCH.with(|s| *s.borrow_mut() = act);
 }
 
@@ -555,6 +610,54 @@ fn quant_rows(
         }
         r0 += nr;
     }
+}
+
+/// Computes the whole groups of 8 rows at the start of `range` with the
+/// rows-in-lanes kernel; returns the first row left for the row tiles.
+#[allow(clippy::too_many_arguments)]
+fn q4_rows8_range(
+    kernel: Q4Rows8Fn,
+    w: &QRows,
+    nb: usize,
+    range: std::ops::Range<usize>,
+    rows: usize,
+    act: &QuantAct,
+    asum: &[i32],
+    n_tokens: usize,
+    out: OutPtr,
+) -> usize {
+    let cols = nb * BLOCK;
+    let mut tile = [0f32; MAX_TILE];
+    let mut r0 = range.start;
+    while r0 + 8 <= range.end {
+        let wq = &w.qs[r0 * w.row_bytes..(r0 + 8) * w.row_bytes];
+        let wd = &w.d[r0 * nb..(r0 + 8) * nb];
+        let mut t0 = 0;
+        while t0 < n_tokens {
+            let nt = Q4_ROWS8_TOKENS.min(n_tokens - t0);
+            kernel(
+                wq,
+                w.row_bytes,
+                wd,
+                nb,
+                &act.qs[t0 * cols..(t0 + nt) * cols],
+                &act.d[t0 * nb..(t0 + nt) * nb],
+                &asum[t0 * nb..(t0 + nt) * nb],
+                nt,
+                &mut tile,
+            );
+            for t in 0..nt {
+                for r in 0..8 {
+                    // SAFETY: as in `quant_rows`: in bounds, and row r0 + r
+                    // belongs to this chunk only.
+                    unsafe { out.write((t0 + t) * rows + r0 + r, tile[r * MAX_TILE_T + t]) };
+                }
+            }
+            t0 += nt;
+        }
+        r0 += 8;
+    }
+    r0
 }
 
 /// f32/f16 weights: one dot product per (row, token), rows split across the pool.

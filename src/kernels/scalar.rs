@@ -146,6 +146,7 @@ pub(crate) static ISA: Isa = Isa {
     quantize_act: quantize_act_into,
     q4_tile,
     q8_tile,
+    q4_rows8: None,
     dot_f32,
     dot_f16,
     axpy_f16,
