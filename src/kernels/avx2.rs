@@ -307,10 +307,9 @@ pub(super) fn q4_rows8(
 }
 
 /// 8 rows × `T` tokens, rows in lanes. Per block: unpack the 8 rows' nibbles
-/// (one register per row, weights in activation order), transpose them as an
-/// 8×8 matrix of 4-byte groups so register `k` holds weights `4k..4k+4` of all
-/// 8 rows, then per token broadcast the matching 4 activation bytes and
-/// `vpmaddubsw`. The eight i16 partial sums of a lane add up exactly: each
+/// and transpose them as a matrix of 4-byte groups so that register `k` holds
+/// weights `4k..4k+4` of all 8 rows, then per token broadcast the matching 4
+/// activation bytes and `vpmaddubsw`. The eight i16 partial sums of a lane add up exactly: each
 /// is at most 2·15·127 = 3810 in magnitude, eight of them 30480 < 2^15.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
@@ -329,12 +328,21 @@ unsafe fn q4_rows8_avx2<const T: usize>(
     let (wp, dp, ap) = (w.as_ptr(), wd.as_ptr() as *const u16, aq.as_ptr());
     let mut acc = [_mm256_setzero_ps(); T];
     for b in 0..nb {
-        let mut v = [_mm256_setzero_si256(); 8];
-        for (r, v) in v.iter_mut().enumerate() {
-            let raw = _mm_loadu_si128(wp.add(r * row_bytes + b * 16) as *const __m128i);
-            *v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), mask);
+        // rows r and r + 4 share a register (one per 128-bit lane), so the
+        // low nibbles of 4 registers hold weights 0..16 of all 8 rows and the
+        // high nibbles weights 16..32
+        let mut lo = [_mm256_setzero_si256(); 4];
+        let mut hi = [_mm256_setzero_si256(); 4];
+        for r in 0..4 {
+            let pair = _mm256_loadu2_m128i(
+                wp.add((r + 4) * row_bytes + b * 16) as *const __m128i,
+                wp.add(r * row_bytes + b * 16) as *const __m128i,
+            );
+            lo[r] = _mm256_and_si256(pair, mask);
+            hi[r] = _mm256_and_si256(_mm256_srli_epi16(pair, 4), mask);
         }
-        let c = transpose8x8_epi32(&v);
+        let (c0, c1) = (transpose4x4_epi32(&lo), transpose4x4_epi32(&hi));
+        let c = [c0[0], c0[1], c0[2], c0[3], c1[0], c1[1], c1[2], c1[3]];
         let dw = _mm256_cvtph_ps(_mm_set_epi16(
             *dp.add(7 * nb + b) as i16,
             *dp.add(6 * nb + b) as i16,
@@ -369,36 +377,19 @@ unsafe fn q4_rows8_avx2<const T: usize>(
     }
 }
 
-/// `out[k]` = 32-bit element `k` of every input, input `r` in lane `r`.
+/// Within each 128-bit lane, `out[k]` = 32-bit element `k` of every
+/// input, input `r` in element `r`.
 #[inline(always)]
-unsafe fn transpose8x8_epi32(v: &[__m256i; 8]) -> [__m256i; 8] {
-    // within each 128-bit half: 2×2 blocks of 32 bits, then of 64 bits
+unsafe fn transpose4x4_epi32(v: &[__m256i; 4]) -> [__m256i; 4] {
     let t0 = _mm256_unpacklo_epi32(v[0], v[1]);
     let t1 = _mm256_unpackhi_epi32(v[0], v[1]);
     let t2 = _mm256_unpacklo_epi32(v[2], v[3]);
     let t3 = _mm256_unpackhi_epi32(v[2], v[3]);
-    let t4 = _mm256_unpacklo_epi32(v[4], v[5]);
-    let t5 = _mm256_unpackhi_epi32(v[4], v[5]);
-    let t6 = _mm256_unpacklo_epi32(v[6], v[7]);
-    let t7 = _mm256_unpackhi_epi32(v[6], v[7]);
-    let u0 = _mm256_unpacklo_epi64(t0, t2);
-    let u1 = _mm256_unpackhi_epi64(t0, t2);
-    let u2 = _mm256_unpacklo_epi64(t1, t3);
-    let u3 = _mm256_unpackhi_epi64(t1, t3);
-    let u4 = _mm256_unpacklo_epi64(t4, t6);
-    let u5 = _mm256_unpackhi_epi64(t4, t6);
-    let u6 = _mm256_unpacklo_epi64(t5, t7);
-    let u7 = _mm256_unpackhi_epi64(t5, t7);
-    // then the 128-bit halves: rows 0-3 from u0..u3, rows 4-7 from u4..u7
     [
-        _mm256_permute2x128_si256(u0, u4, 0x20),
-        _mm256_permute2x128_si256(u1, u5, 0x20),
-        _mm256_permute2x128_si256(u2, u6, 0x20),
-        _mm256_permute2x128_si256(u3, u7, 0x20),
-        _mm256_permute2x128_si256(u0, u4, 0x31),
-        _mm256_permute2x128_si256(u1, u5, 0x31),
-        _mm256_permute2x128_si256(u2, u6, 0x31),
-        _mm256_permute2x128_si256(u3, u7, 0x31),
+        _mm256_unpacklo_epi64(t0, t2),
+        _mm256_unpackhi_epi64(t0, t2),
+        _mm256_unpacklo_epi64(t1, t3),
+        _mm256_unpackhi_epi64(t1, t3),
     ]
 }
 
