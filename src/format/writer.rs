@@ -33,15 +33,21 @@ pub struct NblWriter {
 }
 
 impl NblWriter {
+    /// Where this process writes `path` until [`NblWriter::finish`] renames
+    /// it: `.NAME.tmpPID` next to it, so the rename stays on one file system.
+    /// Public so that a signal handler can remove it (`None` when `path` has
+    /// no file name).
+    pub fn temp_path(path: &Path) -> Option<PathBuf> {
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(path.file_name()?);
+        tmp_name.push(format!(".tmp{}", std::process::id()));
+        Some(path.with_file_name(tmp_name))
+    }
+
     /// Starts a new file that will appear at `path` when finished.
     pub fn create(path: &Path) -> Result<Self, FormatError> {
-        let file_name = path
-            .file_name()
+        let tmp_path = Self::temp_path(path)
             .ok_or_else(|| FormatError::Invalid(format!("{}: not a file path", path.display())))?;
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(file_name);
-        tmp_name.push(format!(".tmp{}", std::process::id()));
-        let tmp_path = path.with_file_name(tmp_name);
         let file = File::create(&tmp_path).map_err(|e| {
             FormatError::Io(std::io::Error::new(
                 e.kind(),
