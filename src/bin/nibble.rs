@@ -270,7 +270,7 @@ impl Interrupt {
 
 fn peak_rss_text() -> String {
     match peak_rss_bytes() {
-        Some(b) => format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0)),
+        Some(b) => format!("{:.1} MiB", b as f64 / MIB),
         None => "unknown".into(),
     }
 }
@@ -380,9 +380,21 @@ fn run(a: RunArgs) -> Result<()> {
         gen_s,
         tps(tokens.len(), gen_s)
     );
-    eprintln!("peak RSS: {}", peak_rss_text());
+    // The goal for resident memory: the weights, the KV cache of this
+    // context, and 10% for everything else (tokenizer, code, scratch).
+    let budget = (model.file().file_len() as f64 + session.kv_cache_bytes() as f64) * 1.1;
+    eprintln!(
+        "peak RSS: {} (budget {:.1} MiB = file {:.1} MiB + KV cache {:.1} MiB for {} tokens, + 10%)",
+        peak_rss_text(),
+        budget / MIB,
+        model.file().file_len() as f64 / MIB,
+        session.kv_cache_bytes() as f64 / MIB,
+        session.ctx()
+    );
     Ok(())
 }
+
+const MIB: f64 = 1024.0 * 1024.0;
 
 fn chat(a: ChatArgs) -> Result<()> {
     let mut sampler = a.sampling.sampler()?;
