@@ -23,6 +23,29 @@ struct Entry {
     crc32: u32,
 }
 
+/// Writes a `.nbl` file tensor by tensor.
+///
+/// ```
+/// use nibble::format::{keys, Metadata, NblFile, NblWriter, Value};
+/// use nibble::quant::TensorType;
+///
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("two.nbl");
+/// let mut w = NblWriter::create(&path)?;
+/// let values: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+/// w.add_tensor("norm.weight", TensorType::F32, &[2], &values)?;
+/// let mut meta = Metadata::new();
+/// meta.set(keys::ARCHITECTURE, Value::Str("llama".into()));
+/// w.finish(&meta)?;
+///
+/// let file = NblFile::open(&path)?; // validates, then reads in place
+/// file.verify_checksums()?;
+/// assert_eq!(file.require("norm.weight")?.f32s()?, &[1.5, -2.0]);
+/// assert_eq!(file.metadata().get_str(keys::ARCHITECTURE)?, Some("llama"));
+/// // Nothing but the finished file is left in the directory.
+/// assert_eq!(std::fs::read_dir(dir.path())?.count(), 1);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct NblWriter {
     file: Option<BufWriter<File>>,
     tmp_path: PathBuf,
