@@ -8,13 +8,17 @@ use crate::model::{Model, Session, SessionOptions};
 use minijinja::{context, Environment, ErrorKind};
 use serde::Serialize;
 
+/// One turn of a conversation, as chat templates see it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Message {
+    /// `system`, `user` or `assistant`.
     pub role: String,
+    /// The turn's text.
     pub content: String,
 }
 
 impl Message {
+    /// A message with this role and text.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
         Self {
             role: role.into(),
@@ -23,6 +27,21 @@ impl Message {
     }
 }
 
+/// A compiled HF chat template.
+///
+/// ```
+/// use nibble::{ChatTemplate, Message};
+///
+/// // SmolLM2's ChatML, shortened.
+/// let source = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n\
+///               {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+/// let t = ChatTemplate::new(source, "<|im_start|>", "<|im_end|>")?;
+/// let prompt = t.render(&[Message::new("user", "Hi!")], true)?;
+/// assert_eq!(prompt, "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n");
+/// // Template errors are errors, not panics.
+/// assert!(ChatTemplate::new("{% if %}", "", "").is_err());
+/// # Ok::<(), nibble::Error>(())
+/// ```
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
@@ -93,6 +112,8 @@ pub struct Conversation<'m> {
 }
 
 impl<'m> Conversation<'m> {
+    /// Starts a conversation (with an optional system message) over a new
+    /// session; fails if the model has no chat template.
     pub fn new(model: &'m Model, system: Option<&str>, opts: SessionOptions) -> Result<Self> {
         Ok(Self {
             template: ChatTemplate::from_model(model)?,
@@ -103,17 +124,19 @@ impl<'m> Conversation<'m> {
         })
     }
 
+    /// The turns so far.
     pub fn messages(&self) -> &[Message] {
         &self.messages
     }
 
+    /// The session holding the conversation's KV cache.
     pub fn session(&mut self) -> &mut Session<'m> {
         &mut self.session
     }
 
     /// Adds a user message and returns the tokens still to be fed (the
     /// session is rewound to the part of the rendered prompt it already
-    /// holds). Pass them to [`crate::generate`], then call
+    /// holds). Pass them to [`generate`](fn@crate::generate), then call
     /// [`Conversation::add_reply`]. On error the message is not kept.
     pub fn user_turn(&mut self, text: &str) -> Result<Vec<u32>> {
         self.messages.push(Message::new("user", text));

@@ -5,7 +5,10 @@ use crate::error::{Error, Result};
 use crate::model::Session;
 use crate::sampler::Sampler;
 use crate::tokenizer::StreamDecoder;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
+/// When generation ends, and how it can be stopped from outside.
 #[derive(Clone, Debug)]
 pub struct GenerateOptions {
     /// Most tokens to generate.
@@ -16,6 +19,10 @@ pub struct GenerateOptions {
     /// End at the model's end-of-sequence tokens (returned as a token with
     /// empty text).
     pub stop_at_eos: bool,
+    /// Generation ends (with [`StopReason::Cancelled`]) before the next token
+    /// once this is set, e.g. from a Ctrl-C handler or another thread. The
+    /// prompt itself is processed in one piece and is not interrupted.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl Default for GenerateOptions {
@@ -24,6 +31,7 @@ impl Default for GenerateOptions {
             max_tokens: 128,
             stop: Vec::new(),
             stop_at_eos: true,
+            cancel: None,
         }
     }
 }
@@ -38,15 +46,22 @@ pub struct Piece {
     pub text: String,
 }
 
+/// Why a [`Generator`] ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StopReason {
+    /// The model produced an end-of-sequence token.
     Eos,
+    /// The text reached one of [`GenerateOptions::stop`].
     StopString,
+    /// [`GenerateOptions::max_tokens`] tokens were generated.
     MaxTokens,
     /// The context is full: generation ends there rather than failing.
     ContextFull,
+    /// [`GenerateOptions::cancel`] was set.
+    Cancelled,
 }
 
+/// The iterator returned by [`generate`].
 pub struct Generator<'s, 'm> {
     session: &'s mut Session<'m>,
     sampler: &'s mut Sampler,
@@ -66,6 +81,43 @@ pub struct Generator<'s, 'm> {
 /// Feeds `prompt` (after whatever the session already holds) and returns an
 /// iterator over the continuation. The prompt must not be empty. The sampler
 /// is borrowed so that its random stream continues across calls (chat turns).
+///
+/// Stop strings are cut from the text, and a cancel flag (set here from the
+/// loop itself; a Ctrl-C handler or another thread works the same way) ends
+/// generation before the next token:
+///
+/// ```
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("model.nbl");
+/// # let tiny = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny/tiny-mha");
+/// # nibble_tools::convert::convert(&nibble_tools::convert::ConvertOptions::new(
+/// #     tiny, &path, nibble_tools::convert::QuantPolicy::F32))?;
+/// use nibble::{generate, GenerateOptions, Model, Sampler, SamplerOptions, Session, StopReason};
+/// use std::sync::{atomic::{AtomicBool, Ordering}, Arc};
+///
+/// let model = Model::open(&path)?;
+/// let mut session = Session::new(&model, Default::default())?;
+/// let mut sampler = Sampler::new(SamplerOptions::greedy())?;
+/// let cancel = Arc::new(AtomicBool::new(false));
+/// let opts = GenerateOptions {
+///     max_tokens: 100,
+///     stop_at_eos: false,
+///     cancel: Some(cancel.clone()),
+///     ..GenerateOptions::default()
+/// };
+/// let prompt = model.tokenizer().encode("Once upon a time", true)?;
+/// let mut gen = generate(&mut session, &prompt, &mut sampler, opts)?;
+/// let mut tokens = 0;
+/// for piece in &mut gen {
+///     tokens += piece?.token.is_some() as usize;
+///     if tokens == 3 {
+///         cancel.store(true, Ordering::Relaxed);
+///     }
+/// }
+/// assert_eq!(tokens, 3);
+/// assert_eq!(gen.stop_reason(), Some(StopReason::Cancelled));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn generate<'s, 'm>(
     session: &'s mut Session<'m>,
     prompt: &[u32],
@@ -127,6 +179,12 @@ impl Generator<'_, '_> {
         if self.generated >= self.opts.max_tokens {
             self.stop = Some(StopReason::MaxTokens);
             return self.step();
+        }
+        if let Some(c) = &self.opts.cancel {
+            if c.load(Ordering::Relaxed) {
+                self.stop = Some(StopReason::Cancelled);
+                return self.step();
+            }
         }
         let token = self.sampler.sample(&mut self.logits, self.session.tokens());
         self.generated += 1;

@@ -21,6 +21,25 @@ pub struct PerplexityResult {
 
 /// Evaluates `text` in windows of `ctx` tokens. `progress(done, total, ppl)`
 /// is called after each window with the running perplexity.
+///
+/// ```
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("model.nbl");
+/// # let tiny = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny/tiny-mha");
+/// # nibble_tools::convert::convert(&nibble_tools::convert::ConvertOptions::new(
+/// #     tiny, &path, nibble_tools::convert::QuantPolicy::F32))?;
+/// let model = nibble::Model::open(&path)?;
+/// let text = "It is a truth universally acknowledged, that a single man in \
+///             possession of a good fortune, must be in want of a wife.";
+/// let mut windows = 0;
+/// let r = nibble::perplexity::perplexity(&model, text, 8, |_, _, _| windows += 1)?;
+/// assert!(r.chunks > 0);
+/// assert_eq!(windows, r.chunks);
+/// // Each window scores its second half but the last position.
+/// assert_eq!(r.tokens_scored, r.chunks * 3);
+/// assert!(r.perplexity >= 1.0);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn perplexity(
     model: &Model,
     text: &str,

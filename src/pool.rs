@@ -8,7 +8,7 @@
 //! `sched_yield`/futex calls. Here a job is published by bumping a generation
 //! counter that idle workers watch; they take task indices from a shared
 //! atomic counter (so uneven tasks balance themselves), and park on a condvar
-//! only after spinning for [`SPIN`] without work.
+//! only after spinning for `SPIN` without work.
 //!
 //! The pool serves one job at a time. A caller that finds it busy (another
 //! thread's job, or a nested call from inside a task) runs its tasks inline,

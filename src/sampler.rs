@@ -7,6 +7,7 @@
 
 use crate::error::{Error, Result};
 
+/// Sampling settings; [`SamplerOptions::default`] matches llama.cpp.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplerOptions {
     /// 0 = greedy.
@@ -23,6 +24,8 @@ pub struct SamplerOptions {
     pub repeat_penalty: f32,
     /// How many of the most recent tokens the penalty looks at.
     pub repeat_last_n: usize,
+    /// Seed of the random draws: the same seed, options and logits give the
+    /// same tokens.
     pub seed: u64,
 }
 
@@ -50,6 +53,7 @@ impl SamplerOptions {
         }
     }
 
+    /// Checks every option's range (errors name the CLI flag).
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(Error::InvalidArgument(m.into()));
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
@@ -101,6 +105,30 @@ impl Rng {
     }
 }
 
+/// Picks tokens from logits with the [`SamplerOptions`] it was made with,
+/// keeping its random stream across calls.
+///
+/// ```
+/// use nibble::{Sampler, SamplerOptions};
+///
+/// let logits = [0.5, 3.0, 2.9, -1.0];
+/// let mut greedy = Sampler::new(SamplerOptions::greedy())?;
+/// assert_eq!(greedy.sample(&mut logits.clone(), &[]), 1);
+///
+/// // top-k 2: only tokens 1 and 2 can come out; a seed makes it repeatable.
+/// let opts = SamplerOptions { temperature: 1.0, top_k: 2, seed: 7, ..Default::default() };
+/// let draw = |opts: &SamplerOptions| -> Vec<u32> {
+///     let mut s = Sampler::new(opts.clone()).unwrap();
+///     (0..20).map(|_| s.sample(&mut logits.clone(), &[])).collect()
+/// };
+/// let tokens = draw(&opts);
+/// assert!(tokens.iter().all(|&t| t == 1 || t == 2));
+/// assert_eq!(tokens, draw(&opts));
+///
+/// // Invalid settings are refused up front.
+/// assert!(Sampler::new(SamplerOptions { top_p: 0.0, ..Default::default() }).is_err());
+/// # Ok::<(), nibble::Error>(())
+/// ```
 pub struct Sampler {
     opts: SamplerOptions,
     rng: Rng,
@@ -109,6 +137,7 @@ pub struct Sampler {
 }
 
 impl Sampler {
+    /// Validates `opts` and seeds the random stream.
     pub fn new(opts: SamplerOptions) -> Result<Self> {
         opts.validate()?;
         Ok(Self {
@@ -118,6 +147,7 @@ impl Sampler {
         })
     }
 
+    /// The options this sampler was made with.
     pub fn options(&self) -> &SamplerOptions {
         &self.opts
     }

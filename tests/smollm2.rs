@@ -91,6 +91,7 @@ fn f32_greedy_continuations_match() {
             max_tokens: n,
             stop: vec![],
             stop_at_eos: false,
+            cancel: None,
         };
         let ours: Vec<u32> = generate(&mut s, &ids(&p["ids"]), &mut sampler, opts)
             .unwrap()

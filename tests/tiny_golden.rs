@@ -47,6 +47,7 @@ fn greedy(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
         max_tokens: n,
         stop: vec![],
         stop_at_eos: false,
+        cancel: None,
     };
     generate(&mut session, prompt, &mut sampler, opts)
         .unwrap()

@@ -11,6 +11,8 @@ use nibble::{
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Parser)]
@@ -225,9 +227,50 @@ fn load(c: &Common) -> Result<(Model, f64)> {
     Ok((model, t.elapsed().as_secs_f64()))
 }
 
+/// Ctrl-C (and SIGTERM) for `run` and `chat`: during generation the first
+/// one ends the current answer (through [`GenerateOptions::cancel`]); at the
+/// chat prompt, or when a second one arrives before generation has noticed
+/// the first (a long prompt is still being processed), the process exits.
+struct Interrupt {
+    cancel: Arc<AtomicBool>,
+    generating: Arc<AtomicBool>,
+}
+
+impl Interrupt {
+    fn install() -> Result<Self> {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let generating = Arc::new(AtomicBool::new(false));
+        let (c, g) = (cancel.clone(), generating.clone());
+        ctrlc::set_handler(move || {
+            if g.load(Ordering::SeqCst) && !c.swap(true, Ordering::SeqCst) {
+                return;
+            }
+            // Not generating: the user wants out, which is a normal end of a
+            // chat. A second interrupt while generating is a forced exit.
+            let forced = g.load(Ordering::SeqCst);
+            eprintln!();
+            std::process::exit(if forced { 130 } else { 0 });
+        })
+        .map_err(|e| Error::InvalidArgument(format!("cannot install the Ctrl-C handler: {e}")))?;
+        Ok(Self { cancel, generating })
+    }
+
+    /// Marks the start of an answer and returns the flag to pass to
+    /// [`generate`].
+    fn start(&self) -> Option<Arc<AtomicBool>> {
+        self.cancel.store(false, Ordering::SeqCst);
+        self.generating.store(true, Ordering::SeqCst);
+        Some(self.cancel.clone())
+    }
+
+    fn stop(&self) {
+        self.generating.store(false, Ordering::SeqCst);
+    }
+}
+
 fn peak_rss_text() -> String {
     match peak_rss_bytes() {
-        Some(b) => format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0)),
+        Some(b) => format!("{:.1} MiB", b as f64 / MIB),
         None => "unknown".into(),
     }
 }
@@ -261,6 +304,7 @@ fn run(a: RunArgs) -> Result<()> {
         return Err(Error::EmptyPrompt);
     }
     let mut sampler = a.sampling.sampler()?;
+    let interrupt = Interrupt::install()?;
     let (model, load_s) = load(&a.common)?;
     eprintln!("load: {load_s:.2} s ({})", a.common.model.display());
     let prompt = model.tokenizer().encode(&text, true)?;
@@ -278,6 +322,7 @@ fn run(a: RunArgs) -> Result<()> {
         max_tokens: a.n_predict,
         stop: a.sampling.stop.clone(),
         stop_at_eos: true,
+        cancel: interrupt.start(),
     };
     let t = Instant::now();
     let mut gen = generate(&mut session, &prompt, &mut sampler, opts)?;
@@ -297,6 +342,7 @@ fn run(a: RunArgs) -> Result<()> {
         }
     }
     let gen_s = t.elapsed().as_secs_f64();
+    interrupt.stop();
     let reason = gen.stop_reason();
     if a.json {
         #[derive(serde::Serialize)]
@@ -315,8 +361,12 @@ fn run(a: RunArgs) -> Result<()> {
     } else {
         writeln!(stdout).map_err(io_err)?;
     }
-    if reason == Some(StopReason::ContextFull) {
-        eprintln!("stopped: the context of {} tokens is full", session.ctx());
+    match reason {
+        Some(StopReason::ContextFull) => {
+            eprintln!("stopped: the context of {} tokens is full", session.ctx())
+        }
+        Some(StopReason::Cancelled) => eprintln!("stopped: interrupted"),
+        _ => {}
     }
     eprintln!(
         "prompt: {} tokens, {:.2} s, {:.1} tok/s",
@@ -330,16 +380,32 @@ fn run(a: RunArgs) -> Result<()> {
         gen_s,
         tps(tokens.len(), gen_s)
     );
-    eprintln!("peak RSS: {}", peak_rss_text());
+    // The goal for resident memory: the weights, the KV cache of this
+    // context, and 10% for everything else (tokenizer, code, scratch).
+    let budget = (model.file().file_len() as f64 + session.kv_cache_bytes() as f64) * 1.1;
+    eprintln!(
+        "peak RSS: {} (budget {:.1} MiB = file {:.1} MiB + KV cache {:.1} MiB for {} tokens, + 10%)",
+        peak_rss_text(),
+        budget / MIB,
+        model.file().file_len() as f64 / MIB,
+        session.kv_cache_bytes() as f64 / MIB,
+        session.ctx()
+    );
     Ok(())
 }
 
+const MIB: f64 = 1024.0 * 1024.0;
+
 fn chat(a: ChatArgs) -> Result<()> {
     let mut sampler = a.sampling.sampler()?;
+    let interrupt = Interrupt::install()?;
     let (model, load_s) = load(&a.common)?;
     let interactive = std::io::stdin().is_terminal();
     if interactive {
-        eprintln!("load: {load_s:.2} s. Type a message; Ctrl-D ends the chat.");
+        eprintln!(
+            "load: {load_s:.2} s. Type a message; Ctrl-C stops an answer, \
+             Ctrl-D or Ctrl-C at the prompt ends the chat."
+        );
     }
     let mut conv = Conversation::new(
         &model,
@@ -376,6 +442,7 @@ fn chat(a: ChatArgs) -> Result<()> {
             max_tokens: a.n_predict,
             stop: a.sampling.stop.clone(),
             stop_at_eos: true,
+            cancel: interrupt.start(),
         };
         let mut reply = String::new();
         let mut gen = generate(conv.session(), &suffix, &mut sampler, opts)?;
@@ -385,8 +452,13 @@ fn chat(a: ChatArgs) -> Result<()> {
             stdout.write_all(piece.text.as_bytes()).map_err(io_err)?;
             stdout.flush().map_err(io_err)?;
         }
+        interrupt.stop();
         let full = gen.stop_reason() == Some(StopReason::ContextFull);
         writeln!(stdout).map_err(io_err)?;
+        if gen.stop_reason() == Some(StopReason::Cancelled) {
+            // The partial answer stays in the conversation, as shown.
+            eprintln!("[interrupted]");
+        }
         conv.add_reply(&reply);
         if full {
             return Err(Error::ContextFull {

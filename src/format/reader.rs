@@ -51,7 +51,7 @@ impl Deref for Backing {
     }
 }
 
-/// An open, validated `.nbl` file.
+/// An open, validated `.nbl` file (example at [`NblWriter`](super::NblWriter)).
 pub struct NblFile {
     bytes: Backing,
     header: Header,
@@ -118,9 +118,48 @@ impl NblFile {
             // rewrites a file in place (it renames a new one over it), so our
             // own tools do not trigger it.
             let map = unsafe { Mmap::map(&file)? };
-            Self::parse(Backing::Mapped(map))
+            let parsed = Self::parse(Backing::Mapped(map))?;
+            parsed.release_decoded_sections();
+            Ok(parsed)
         };
         open().map_err(|e| e.in_file(path))
+    }
+
+    /// Drops the mapped pages of the metadata and directory from memory:
+    /// both were read once (checksum, decoding) and live on as owned values,
+    /// so keeping them resident would count the tokenizer.json, megabytes on
+    /// large vocabularies, twice. Only whole pages inside each section are
+    /// released, never a page shared with tensor data.
+    fn release_decoded_sections(&self) {
+        #[cfg(unix)]
+        if let Backing::Mapped(map) = &self.bytes {
+            // An upper bound on the page size of every supported platform
+            // (4 KiB on x86-64, up to 64 KiB on aarch64).
+            const PAGE: u64 = 64 << 10;
+            let h = &self.header;
+            for (off, len) in [
+                (h.metadata_offset, h.metadata_len),
+                (h.directory_offset, h.directory_len),
+            ] {
+                let start = off.div_ceil(PAGE) * PAGE;
+                let end = (off + len) / PAGE * PAGE;
+                if end > start {
+                    // SAFETY: the map is private and read-only, so MADV_DONTNEED
+                    // cannot discard data: a later read of these pages faults
+                    // them in again from the file. No reference into the range
+                    // outlives this call except through `self.bytes`, whose
+                    // contents are unchanged by the advice. The range lies
+                    // within the map (sections were bounds-checked by `parse`).
+                    let _ = unsafe {
+                        map.unchecked_advise_range(
+                            memmap2::UncheckedAdvice::DontNeed,
+                            start as usize,
+                            (end - start) as usize,
+                        )
+                    };
+                }
+            }
+        }
     }
 
     /// Validates a file held in memory.
@@ -192,6 +231,12 @@ impl NblFile {
 
     pub fn metadata(&self) -> &Metadata {
         &self.metadata
+    }
+
+    /// The decoded metadata, for dropping values once they have been used
+    /// (the file itself is never modified).
+    pub fn metadata_mut(&mut self) -> &mut Metadata {
+        &mut self.metadata
     }
 
     /// Directory entries in file order.

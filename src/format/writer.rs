@@ -23,6 +23,29 @@ struct Entry {
     crc32: u32,
 }
 
+/// Writes a `.nbl` file tensor by tensor.
+///
+/// ```
+/// use nibble::format::{keys, Metadata, NblFile, NblWriter, Value};
+/// use nibble::quant::TensorType;
+///
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("two.nbl");
+/// let mut w = NblWriter::create(&path)?;
+/// let values: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+/// w.add_tensor("norm.weight", TensorType::F32, &[2], &values)?;
+/// let mut meta = Metadata::new();
+/// meta.set(keys::ARCHITECTURE, Value::Str("llama".into()));
+/// w.finish(&meta)?;
+///
+/// let file = NblFile::open(&path)?; // validates, then reads in place
+/// file.verify_checksums()?;
+/// assert_eq!(file.require("norm.weight")?.f32s()?, &[1.5, -2.0]);
+/// assert_eq!(file.metadata().get_str(keys::ARCHITECTURE)?, Some("llama"));
+/// // Nothing but the finished file is left in the directory.
+/// assert_eq!(std::fs::read_dir(dir.path())?.count(), 1);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct NblWriter {
     file: Option<BufWriter<File>>,
     tmp_path: PathBuf,
@@ -33,15 +56,21 @@ pub struct NblWriter {
 }
 
 impl NblWriter {
+    /// Where this process writes `path` until [`NblWriter::finish`] renames
+    /// it: `.NAME.tmpPID` next to it, so the rename stays on one file system.
+    /// Public so that a signal handler can remove it (`None` when `path` has
+    /// no file name).
+    pub fn temp_path(path: &Path) -> Option<PathBuf> {
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(path.file_name()?);
+        tmp_name.push(format!(".tmp{}", std::process::id()));
+        Some(path.with_file_name(tmp_name))
+    }
+
     /// Starts a new file that will appear at `path` when finished.
     pub fn create(path: &Path) -> Result<Self, FormatError> {
-        let file_name = path
-            .file_name()
+        let tmp_path = Self::temp_path(path)
             .ok_or_else(|| FormatError::Invalid(format!("{}: not a file path", path.display())))?;
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(file_name);
-        tmp_name.push(format!(".tmp{}", std::process::id()));
-        let tmp_path = path.with_file_name(tmp_name);
         let file = File::create(&tmp_path).map_err(|e| {
             FormatError::Io(std::io::Error::new(
                 e.kind(),

@@ -7,7 +7,7 @@
 //!
 //! One kernel set ([`KernelSet`]) is chosen once per process, by CPU feature
 //! detection or by the `NIBBLE_KERNELS` environment variable. Each set is a
-//! table of plain functions ([`Isa`]); the instruction-set specific ones are
+//! table of plain functions (`Isa`); the instruction-set specific ones are
 //! only reachable through a table handed out after the features were
 //! detected, which is what makes calling them sound.
 //!

@@ -11,10 +11,12 @@ use half::f16;
 /// kernels whole matrices of activations.
 pub const MAX_BATCH: usize = 512;
 
+/// How a [`Session`] is set up.
 #[derive(Clone, Debug, Default)]
 pub struct SessionOptions {
     /// Context length in tokens; `None` = the model's own.
     pub ctx: Option<usize>,
+    /// Element type of the KV cache.
     pub kv_type: KvType,
 }
 
@@ -124,6 +126,28 @@ struct Scratch {
 
 /// A sequence being processed: tokens go in, logits come out, keys and values
 /// of every processed position stay in the cache.
+///
+/// ```
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("model.nbl");
+/// # let tiny = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny/tiny-mha");
+/// # nibble_tools::convert::convert(&nibble_tools::convert::ConvertOptions::new(
+/// #     tiny, &path, nibble_tools::convert::QuantPolicy::F32))?;
+/// use nibble::{Model, Session, SessionOptions};
+///
+/// let model = Model::open(&path)?;
+/// let mut session = Session::new(&model, SessionOptions { ctx: Some(64), ..Default::default() })?;
+/// let vocab = model.config().vocab_size;
+/// // Logits predicting the token after [1, 42, 7]...
+/// let next = nibble::sampler::argmax(session.forward(&[1, 42, 7])?);
+/// assert_eq!(session.len(), 3);
+/// // ...and one more token reuses the cached keys and values.
+/// assert_eq!(session.forward(&[next])?.len(), vocab);
+/// assert_eq!(session.tokens(), &[1, 42, 7, next]);
+/// // Past the context: an error, not a crash.
+/// assert!(session.forward(&[0; 61]).is_err());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct Session<'m> {
     model: &'m Model,
     w: Weights<'m>,
@@ -141,6 +165,8 @@ pub struct Session<'m> {
 }
 
 impl<'m> Session<'m> {
+    /// A new empty sequence over `model`, its KV cache allocated for the
+    /// whole context (`opts.ctx`, by default the model's own).
     pub fn new(model: &'m Model, opts: SessionOptions) -> Result<Self> {
         let c = model.config();
         let ctx = opts.ctx.unwrap_or(c.context_length);
@@ -172,6 +198,7 @@ impl<'m> Session<'m> {
         })
     }
 
+    /// The model this session runs.
     pub fn model(&self) -> &'m Model {
         self.model
     }
@@ -181,11 +208,25 @@ impl<'m> Session<'m> {
         self.ctx
     }
 
+    /// Bytes of the keys and values of `ctx` positions, the KV cache's full
+    /// size. It is allocated zeroed, so the OS only backs the pages of
+    /// positions actually reached.
+    pub fn kv_cache_bytes(&self) -> usize {
+        [&self.k_cache, &self.v_cache]
+            .iter()
+            .map(|c| match c {
+                KvStore::F16(v) => std::mem::size_of_val(v.as_slice()),
+                KvStore::F32(v) => std::mem::size_of_val(v.as_slice()),
+            })
+            .sum()
+    }
+
     /// Number of tokens in the cache (the position of the next token).
     pub fn len(&self) -> usize {
         self.tokens.len()
     }
 
+    /// Whether no token has been processed yet.
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()
     }
@@ -201,6 +242,7 @@ impl<'m> Session<'m> {
         self.tokens.truncate(n);
     }
 
+    /// Forgets every token (like `truncate(0)`), keeping the allocations.
     pub fn reset(&mut self) {
         self.tokens.clear();
     }

@@ -176,6 +176,7 @@ async fn complete(
             max_tokens: req.max_tokens.unwrap_or(s.ctx),
             stop: req.stop,
             stop_at_eos: !req.ignore_eos,
+            cancel: None,
         },
         events: tx,
     })?;
@@ -283,7 +284,9 @@ fn response_id(prefix: &str) -> String {
 
 fn finish_reason(reason: StopReason) -> &'static str {
     match reason {
-        StopReason::Eos | StopReason::StopString => "stop",
+        // The server sets no cancel flag; a cancelled reply would have
+        // stopped on request, as a stop string does.
+        StopReason::Eos | StopReason::StopString | StopReason::Cancelled => "stop",
         StopReason::MaxTokens | StopReason::ContextFull => "length",
     }
 }

@@ -109,6 +109,29 @@ enum Command {
     },
 }
 
+/// On Ctrl-C or SIGTERM, deletes the file being written to `output` and
+/// exits with 130: a conversion killed halfway leaves nothing behind. The
+/// writer's own cleanup runs only when it is dropped, which an exit from a
+/// signal never does.
+fn remove_partial_output_on_interrupt(output: &std::path::Path) -> Result<(), ToolError> {
+    let Some(tmp) = nibble::format::NblWriter::temp_path(output) else {
+        return Ok(());
+    };
+    let final_path = output.to_owned();
+    ctrlc::set_handler(move || {
+        if std::fs::remove_file(&tmp).is_ok() {
+            eprintln!(
+                "error: interrupted; the partial {} was removed",
+                final_path.display()
+            );
+        } else {
+            eprintln!("error: interrupted");
+        }
+        std::process::exit(130);
+    })
+    .map_err(|e| ToolError::new(output, format!("cannot install the Ctrl-C handler: {e}")))
+}
+
 fn run(cli: Cli) -> Result<(), ToolError> {
     match cli.command {
         Command::Convert {
@@ -117,6 +140,7 @@ fn run(cli: Cli) -> Result<(), ToolError> {
             quant,
             report,
         } => {
+            remove_partial_output_on_interrupt(&output)?;
             let mut options = ConvertOptions::new(&input, &output, quant.into());
             options.progress = std::io::stderr().is_terminal();
             let summary = convert(&options)?;

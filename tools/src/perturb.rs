@@ -74,7 +74,7 @@ pub fn perturb(input: &Path, output: &Path, seed: u64) -> Result<(), ToolError> 
 }
 
 /// Adds `N(0, 1) * step / 4` to every weight, `step = (max - min) / 15` of its
-/// block of [`NOISE_BLOCK`] weights within a row of `cols`.
+/// block of `NOISE_BLOCK` weights within a row of `cols`.
 pub fn add_noise(x: &mut [f32], cols: usize, seed: u64) {
     let mut rng = Gaussian::new(seed);
     for row in x.chunks_mut(cols) {

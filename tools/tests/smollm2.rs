@@ -3,31 +3,16 @@
 //! The checkpoint is built by `../shared/models/smollm2-135m/make.sh` into
 //! `target/models/smollm2-f32` (shared with the root crate's tests).
 
+mod common;
+
 use nibble::format::{keys, names, NblFile};
 use nibble::quant::TensorType;
 use nibble_tools::convert::{convert, ConvertOptions, QuantPolicy};
 use safetensors::SafeTensors;
-use std::path::{Path, PathBuf};
-
-fn checkpoint() -> PathBuf {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let dir = repo.join("target/models/smollm2-f32");
-    if !dir.join(".made-f32").exists() {
-        let script = repo.join("../shared/models/smollm2-135m/make.sh");
-        let status = std::process::Command::new("bash")
-            .arg(&script)
-            .arg(&dir)
-            .arg("f32")
-            .status()
-            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-        assert!(status.success(), "{} failed", script.display());
-    }
-    dir
-}
 
 #[test]
 fn smollm2_converts_with_tied_embeddings_and_its_chat_template() {
-    let dir = checkpoint();
+    let dir = common::smollm2_checkpoint();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("smollm2-q4.nbl");
     let summary = convert(&ConvertOptions::new(&dir, &out, QuantPolicy::Q4)).unwrap();
