@@ -76,16 +76,14 @@ fn ctrl_c_ends_a_run_cleanly_keeping_the_partial_output() {
     let errs = stderr_lines(&mut child);
     let mut text = first_output(&mut child);
     sigint(&child);
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_end(&mut text)
-        .unwrap();
+    child.stdout.take().unwrap().read_to_end(&mut text).unwrap();
     let status = child.wait().unwrap();
     let stderr: Vec<String> = errs.iter().collect();
     assert!(status.success(), "{status}: {stderr:?}");
-    assert!(stderr.iter().any(|l| l == "stopped: interrupted"), "{stderr:?}");
+    assert!(
+        stderr.iter().any(|l| l == "stopped: interrupted"),
+        "{stderr:?}"
+    );
     let generated: usize = stderr
         .iter()
         .find_map(|l| l.strip_prefix("generation: "))

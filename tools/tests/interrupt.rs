@@ -32,9 +32,7 @@ fn interrupted_conversion_leaves_nothing(sig: &str) {
         .unwrap();
     // Wait until the temporary output exists and has data in it, so the
     // signal arrives while the converter is writing.
-    let partial = tmp
-        .path()
-        .join(format!(".model.nbl.tmp{}", child.id()));
+    let partial = tmp.path().join(format!(".model.nbl.tmp{}", child.id()));
     let t = Instant::now();
     while std::fs::metadata(&partial).map_or(true, |m| m.len() < (1 << 20)) {
         assert!(
