@@ -551,20 +551,26 @@ fn full_queue_is_503_and_a_disconnect_frees_the_slot() {
 
         // The client goes away; the worker notices after its current token.
         drop(running);
-        let left = Instant::now();
-        loop {
-            let (status, v) = post(&url, &short).await;
-            if status == 200 {
-                break;
-            }
-            assert_eq!(status, 503, "{v}");
-            assert!(
-                left.elapsed() < Duration::from_secs(20),
-                "the slot was not freed"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_until_accepted(&url, &short).await;
     });
+}
+
+/// Posts `body` until the server takes it (200), failing if it is still
+/// refused with 503 after 20 s: the busy slot was never freed.
+async fn wait_until_accepted(url: &str, body: &Value) {
+    let left = Instant::now();
+    loop {
+        let (status, v) = post(url, body).await;
+        if status == 200 {
+            return;
+        }
+        assert_eq!(status, 503, "{v}");
+        assert!(
+            left.elapsed() < Duration::from_secs(20),
+            "the slot was not freed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[test]
@@ -582,20 +588,8 @@ fn a_non_streaming_client_that_leaves_frees_the_slot() {
             .send()
             .await;
         assert!(gave_up.unwrap_err().is_timeout());
-        let left = Instant::now();
         let short = json!({"prompt": "Hello", "max_tokens": 2});
-        loop {
-            let (status, v) = post(&url, &short).await;
-            if status == 200 {
-                break;
-            }
-            assert_eq!(status, 503, "{v}");
-            assert!(
-                left.elapsed() < Duration::from_secs(20),
-                "the slot was not freed"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_until_accepted(&url, &short).await;
     });
 }
 
