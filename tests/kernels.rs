@@ -1,6 +1,7 @@
 //! Every kernel set this CPU runs, checked against the scalar reference:
-//! activation quantization and integer block sums bit for bit, matmul and the
-//! f16/f32 helpers within a float tolerance derived from the inputs.
+//! activation quantization (8- and 16-bit) and integer block sums bit for bit,
+//! matmul and the f16/f32 helpers within a float tolerance derived from the
+//! inputs.
 //!
 //! Tolerance: SIMD kernels sum the same per-block products in a different
 //! order (lanes, then a horizontal sum), so for an output built from `n`
@@ -8,7 +9,7 @@
 //! about `2 n eps S`; we allow `4 (n + 8) eps S`.
 
 use half::f16;
-use nibble::kernels::{scalar, KernelError, KernelSet, Kernels, QuantAct};
+use nibble::kernels::{scalar, KernelError, KernelSet, Kernels, QuantAct, QuantAct16};
 use nibble::quant::{encode_matrix, TensorType, WeightView, BLOCK};
 use proptest::prelude::*;
 
@@ -36,29 +37,32 @@ fn block_scale() -> impl Strategy<Value = f32> {
 }
 
 /// A vector of `nb` blocks, each block uniform in [-s, s] for its own scale `s`,
-/// sometimes with exact .5 ties after quantization.
+/// sometimes with exact .5 ties after 8-bit or after 16-bit quantization.
 fn blocks(nb: usize) -> impl Strategy<Value = Vec<f32>> {
     (
         prop::collection::vec(block_scale(), nb),
         prop::collection::vec(-1.0f32..1.0, nb * BLOCK),
-        prop::collection::vec(any::<bool>(), nb),
-        prop::collection::vec(-127i32..127, nb * BLOCK),
+        prop::collection::vec(0u8..4, nb),
+        prop::collection::vec(-32767i32..32767, nb * BLOCK),
     )
-        .prop_map(|(scales, unit, ties, halves)| {
+        .prop_map(|(scales, unit, kind, halves)| {
             let mut v = Vec::with_capacity(unit.len());
             for b in 0..scales.len() {
                 for j in 0..BLOCK {
                     let i = b * BLOCK + j;
-                    v.push(if ties[b] {
-                        // amax 127 makes the inverse scale exactly 1, so k + 0.5
-                        // lands on a rounding tie
-                        if j == 0 {
-                            127.0
-                        } else {
-                            halves[i] as f32 + 0.5
-                        }
-                    } else {
+                    // amax 127 (32767) makes the 8-bit (16-bit) inverse scale
+                    // exactly 1, so k + 0.5 lands on a rounding tie
+                    let qmax = match kind[b] {
+                        0 => 127,
+                        1 => 32767,
+                        _ => 0,
+                    };
+                    v.push(if qmax == 0 {
                         unit[i] * scales[b]
+                    } else if j == 0 {
+                        qmax as f32
+                    } else {
+                        (halves[i] % qmax) as f32 + 0.5
                     });
                 }
             }
@@ -95,7 +99,13 @@ fn tolerance(
     w.dequantize_row(r, &mut wr);
     let xt = &x[t * cols..(t + 1) * cols];
     let mut xa = xt.to_vec();
-    if quantized {
+    if w.tensor_type() == TensorType::Q8 {
+        let mut q = QuantAct16::default();
+        scalar::quantize_act16(xt, &mut q);
+        for (i, v) in xa.iter_mut().enumerate() {
+            *v = q.qs[i] as f32 * q.d[i / BLOCK];
+        }
+    } else if quantized {
         let mut q = QuantAct::default();
         scalar::quantize_act(xt, &mut q);
         for (i, v) in xa.iter_mut().enumerate() {
@@ -161,13 +171,19 @@ proptest! {
     fn quantize_act_bit_identical(x in (1usize..24).prop_flat_map(blocks)) {
         let mut want = QuantAct::default();
         scalar::quantize_act(&x, &mut want);
+        let mut want16 = QuantAct16::default();
+        scalar::quantize_act16(&x, &mut want16);
+        let bits = |d: &[f32]| d.iter().map(|d| d.to_bits()).collect::<Vec<u32>>();
+        prop_assert!(want16.qs.iter().all(|&q| q != i16::MIN));
         for k in sets() {
             let mut got = QuantAct::default();
             k.quantize_act(&x, &mut got);
             prop_assert_eq!(&got.qs, &want.qs, "{} q", k.set());
-            let gd: Vec<u32> = got.d.iter().map(|d| d.to_bits()).collect();
-            let wd: Vec<u32> = want.d.iter().map(|d| d.to_bits()).collect();
-            prop_assert_eq!(gd, wd, "{} d", k.set());
+            prop_assert_eq!(bits(&got.d), bits(&want.d), "{} d", k.set());
+            let mut got16 = QuantAct16::default();
+            k.quantize_act16(&x, &mut got16);
+            prop_assert_eq!(&got16.qs, &want16.qs, "{} q16", k.set());
+            prop_assert_eq!(bits(&got16.d), bits(&want16.d), "{} d16", k.set());
         }
     }
 
@@ -175,9 +191,8 @@ proptest! {
     /// exact in f32 here (|sum| < 2^24), so any integer difference shows.
     #[test]
     fn integer_block_sums_identical(
-        (w4, w8, a) in (1usize..40).prop_flat_map(|nb| (
+        (w4, a) in (1usize..40).prop_flat_map(|nb| (
             prop::collection::vec(any::<u8>(), nb * 16),
-            prop::collection::vec(any::<i8>(), nb * 32),
             prop::collection::vec(-127i8..=127, nb * 32),
         ))
     ) {
@@ -185,10 +200,46 @@ proptest! {
         let wd = vec![f16::ONE; nb];
         let ad = vec![1f32; nb];
         let want4 = scalar::dot_q4_q8(&w4, &wd, &a, &ad);
-        let want8 = scalar::dot_q8_q8(&w8, &wd, &a, &ad);
         for k in sets() {
             prop_assert_eq!(k.dot_q4_q8(&w4, &wd, &a, &ad), want4, "{} q4", k.set());
-            prop_assert_eq!(k.dot_q8_q8(&w8, &wd, &a, &ad), want8, "{} q8", k.set());
+        }
+    }
+
+    /// 8-bit weights × 16-bit activations, one block at a time with unit
+    /// scales. The SIMD sets convert per-lane partial sums to f32, so their
+    /// result is the exact integer block sum whenever `sum |w * a| < 2^24`
+    /// (then every partial sum is exact in f32): full-range weights with
+    /// |a| <= 4095 (32 * 128 * 4095 < 2^24) and |w| <= 15 with full-range
+    /// activations (32 * 15 * 32767 < 2^24) must match bit for bit. Full range
+    /// in both (block sums up to 2^27) matches within the rounding of the
+    /// final f32 sums.
+    #[test]
+    fn q8_q16_integer_block_sums_identical(
+        (w, a, narrow_w) in (1usize..12).prop_flat_map(|nb| (
+            prop::collection::vec(any::<i8>(), nb * 32),
+            prop::collection::vec(-32767i16..=32767, nb * 32),
+            any::<bool>(),
+        ))
+    ) {
+        let one = [f16::ONE];
+        for (wb, ab) in w.chunks(BLOCK).zip(a.chunks(BLOCK)) {
+            let (w_exact, a_exact): (Vec<i8>, Vec<i16>) = if narrow_w {
+                (wb.iter().map(|&x| x % 16).collect(), ab.to_vec())
+            } else {
+                (wb.to_vec(), ab.iter().map(|&x| x % 4096).collect())
+            };
+            let mag: i64 = wb.iter().zip(ab).map(|(&x, &y)| (x as i64 * y as i64).abs()).sum();
+            let exact: i64 = w_exact.iter().zip(&a_exact).map(|(&x, &y)| x as i64 * y as i64).sum();
+            let want = scalar::dot_q8_q16(&w_exact, &one, &a_exact, &[1.0]);
+            prop_assert_eq!(want as i64, exact);
+            let want_full = scalar::dot_q8_q16(wb, &one, ab, &[1.0]);
+            for k in sets() {
+                prop_assert_eq!(k.dot_q8_q16(&w_exact, &one, &a_exact, &[1.0]), want, "{} q8", k.set());
+                let got = k.dot_q8_q16(wb, &one, ab, &[1.0]);
+                let tol = 8.0 * f32::EPSILON * mag as f32;
+                prop_assert!((got - want_full).abs() <= tol,
+                    "{} q8 full range: {} vs {} (tol {})", k.set(), got, want_full, tol);
+            }
         }
     }
 
@@ -298,6 +349,48 @@ fn kernel_set_names_and_errors() {
     assert!(!KernelSet::Neon.is_supported());
     #[cfg(target_arch = "aarch64")]
     assert!(KernelSet::Neon.is_supported() && !KernelSet::Avx2.is_supported());
+}
+
+/// The largest block sums 8-bit weights and 16-bit activations can form
+/// (`±128 * ±32767 * 32`, about 2^27): no lane of any set may wrap or
+/// saturate. These sums are multiples of 2^5 below 2^28, so exact in f32.
+#[test]
+fn q8_q16_extreme_blocks() {
+    let one = [f16::ONE];
+    for (wv, av) in [
+        (127i8, 32767i16),
+        (-128, 32767),
+        (-128, -32767),
+        (127, -32767),
+    ] {
+        let w = [wv; BLOCK];
+        let a = [av; BLOCK];
+        let want = (32 * wv as i64 * av as i64) as f32;
+        assert_eq!(scalar::dot_q8_q16(&w, &one, &a, &[1.0]), want);
+        for k in sets() {
+            assert_eq!(
+                k.dot_q8_q16(&w, &one, &a, &[1.0]),
+                want,
+                "{} {wv} {av}",
+                k.set()
+            );
+        }
+    }
+    // large partial products of opposite sign that cancel to a small sum
+    let w: Vec<i8> = (0..BLOCK)
+        .map(|i| if i < 16 { -128 } else { 127 })
+        .collect();
+    let a = [32767i16; BLOCK];
+    let want = scalar::dot_q8_q16(&w, &one, &a, &[1.0]);
+    assert_eq!(want, (-16 * 32767) as f32);
+    for k in sets() {
+        assert_eq!(
+            k.dot_q8_q16(&w, &one, &a, &[1.0]),
+            want,
+            "{} cancelling",
+            k.set()
+        );
+    }
 }
 
 /// Lets a CI script pin which sets the CPU must offer (e.g. that qemu's

@@ -45,10 +45,18 @@ fn a_different_quantization_diverges_and_perplexities_match_the_plain_run() {
     // 4-bit is further from f32 than 8-bit.
     let q8 = Model::open(common::tiny_nbl("tiny-mha", "q8")).unwrap();
     let r8 = perplexity_kl(&q8, &base, &text, 64, |_, _, _| {}).unwrap();
+    eprintln!(
+        "tiny-mha vs f32: q8 KL mean {:.3e} p99 {:.3e} top-1 {:.4}; q4 KL mean {:.3e} top-1 {:.4}",
+        r8.kl_mean, r8.kl_p99, r8.top1_agreement, r.kl_mean, r.top1_agreement
+    );
     assert!(
         r8.kl_mean < r.kl_mean,
         "q8 {} vs q4 {}",
         r8.kl_mean,
         r.kl_mean
     );
+    // Just above / below what q8 (16-bit activations) measures here: KL mean
+    // 1.37e-3, top-1 94.7% (8-bit activations gave 2.32e-3 and 93.3%).
+    assert!(r8.kl_mean < 1.5e-3, "q8 KL mean {}", r8.kl_mean);
+    assert!(r8.top1_agreement > 0.94, "q8 top-1 {}", r8.top1_agreement);
 }

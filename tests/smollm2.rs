@@ -151,13 +151,17 @@ fn teacher_forced_agreement(quant: &str) -> (usize, usize) {
     (agree, total)
 }
 
-// Bounds just under the measured values (q8 237/240 = 98.8%, q4 183/240 =
+// Bounds just under the measured values (q8 233/240 = 97.1%, q4 183/240 =
 // 76%). The golden continuations include near-ties (margins down to 0.016),
-// where any rounding may pick the other token.
+// where any rounding may pick the other token: q8's seven misses all have
+// golden margins of 0.016-0.17 and q8 logit gaps of 0.02-0.06. With 8-bit
+// activations q8 scored 237/240 here although its KL divergence from f32 over
+// the whole evaluation text is worse (benches/RESULTS.md): on so few
+// near-ties, which ones flip is chance.
 #[test]
 fn q8_top1_agreement_bound() {
     let (agree, total) = teacher_forced_agreement("q8");
-    assert!(agree as f64 >= 0.98 * total as f64, "{agree}/{total}");
+    assert!(agree as f64 >= 0.97 * total as f64, "{agree}/{total}");
 }
 
 #[test]

@@ -146,21 +146,25 @@ fn quantized_agreement(quant: &str) -> (usize, usize, usize, usize) {
 }
 
 // The tiny models are deliberately sharp (weights N(0, 2/hidden), top-1/top-2
-// margins down to 0.013), so 8-bit rounding flips near-ties. The bounds sit
-// just under what nibble measures (q8: 76/82 top-1, 58/96 greedy tokens
-// before the first divergence; q4: 32/82 top-1). A NumPy emulation of the same
-// scheme (q8 weights and q8 activations in blocks of 32) gives 78/82, q8
-// weights with f32 activations 81/82: the gap to 99% is activation rounding,
-// not a runtime bug. SmolLM2 q8 clears 99% (tests/smollm2.rs).
+// margins down to 0.013), so rounding flips near-ties. The bounds sit just
+// under what nibble measures. q8 (16-bit activations): 80/82 top-1 = 97.6%,
+// 73/96 greedy tokens before the first divergence; the two misses are
+// tiny-gqa-small len33 position 13 (golden margin 0.013) and len7 position 5
+// (margin 0.086). With 8-bit activations it was 76/82 and 58/96; a NumPy
+// emulation with q8 weights and f32 activations gives 81/82, so what remains
+// is weight rounding: the 99% is not reached on these 82 positions.
+// tiny-sharded has tiny-mha's weights (41/41 again) and tiny-gqa-small-bf16
+// tiny-gqa-small's in bf16 (38/41 against its bf16-computed goldens), so they
+// add no independent positions and are left out. q4: 32/82 top-1.
 #[test]
 fn q8_agrees_with_f32_goldens() {
     let (agree, total, greedy_ok, greedy_total) = quantized_agreement("q8");
     assert!(
-        agree as f64 >= 0.90 * total as f64,
+        agree as f64 >= 0.97 * total as f64,
         "q8 top-1 {agree}/{total}"
     );
     assert!(
-        greedy_ok as f64 >= 0.5 * greedy_total as f64,
+        greedy_ok as f64 >= 0.75 * greedy_total as f64,
         "q8 greedy {greedy_ok}/{greedy_total}"
     );
 }

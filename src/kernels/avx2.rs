@@ -1,8 +1,10 @@
 //! x86-64 AVX2 + FMA + F16C kernels.
 //!
-//! Block dot products follow llama.cpp's AVX2 Q4_0/Q8_0 path: 32 weights in one
-//! 256-bit register, `vpmaddubsw` (u8 × i8 → pairs of i16) then `vpmaddwd` with
-//! ones (→ eight i32 lanes), then one float convert + FMA per block. All the
+//! 4-bit block dot products follow llama.cpp's AVX2 Q4_0 path: 32 weights in
+//! one 256-bit register, `vpmaddubsw` (u8 × i8 → pairs of i16) then `vpmaddwd`
+//! with ones (→ eight i32 lanes), then one float convert + FMA per block.
+//! 8-bit weights meet 16-bit activations: the weights are sign-extended to i16
+//! (`vpmovsxbw`) and `vpmaddwd` forms the i32 pair sums directly. All the
 //! integer steps are exact for our ranges (see the comments at each), so the
 //! per-block integer sums equal the scalar reference's.
 //!
@@ -30,6 +32,7 @@ static ISA: Isa = Isa {
     tile_rows: 4,
     tile_tokens: 2,
     quantize_act,
+    quantize_act16,
     q4_tile,
     q8_tile,
     q4_rows8: Some(q4_rows8),
@@ -48,6 +51,12 @@ pub(super) fn quantize_act(x: &[f32], qs: &mut [i8], d: &mut [f32]) {
     assert!(x.len().is_multiple_of(BLOCK) && qs.len() == x.len() && d.len() == x.len() / BLOCK);
     // SAFETY: features detected (see above); lengths checked.
     unsafe { quantize_act_avx2(x, qs, d) }
+}
+
+pub(super) fn quantize_act16(x: &[f32], qs: &mut [i16], d: &mut [f32]) {
+    assert!(x.len().is_multiple_of(BLOCK) && qs.len() == x.len() && d.len() == x.len() / BLOCK);
+    // SAFETY: features detected (see above); lengths checked.
+    unsafe { quantize_act16_avx2(x, qs, d) }
 }
 
 pub(super) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
@@ -83,15 +92,18 @@ pub(super) fn attend_f16(
 }
 
 /// How one 32-weight block's integer dot product is formed: AVX2
-/// (`vpmaddubsw` + `vpmaddwd`) here, VNNI (`vpdpbusd`) in `avx512`. Each
-/// result is eight i32 lanes whose sum is the exact block sum.
+/// (`vpmaddubsw` / `vpmaddwd`) here, VNNI (`vpdpbusd` / `vpdpwssd`) in
+/// `avx512`. Each result is eight i32 lanes whose sum is the exact block sum.
 pub(super) trait BlockDot {
     /// Per activation block, computed once per tile and reused for every row.
     unsafe fn q4_prep(a: __m256i) -> __m256i;
     /// `sum (q - 8) * a` for unsigned nibbles `q` (0..=15).
     unsafe fn q4(q: __m256i, a: __m256i, prep: __m256i) -> __m256i;
-    /// `sum w * a`, given `wa = |w|` (computed once per row block).
-    unsafe fn q8(wa: __m256i, w: __m256i, a: __m256i) -> __m256i;
+    /// `sum w * a` for 8-bit weights sign-extended to i16 (`w[0]`: elements
+    /// 0..16, `w[1]`: 16..32) and 16-bit activations. Each lane sums four
+    /// products, at most `4 * 128 * 32767 < 2^24` in magnitude, so it is exact
+    /// in i32 and its conversion to f32 is exact too.
+    unsafe fn q8(w: [__m256i; 2], a: [__m256i; 2]) -> __m256i;
 }
 
 pub(super) struct Maddubs;
@@ -112,13 +124,11 @@ impl BlockDot for Maddubs {
         _mm256_madd_epi16(p, _mm256_set1_epi16(1))
     }
 
-    /// `vpmaddubsw` needs one unsigned operand: |w| and a * sign(w) (llama.cpp's
-    /// sign trick). |w| <= 128 and |a| <= 127 (activations never hold -128), so
-    /// each pair sum is at most 2 * 128 * 127 = 32512 < 2^15: exact.
+    /// `vpmaddwd` multiplies i16 pairs into i32 and adds them; it can only
+    /// wrap for (-32768)² + (-32768)², and activations never hold -32768.
     #[inline(always)]
-    unsafe fn q8(wa: __m256i, w: __m256i, a: __m256i) -> __m256i {
-        let p = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(a, w));
-        _mm256_madd_epi16(p, _mm256_set1_epi16(1))
+    unsafe fn q8(w: [__m256i; 2], a: [__m256i; 2]) -> __m256i {
+        _mm256_add_epi32(_mm256_madd_epi16(w[0], a[0]), _mm256_madd_epi16(w[1], a[1]))
     }
 }
 
@@ -169,12 +179,14 @@ pub(super) unsafe fn q4_body<D: BlockDot, const R: usize, const T: usize>(
     }
 }
 
-/// `R` rows of 8-bit blocks × `T` quantized activation rows.
+/// `R` rows of 8-bit blocks × `T` 16-bit activation rows. Per block and row:
+/// two sign-extending loads; per token: two `vpmaddwd` and an add (the 8-bit
+/// activation path needed a sign, a `vpmaddubsw` and a `vpmaddwd`).
 #[inline]
 pub(super) unsafe fn q8_body<D: BlockDot, const R: usize, const T: usize>(
     w: &[u8],
     wd: &[f16],
-    aq: &[i8],
+    aq: &[i16],
     ad: &[f32],
     nb: usize,
     out: &mut [f32; MAX_TILE],
@@ -189,15 +201,22 @@ pub(super) unsafe fn q8_body<D: BlockDot, const R: usize, const T: usize>(
         scale_products::<R, T>(wd.as_ptr(), ad.as_ptr(), nb, b, g, &mut prod);
         for j in 0..g {
             let blk = b + j;
-            let mut a = [_mm256_setzero_si256(); T];
+            let mut a = [[_mm256_setzero_si256(); 2]; T];
             for t in 0..T {
-                a[t] = _mm256_loadu_si256(ap.add((t * nb + blk) * BLOCK) as *const __m256i);
+                let p = ap.add((t * nb + blk) * BLOCK);
+                a[t] = [
+                    _mm256_loadu_si256(p as *const __m256i),
+                    _mm256_loadu_si256(p.add(16) as *const __m256i),
+                ];
             }
             for r in 0..R {
-                let q = _mm256_loadu_si256(wp.add(r * row_bytes + blk * BLOCK) as *const __m256i);
-                let qa = _mm256_sign_epi8(q, q);
+                let p = wp.add(r * row_bytes + blk * BLOCK);
+                let q = [
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(p as *const __m128i)),
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(16) as *const __m128i)),
+                ];
                 for t in 0..T {
-                    let s = D::q8(qa, q, a[t]);
+                    let s = D::q8(q, a[t]);
                     let scale = _mm256_set1_ps(prod[r][t][j]);
                     acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[r][t]);
                 }
@@ -216,12 +235,12 @@ pub(super) unsafe fn q8_body<D: BlockDot, const R: usize, const T: usize>(
 /// `#[target_feature]` body instantiated per tile shape, and a safe wrapper
 /// that checks the slices and picks the shape.
 macro_rules! tile_fn {
-    ($name:ident, $inner:ident, $body:ident, $dot:ty, $features:literal, $row_bytes:expr) => {
+    ($name:ident, $inner:ident, $body:ident, $dot:ty, $features:literal, $row_bytes:expr, $act:ty) => {
         #[target_feature(enable = $features)]
         unsafe fn $inner<const R: usize, const T: usize>(
             w: &[u8],
             wd: &[f16],
-            aq: &[i8],
+            aq: &[$act],
             ad: &[f32],
             nb: usize,
             out: &mut [f32; MAX_TILE],
@@ -234,7 +253,7 @@ macro_rules! tile_fn {
         fn $name(
             w: &[u8],
             wd: &[f16],
-            aq: &[i8],
+            aq: &[$act],
             ad: &[f32],
             nb: usize,
             nr: usize,
@@ -268,8 +287,24 @@ macro_rules! tile_fn {
 }
 pub(super) use tile_fn;
 
-tile_fn!(q4_tile, q4_tile_avx2, q4_body, Maddubs, "avx2,fma,f16c", 16);
-tile_fn!(q8_tile, q8_tile_avx2, q8_body, Maddubs, "avx2,fma,f16c", 32);
+tile_fn!(
+    q4_tile,
+    q4_tile_avx2,
+    q4_body,
+    Maddubs,
+    "avx2,fma,f16c",
+    16,
+    i8
+);
+tile_fn!(
+    q8_tile,
+    q8_tile_avx2,
+    q8_body,
+    Maddubs,
+    "avx2,fma,f16c",
+    32,
+    i16
+);
 
 /// See [`super::Q4Rows8Fn`].
 #[allow(clippy::too_many_arguments)]
@@ -489,6 +524,42 @@ unsafe fn quantize_act_avx2(x: &[f32], qs: &mut [i8], d: &mut [f32]) {
         );
         let p = _mm256_permutevar8x32_epi32(p, perm);
         _mm256_storeu_si256(qs.as_mut_ptr().add(blk * BLOCK) as *mut __m256i, p);
+    }
+}
+
+/// Quantizes whole blocks to 16 bits; bit-identical to
+/// `scalar::quantize_act16` for the reasons given at [`quantize_act_avx2`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_act16_avx2(x: &[f32], qs: &mut [i16], d: &mut [f32]) {
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    for (blk, db) in d.iter_mut().enumerate() {
+        let xp = x.as_ptr().add(blk * BLOCK);
+        let v = [
+            _mm256_loadu_ps(xp),
+            _mm256_loadu_ps(xp.add(8)),
+            _mm256_loadu_ps(xp.add(16)),
+            _mm256_loadu_ps(xp.add(24)),
+        ];
+        let m = _mm256_max_ps(
+            _mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
+            _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)),
+        );
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_max_ss(m, _mm_movehdup_ps(m));
+        let amax = _mm_cvtss_f32(m);
+        *db = amax / 32767.0;
+        let inv = _mm256_set1_ps(super::scalar::act16_inverse_scale(amax));
+        let i: [__m256i; 4] =
+            std::array::from_fn(|k| _mm256_cvtps_epi32(round_away(_mm256_mul_ps(v[k], inv))));
+        // the pack works per 128-bit lane (a0-3 b0-3 a4-7 b4-7); the 64-bit
+        // permute restores element order. No value saturates (|q| <= 32767).
+        let qp = qs.as_mut_ptr().add(blk * BLOCK);
+        for h in 0..2 {
+            let p = _mm256_packs_epi32(i[2 * h], i[2 * h + 1]);
+            let p = _mm256_permute4x64_epi64(p, 0b11_01_10_00);
+            _mm256_storeu_si256(qp.add(16 * h) as *mut __m256i, p);
+        }
     }
 }
 

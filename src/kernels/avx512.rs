@@ -1,8 +1,9 @@
 //! x86-64 AVX-512 VNNI kernels: the AVX2 tile loops with each block's integer
-//! dot product done by one `vpdpbusd` (u8 × i8, four products summed into
-//! each i32 lane, no intermediate saturation) on 256-bit vectors (AVX512-VL),
-//! which keeps the clock up on CPUs that slow down for 512-bit work.
-//! Activation quantization and the f16/f32 helpers are the AVX2 ones.
+//! dot product done by `vpdpbusd` (4-bit weights: u8 × i8, four products
+//! summed into each i32 lane, no intermediate saturation) or two `vpdpwssd`
+//! (8-bit weights: i16 × i16 pairs accumulated into i32) on 256-bit vectors
+//! (AVX512-VL), which keeps the clock up on CPUs that slow down for 512-bit
+//! work. Activation quantization and the f16/f32 helpers are the AVX2 ones.
 //!
 //! The bodies are private and only reachable through the table [`isa`] returns
 //! after detecting every feature they use.
@@ -30,6 +31,7 @@ static ISA: Isa = Isa {
     tile_tokens: 2,
     // the AVX2 helpers need a subset of the features detected above
     quantize_act: avx2::quantize_act,
+    quantize_act16: avx2::quantize_act16,
     q4_tile,
     q8_tile,
     q4_rows8: Some(avx2::q4_rows8),
@@ -58,11 +60,12 @@ impl BlockDot for Vnni {
         _mm256_dpbusd_epi32(prep, q, a)
     }
 
-    /// |w| as the unsigned operand, a * sign(w) as the signed one (|w| <= 128
-    /// fits u8; a is never -128, so negating it cannot wrap).
+    /// The AVX2 `vpmaddwd` + add, fused: each `vpdpwssd` adds two i16
+    /// products per lane without saturating, four products per lane in all.
     #[inline(always)]
-    unsafe fn q8(wa: __m256i, w: __m256i, a: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(_mm256_setzero_si256(), wa, _mm256_sign_epi8(a, w))
+    unsafe fn q8(w: [__m256i; 2], a: [__m256i; 2]) -> __m256i {
+        let s = _mm256_dpwssd_epi32(_mm256_setzero_si256(), w[0], a[0]);
+        _mm256_dpwssd_epi32(s, w[1], a[1])
     }
 }
 
@@ -72,7 +75,8 @@ tile_fn!(
     q4_body,
     Vnni,
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
-    16
+    16,
+    i8
 );
 tile_fn!(
     q8_tile,
@@ -80,5 +84,6 @@ tile_fn!(
     q8_body,
     Vnni,
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
-    32
+    32,
+    i16
 );

@@ -12,11 +12,13 @@
 //! detected, which is what makes calling them sound.
 //!
 //! Quantized matmul semantics (identical in every set): each activation row is
-//! quantized to 8-bit blocks ([`scalar::quantize_act`], bit-identical in every
-//! set), each weight block is multiplied with its activation block in exact
-//! integer arithmetic, and the integer block sum is scaled by
-//! `d_weight * d_act` and accumulated in f32. Only the order of that f32
-//! accumulation differs between sets.
+//! quantized in blocks of 32, to 8 bits for 4-bit weights
+//! ([`scalar::quantize_act`]) and to 16 bits for 8-bit weights
+//! ([`scalar::quantize_act16`]: 8-bit activations would double q8's rounding
+//! error), bit-identical in every set; each weight block is multiplied with its
+//! activation block in exact integer arithmetic, and the integer block sum is
+//! scaled by `d_weight * d_act` and accumulated in f32. Only the order of that
+//! f32 accumulation differs between sets.
 
 pub mod scalar;
 
@@ -32,8 +34,9 @@ use half::f16;
 use std::cell::RefCell;
 use std::fmt;
 use std::sync::OnceLock;
+use std::thread::LocalKey;
 
-pub use scalar::QuantAct;
+pub use scalar::{QuantAct, QuantAct16, QuantBlocks};
 
 /// Environment variable that overrides kernel detection.
 pub const KERNELS_ENV: &str = "NIBBLE_KERNELS";
@@ -46,12 +49,13 @@ pub(crate) const MAX_TILE: usize = MAX_TILE_R * MAX_TILE_T;
 /// A register-tiled quantized block kernel: computes the dot products of
 /// `nr` consecutive weight rows (`w`: their quant bytes, `wd`: their scales,
 /// `nb` blocks per row) with `nt` consecutive quantized activation rows (`aq`,
-/// `ad`), writing row `r`, token `t` to `out[r * MAX_TILE_T + t]`.
+/// `ad`; `A` is i8 for 4-bit weights, i16 for 8-bit), writing row `r`, token
+/// `t` to `out[r * MAX_TILE_T + t]`.
 /// `nr <= tile_rows`, `nt <= tile_tokens` of the owning [`Isa`].
-pub(crate) type QTileFn = fn(
+pub(crate) type QTileFn<A = i8> = fn(
     w: &[u8],
     wd: &[f16],
-    aq: &[i8],
+    aq: &[A],
     ad: &[f32],
     nb: usize,
     nr: usize,
@@ -104,8 +108,10 @@ pub(crate) struct Isa {
     pub tile_tokens: usize,
     /// Quantizes whole blocks: `qs.len() == x.len()`, `d.len() == x.len() / BLOCK`.
     pub quantize_act: fn(x: &[f32], qs: &mut [i8], d: &mut [f32]),
+    /// The same in 16-bit blocks (for 8-bit weights).
+    pub quantize_act16: fn(x: &[f32], qs: &mut [i16], d: &mut [f32]),
     pub q4_tile: QTileFn,
-    pub q8_tile: QTileFn,
+    pub q8_tile: QTileFn<i16>,
     /// Optional prefill kernel for 4-bit weights, see [`Q4Rows8Fn`].
     pub q4_rows8: Option<Q4Rows8Fn>,
     pub dot_f32: fn(&[f32], &[f32]) -> f32,
@@ -307,6 +313,17 @@ impl Kernels {
         (self.isa.quantize_act)(x, &mut out.qs, &mut out.d)
     }
 
+    /// Quantizes `x` (a whole number of blocks) like [`scalar::quantize_act16`].
+    pub fn quantize_act16(&self, x: &[f32], out: &mut QuantAct16) {
+        assert!(
+            x.len().is_multiple_of(BLOCK),
+            "quantize_act16: partial block"
+        );
+        out.qs.resize(x.len(), 0);
+        out.d.resize(x.len() / BLOCK, 0.0);
+        (self.isa.quantize_act16)(x, &mut out.qs, &mut out.d)
+    }
+
     /// One row of 4-bit weight blocks against one quantized activation row.
     pub fn dot_q4_q8(&self, wq: &[u8], wd: &[f16], aq: &[i8], ad: &[f32]) -> f32 {
         let nb = wd.len();
@@ -316,8 +333,8 @@ impl Kernels {
         out[0]
     }
 
-    /// One row of 8-bit weight blocks against one quantized activation row.
-    pub fn dot_q8_q8(&self, wq: &[i8], wd: &[f16], aq: &[i8], ad: &[f32]) -> f32 {
+    /// One row of 8-bit weight blocks against one 16-bit activation row.
+    pub fn dot_q8_q16(&self, wq: &[i8], wd: &[f16], aq: &[i16], ad: &[f32]) -> f32 {
         let nb = wd.len();
         assert!(wq.len() == nb * BLOCK && aq.len() == nb * BLOCK && ad.len() == nb);
         let mut out = [0f32; MAX_TILE];
@@ -388,8 +405,10 @@ pub fn active_name() -> &'static str {
 
 /// `y[t * rows + r] = sum_c W[r, c] * x[t * cols + c]` for each of `n_tokens`
 /// activation rows. For quantized weights the activations are first quantized
-/// to 8-bit blocks (see [`scalar::quantize_act`]); for f32/f16 weights the
-/// product is computed in f32. Rows are split across the global [`crate::pool`].
+/// to blocks (8-bit for q4 weights, 16-bit for q8; see
+/// [`scalar::quantize_act`], [`scalar::quantize_act16`]); for f32/f16 weights
+/// the product is computed in f32. Rows are split across the global
+/// [`crate::pool`].
 pub fn matmul(w: &WeightView, x: &[f32], n_tokens: usize, y: &mut [f32]) {
     Kernels::active().matmul(w, x, n_tokens, y)
 }
@@ -415,15 +434,49 @@ thread_local! {
     static ACT_SCRATCH: RefCell<QuantAct> = RefCell::new(QuantAct::default());
     /// Per-block activation offsets for [`Q4Rows8Fn`], reused likewise.
     static OFFSET_SCRATCH: RefCell<Vec<i32>> = const { RefCell::new(Vec::new()) };
+    static ACT16_SCRATCH: RefCell<QuantAct16> = RefCell::new(QuantAct16::default());
+}
+
+/// An activation block element of the quantized matmul: its quantizer in a
+/// kernel set and its scratch buffer.
+trait ActElem: Copy + Default + Sync + 'static {
+    fn quantize(isa: &Isa) -> fn(&[f32], &mut [Self], &mut [f32]);
+    fn scratch() -> &'static LocalKey<RefCell<QuantBlocks<Self>>>;
+    /// The activations as 8-bit blocks, for the 4-bit-only [`Q4Rows8Fn`].
+    fn as_act8(act: &QuantBlocks<Self>) -> Option<&QuantAct>;
+}
+
+impl ActElem for i8 {
+    fn quantize(isa: &Isa) -> fn(&[f32], &mut [i8], &mut [f32]) {
+        isa.quantize_act
+    }
+    fn scratch() -> &'static LocalKey<RefCell<QuantAct>> {
+        &ACT_SCRATCH
+    }
+    fn as_act8(act: &QuantAct) -> Option<&QuantAct> {
+        Some(act)
+    }
+}
+
+impl ActElem for i16 {
+    fn quantize(isa: &Isa) -> fn(&[f32], &mut [i16], &mut [f32]) {
+        isa.quantize_act16
+    }
+    fn scratch() -> &'static LocalKey<RefCell<QuantAct16>> {
+        &ACT16_SCRATCH
+    }
+    fn as_act8(_: &QuantAct16) -> Option<&QuantAct> {
+        None
+    }
 }
 
 /// Rows of a quantized matrix, as the tile kernels read them.
-struct QRows<'a> {
+struct QRows<'a, A> {
     qs: &'a [u8],
     d: &'a [f16],
     /// Quant bytes per row.
     row_bytes: usize,
-    tile: QTileFn,
+    tile: QTileFn<A>,
     /// Prefill kernel with rows in lanes (4-bit weights only).
     rows8: Option<Q4Rows8Fn>,
 }
@@ -518,9 +571,9 @@ fn chunking(rows: usize, macs_per_row: usize, align: usize) -> (usize, usize) {
     (rows.div_ceil(chunk), chunk)
 }
 
-fn quant_matmul(
+fn quant_matmul<A: ActElem>(
     isa: &Isa,
-    w: &QRows,
+    w: &QRows<A>,
     rows: usize,
     cols: usize,
     x: &[f32],
@@ -533,15 +586,15 @@ fn quant_matmul(
     );
     let nb = cols / BLOCK;
     assert!(w.qs.len() >= rows * w.row_bytes && w.d.len() >= rows * nb);
-    let mut act = ACT_SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    act.qs.resize(n_tokens * cols, 0);
+    let mut act = A::scratch().with(|s| std::mem::take(&mut *s.borrow_mut()));
+    act.qs.resize(n_tokens * cols, A::default());
     act.d.resize(n_tokens * nb, 0.0);
-    (isa.quantize_act)(x, &mut act.qs, &mut act.d);
+    (A::quantize(isa))(x, &mut act.qs, &mut act.d);
 
-    let rows8 = w.rows8.filter(|_| n_tokens > 1);
+    let rows8 = w.rows8.filter(|_| n_tokens > 1).zip(A::as_act8(&act));
     let mut asum = OFFSET_SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    if rows8.is_some() {
-        q4_offsets(&act.qs, &mut asum);
+    if let Some((_, act8)) = rows8 {
+        q4_offsets(&act8.qs, &mut asum);
     }
     let align = if rows8.is_some() { 8 } else { isa.tile_rows };
     let (n_chunks, chunk) = chunking(rows, cols * n_tokens, align);
@@ -550,8 +603,8 @@ fn quant_matmul(
         let r0 = c * chunk;
         let r1 = (r0 + chunk).min(rows);
         let mut r = r0;
-        if let Some(rows8) = rows8 {
-            r = q4_rows8_range(rows8, w, nb, r0..r1, rows, &act, &asum, n_tokens, out);
+        if let Some((rows8, act8)) = rows8 {
+            r = q4_rows8_range(rows8, w, nb, r0..r1, rows, act8, &asum, n_tokens, out);
         }
         quant_rows(isa, w, nb, r..r1, rows, &act, n_tokens, out);
     };
@@ -561,7 +614,7 @@ fn quant_matmul(
         crate::pool::global().run(n_chunks, &run);
     }
     OFFSET_SCRATCH.with(|s| *s.borrow_mut() = asum);
-    ACT_SCRATCH.with(|s| *s.borrow_mut() = act);
+    A::scratch().with(|s| *s.borrow_mut() = act);
 }
 
 /// Computes rows `range` for all tokens, tile by tile: for each group of
@@ -569,13 +622,13 @@ fn quant_matmul(
 /// bytes (which stay in L1/L2), so each weight block is unpacked once per
 /// token tile rather than once per token.
 #[allow(clippy::too_many_arguments)]
-fn quant_rows(
+fn quant_rows<A: ActElem>(
     isa: &Isa,
-    w: &QRows,
+    w: &QRows<A>,
     nb: usize,
     range: std::ops::Range<usize>,
     rows: usize,
-    act: &QuantAct,
+    act: &QuantBlocks<A>,
     n_tokens: usize,
     out: OutPtr,
 ) {
@@ -615,9 +668,9 @@ fn quant_rows(
 /// Computes the whole groups of 8 rows at the start of `range` with the
 /// rows-in-lanes kernel; returns the first row left for the row tiles.
 #[allow(clippy::too_many_arguments)]
-fn q4_rows8_range(
+fn q4_rows8_range<A>(
     kernel: Q4Rows8Fn,
-    w: &QRows,
+    w: &QRows<A>,
     nb: usize,
     range: std::ops::Range<usize>,
     rows: usize,

@@ -1,11 +1,13 @@
 //! aarch64 NEON kernels, with and without the dot-product extension.
 //!
-//! Block dot products: 16 weights × 16 activations per instruction with
+//! 4-bit block dot products: 16 weights × 16 activations per instruction with
 //! `sdot` (FEAT_DotProd; written as inline assembly because `vdotq_s32` is not
 //! stable in Rust 1.95), otherwise `smull`/`smlal2` into i16 and a pairwise
-//! widening add into i32, as llama.cpp's `ggml_vdotq_s32` fallback does. Both
-//! are exact for our ranges, so the per-block integer sums equal the scalar
-//! reference's. f16 → f32 uses `fcvtl`, which every ARMv8 NEON has (the
+//! widening add into i32, as llama.cpp's `ggml_vdotq_s32` fallback does.
+//! 8-bit weights meet 16-bit activations, which `sdot` cannot take: both sets
+//! widen the weights (`sxtl`) and multiply-accumulate i16 × i16 into i32
+//! (`smull`/`smlal2`). All are exact for our ranges, so the per-block integer
+//! sums equal the scalar reference's. f16 → f32 uses `fcvtl`, which every ARMv8 NEON has (the
 //! `vcvt_f32_f16` intrinsic would demand the separate `fp16` feature).
 //!
 //! Every `#[target_feature]` function here is private; the only way in is an
@@ -37,6 +39,7 @@ static ISA_PLAIN: Isa = Isa {
     tile_rows: 4,
     tile_tokens: 2,
     quantize_act,
+    quantize_act16,
     q4_tile: q4_tile_plain,
     q8_tile: q8_tile_plain,
     q4_rows8: None,
@@ -51,6 +54,7 @@ static ISA_DOT: Isa = Isa {
     tile_rows: 4,
     tile_tokens: 2,
     quantize_act,
+    quantize_act16,
     q4_tile: q4_tile_dot,
     q8_tile: q8_tile_dot,
     q4_rows8: None,
@@ -68,6 +72,12 @@ fn quantize_act(x: &[f32], qs: &mut [i8], d: &mut [f32]) {
     assert!(x.len().is_multiple_of(BLOCK) && qs.len() == x.len() && d.len() == x.len() / BLOCK);
     // SAFETY: NEON detected; lengths checked.
     unsafe { quantize_act_neon(x, qs, d) }
+}
+
+fn quantize_act16(x: &[f32], qs: &mut [i16], d: &mut [f32]) {
+    assert!(x.len().is_multiple_of(BLOCK) && qs.len() == x.len() && d.len() == x.len() / BLOCK);
+    // SAFETY: NEON detected; lengths checked.
+    unsafe { quantize_act16_neon(x, qs, d) }
 }
 
 fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
@@ -111,6 +121,24 @@ fn axpy_f16(out: &mut [f32], s: f32, v: &[f16]) {
 trait BlockDot {
     /// Four i32 lanes whose sum is `sum w0[i] * a0[i] + sum w1[i] * a1[i]`.
     unsafe fn dot2(w0: int8x16_t, a0: int8x16_t, w1: int8x16_t, a1: int8x16_t) -> int32x4_t;
+
+    /// Four i32 lanes whose sum is `sum w[k][i] * a[k][i]`: 32 weights
+    /// (sign-extended from i8) × 32 16-bit activations. The same for both
+    /// sets (`sdot` has no i16 form). Each lane sums eight products, at most
+    /// `8 * 128 * 32767 < 2^25`: exact in i32.
+    #[inline(always)]
+    unsafe fn dot16(w: &[int16x8_t; 4], a: &[int16x8_t; 4]) -> int32x4_t {
+        // two independent accumulation chains
+        let mut s0 = vmull_s16(vget_low_s16(w[0]), vget_low_s16(a[0]));
+        let mut s1 = vmull_s16(vget_low_s16(w[1]), vget_low_s16(a[1]));
+        s0 = vmlal_high_s16(s0, w[0], a[0]);
+        s1 = vmlal_high_s16(s1, w[1], a[1]);
+        s0 = vmlal_s16(s0, vget_low_s16(w[2]), vget_low_s16(a[2]));
+        s1 = vmlal_s16(s1, vget_low_s16(w[3]), vget_low_s16(a[3]));
+        s0 = vmlal_high_s16(s0, w[2], a[2]);
+        s1 = vmlal_high_s16(s1, w[3], a[3]);
+        vaddq_s32(s0, s1)
+    }
 }
 
 struct Sdot;
@@ -154,7 +182,9 @@ unsafe fn cvt_f16x8(h: uint16x8_t) -> (float32x4_t, float32x4_t) {
         asm!(
             "fcvtl {lo:v}.4s, {h:v}.4h",
             "fcvtl2 {hi:v}.4s, {h:v}.8h",
-            lo = lateout(vreg) lo, hi = lateout(vreg) hi, h = in(vreg) h,
+            // `lo` is written before `h` is last read, so it must not share
+            // `h`'s register (`lateout` would allow that)
+            lo = out(vreg) lo, hi = lateout(vreg) hi, h = in(vreg) h,
             options(pure, nomem, nostack, preserves_flags),
         );
     }
@@ -241,12 +271,13 @@ unsafe fn q4_body<D: BlockDot, const R: usize, const T: usize>(
     }
 }
 
-/// `R` rows of 8-bit blocks × `T` activation rows.
+/// `R` rows of 8-bit blocks × `T` 16-bit activation rows; each weight block
+/// is widened to i16 once per row and used for every token.
 #[inline(always)]
 unsafe fn q8_body<D: BlockDot, const R: usize, const T: usize>(
     w: &[u8],
     wd: &[f16],
-    aq: &[i8],
+    aq: &[i16],
     ad: &[f32],
     nb: usize,
     out: &mut [f32; MAX_TILE],
@@ -261,16 +292,27 @@ unsafe fn q8_body<D: BlockDot, const R: usize, const T: usize>(
         scale_products::<R, T>(wd.as_ptr(), ad.as_ptr(), nb, b, g, &mut prod);
         for j in 0..g {
             let blk = b + j;
-            let mut a = [(vdupq_n_s8(0), vdupq_n_s8(0)); T];
+            let mut a = [[vdupq_n_s16(0); 4]; T];
             for t in 0..T {
                 let p = ap.add((t * nb + blk) * BLOCK);
-                a[t] = (vld1q_s8(p), vld1q_s8(p.add(16)));
+                a[t] = [
+                    vld1q_s16(p),
+                    vld1q_s16(p.add(8)),
+                    vld1q_s16(p.add(16)),
+                    vld1q_s16(p.add(24)),
+                ];
             }
             for r in 0..R {
                 let p = wp.add(r * row_bytes + blk * BLOCK);
                 let (w0, w1) = (vld1q_s8(p), vld1q_s8(p.add(16)));
+                let w16 = [
+                    vmovl_s8(vget_low_s8(w0)),
+                    vmovl_high_s8(w0),
+                    vmovl_s8(vget_low_s8(w1)),
+                    vmovl_high_s8(w1),
+                ];
                 for t in 0..T {
-                    let s = D::dot2(w0, a[t].0, w1, a[t].1);
+                    let s = D::dot16(&w16, &a[t]);
                     acc[r][t] = vfmaq_n_f32(acc[r][t], vcvtq_f32_s32(s), prod[r][t][j]);
                 }
             }
@@ -285,12 +327,12 @@ unsafe fn q8_body<D: BlockDot, const R: usize, const T: usize>(
 }
 
 macro_rules! tile_fn {
-    ($name:ident, $inner:ident, $body:ident, $dot:ty, $features:literal, $row_bytes:expr) => {
+    ($name:ident, $inner:ident, $body:ident, $dot:ty, $features:literal, $row_bytes:expr, $act:ty) => {
         #[target_feature(enable = $features)]
         unsafe fn $inner<const R: usize, const T: usize>(
             w: &[u8],
             wd: &[f16],
-            aq: &[i8],
+            aq: &[$act],
             ad: &[f32],
             nb: usize,
             out: &mut [f32; MAX_TILE],
@@ -303,7 +345,7 @@ macro_rules! tile_fn {
         fn $name(
             w: &[u8],
             wd: &[f16],
-            aq: &[i8],
+            aq: &[$act],
             ad: &[f32],
             nb: usize,
             nr: usize,
@@ -342,7 +384,8 @@ tile_fn!(
     q4_body,
     Sdot,
     "neon,dotprod",
-    16
+    16,
+    i8
 );
 tile_fn!(
     q8_tile_dot,
@@ -350,7 +393,8 @@ tile_fn!(
     q8_body,
     Sdot,
     "neon,dotprod",
-    32
+    32,
+    i16
 );
 tile_fn!(
     q4_tile_plain,
@@ -358,7 +402,8 @@ tile_fn!(
     q4_body,
     Mull,
     "neon",
-    16
+    16,
+    i8
 );
 tile_fn!(
     q8_tile_plain,
@@ -366,7 +411,8 @@ tile_fn!(
     q8_body,
     Mull,
     "neon",
-    32
+    32,
+    i16
 );
 
 /// Bit-identical to `scalar::quantize_act`: max is exact in any order, the
@@ -396,6 +442,31 @@ unsafe fn quantize_act_neon(x: &[f32], qs: &mut [i8], d: &mut [f32]) {
         let qp = qs.as_mut_ptr().add(blk * BLOCK);
         vst1q_s8(qp, lo);
         vst1q_s8(qp.add(16), hi);
+    }
+}
+
+/// 16-bit blocks; bit-identical to `scalar::quantize_act16` for the reasons
+/// given at [`quantize_act_neon`] (`|q| <= 32767`, so the narrowing never
+/// saturates).
+#[target_feature(enable = "neon")]
+unsafe fn quantize_act16_neon(x: &[f32], qs: &mut [i16], d: &mut [f32]) {
+    for (blk, db) in d.iter_mut().enumerate() {
+        let xp = x.as_ptr().add(blk * BLOCK);
+        let mut v = [vdupq_n_f32(0.0); 8];
+        let mut m = vdupq_n_f32(0.0);
+        for k in 0..8 {
+            v[k] = vld1q_f32(xp.add(4 * k));
+            m = vmaxq_f32(m, vabsq_f32(v[k]));
+        }
+        let amax = vmaxvq_f32(m);
+        *db = amax / 32767.0;
+        let inv = super::scalar::act16_inverse_scale(amax);
+        let qp = qs.as_mut_ptr().add(blk * BLOCK);
+        for k in 0..4 {
+            let lo = vcvtaq_s32_f32(vmulq_n_f32(v[2 * k], inv));
+            let hi = vcvtaq_s32_f32(vmulq_n_f32(v[2 * k + 1], inv));
+            vst1q_s16(qp.add(8 * k), vcombine_s16(vqmovn_s32(lo), vqmovn_s32(hi)));
+        }
     }
 }
 

@@ -1,18 +1,27 @@
 //! Reference kernels in plain Rust. They define the exact semantics (integer
 //! block dot products, then one float multiply per block) that every SIMD
-//! kernel must reproduce.
+//! kernel must reproduce: 4-bit weights × 8-bit activations, 8-bit weights ×
+//! 16-bit activations.
 
 use super::{Isa, KernelSet, MAX_TILE, MAX_TILE_T};
 use crate::quant::{WeightView, BLOCK};
 use half::f16;
 
-/// Activations quantized to 8-bit blocks: `x ≈ d * q`, `q` in -127..=127,
-/// one f32 scale per 32 values.
+/// Activations quantized in blocks of [`BLOCK`]: `x ≈ d * q`, one f32 scale
+/// per block.
 #[derive(Clone, Debug, Default)]
-pub struct QuantAct {
-    pub qs: Vec<i8>,
+pub struct QuantBlocks<Q> {
+    pub qs: Vec<Q>,
     pub d: Vec<f32>,
 }
+
+/// 8-bit activation blocks (`q` in -127..=127), multiplied with 4-bit weights.
+pub type QuantAct = QuantBlocks<i8>;
+
+/// 16-bit activation blocks (`q` in -32767..=32767), multiplied with 8-bit
+/// weights: 8-bit activations would add as much rounding error as the 8-bit
+/// weights themselves, which dominated q8's perplexity loss.
+pub type QuantAct16 = QuantBlocks<i16>;
 
 /// Quantizes `x` (finite values, length a multiple of [`BLOCK`]) into `out`:
 /// `d = max|x| / 127`, `q = round(x * (127 / max|x|))` (half away from zero).
@@ -43,10 +52,47 @@ fn quantize_act_into(x: &[f32], qs: &mut [i8], d: &mut [f32]) {
 /// set multiplies by exactly this value.
 #[inline]
 pub fn act_inverse_scale(amax: f32) -> f32 {
+    inverse_scale(127.0, amax)
+}
+
+/// Quantizes `x` (finite values, length a multiple of [`BLOCK`]) into 16-bit
+/// blocks: `d = max|x| / 32767`, `q = round(x * (32767 / max|x|))` (half away
+/// from zero), so `|q| <= 32767` (the product is at most `32767 * (1 + 2^-23)`).
+/// The inverse is capped like [`act_inverse_scale`]'s.
+pub fn quantize_act16(x: &[f32], out: &mut QuantAct16) {
+    out.qs.resize(x.len(), 0);
+    out.d.resize(x.len() / BLOCK, 0.0);
+    quantize_act16_into(x, &mut out.qs, &mut out.d)
+}
+
+fn quantize_act16_into(x: &[f32], qs: &mut [i16], d: &mut [f32]) {
+    for ((xb, qb), d) in x
+        .chunks_exact(BLOCK)
+        .zip(qs.chunks_exact_mut(BLOCK))
+        .zip(d.iter_mut())
+    {
+        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        *d = amax / 32767.0;
+        let inv = act16_inverse_scale(amax);
+        for (q, &v) in qb.iter_mut().zip(xb) {
+            *q = (v * inv).round() as i16;
+        }
+    }
+}
+
+/// `32767 / amax`, 0 for an all-zero block, capped at `f32::MAX`; every
+/// kernel set multiplies by exactly this value.
+#[inline]
+pub fn act16_inverse_scale(amax: f32) -> f32 {
+    inverse_scale(32767.0, amax)
+}
+
+#[inline]
+fn inverse_scale(qmax: f32, amax: f32) -> f32 {
     if amax == 0.0 {
         0.0
     } else {
-        (127.0 / amax).min(f32::MAX)
+        (qmax / amax).min(f32::MAX)
     }
 }
 
@@ -66,8 +112,15 @@ pub fn dot_q4_q8(wq: &[u8], wd: &[f16], aq: &[i8], ad: &[f32]) -> f32 {
     sum
 }
 
-/// Dot product of one row of 8-bit weight blocks with 8-bit activation blocks.
-pub fn dot_q8_q8(wq: &[i8], wd: &[f16], aq: &[i8], ad: &[f32]) -> f32 {
+/// Dot product of one row of 8-bit weight blocks with 16-bit activation blocks.
+///
+/// The block sum is exact in i32: `|w| <= 128` (a file may hold -128) and
+/// `|a| <= 32767`, so `|isum| <= 32 * 128 * 32767 = 134_213_632 < 2^31`. It
+/// can exceed 2^24, so its conversion to f32 may round; the SIMD sets convert
+/// partial sums per lane instead and add the lanes in f32, so they agree with
+/// this reference within a float tolerance, and exactly whenever each block's
+/// sum of `|w * a|` is below 2^24 (every partial sum is then exact in f32).
+pub fn dot_q8_q16(wq: &[i8], wd: &[f16], aq: &[i16], ad: &[f32]) -> f32 {
     let mut sum = 0f32;
     for b in 0..wd.len() {
         let w = &wq[b * BLOCK..b * BLOCK + BLOCK];
@@ -96,6 +149,7 @@ pub fn matmul(w: &WeightView, x: &[f32], n_tokens: usize, y: &mut [f32]) {
     let (rows, cols) = (w.rows(), w.cols());
     let nb = cols / BLOCK;
     let mut act = QuantAct::default();
+    let mut act16 = QuantAct16::default();
     for t in 0..n_tokens {
         let xt = &x[t * cols..(t + 1) * cols];
         let yt = &mut y[t * rows..(t + 1) * rows];
@@ -111,13 +165,13 @@ pub fn matmul(w: &WeightView, x: &[f32], n_tokens: usize, y: &mut [f32]) {
                 }
             }
             WeightView::Q8 { qs, d, .. } => {
-                quantize_act(xt, &mut act);
+                quantize_act16(xt, &mut act16);
                 for (r, o) in yt.iter_mut().enumerate() {
-                    *o = dot_q8_q8(
+                    *o = dot_q8_q16(
                         &qs[r * cols..(r + 1) * cols],
                         &d[r * nb..(r + 1) * nb],
-                        &act.qs,
-                        &act.d,
+                        &act16.qs,
+                        &act16.d,
                     );
                 }
             }
@@ -144,6 +198,7 @@ pub(crate) static ISA: Isa = Isa {
     tile_rows: 4,
     tile_tokens: 1,
     quantize_act: quantize_act_into,
+    quantize_act16: quantize_act16_into,
     q4_tile,
     q8_tile,
     q4_rows8: None,
@@ -227,7 +282,7 @@ fn q4_tile(
 fn q8_tile(
     w: &[u8],
     wd: &[f16],
-    aq: &[i8],
+    aq: &[i16],
     ad: &[f32],
     nb: usize,
     nr: usize,
@@ -238,7 +293,7 @@ fn q8_tile(
     let w: &[i8] = bytemuck::cast_slice(w);
     for r in 0..nr {
         for t in 0..nt {
-            out[r * MAX_TILE_T + t] = dot_q8_q8(
+            out[r * MAX_TILE_T + t] = dot_q8_q16(
                 &w[r * rb..(r + 1) * rb],
                 &wd[r * nb..(r + 1) * nb],
                 &aq[t * nb * BLOCK..(t + 1) * nb * BLOCK],
