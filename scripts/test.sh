@@ -9,6 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo test --workspace --profile fasttest
+# The runtime's golden tests once more on the scalar reference kernels (the
+# run above uses the best set this CPU has).
+NIBBLE_KERNELS=scalar cargo test --profile fasttest --test tiny_golden
 if [[ -x scripts/test-aarch64.sh ]]; then
   ./scripts/test-aarch64.sh
 fi
