@@ -480,14 +480,7 @@ fn perplexity_cmd(a: PerplexityArgs) -> Result<()> {
     }
     let t = Instant::now();
     let json = a.json;
-    let r = perplexity(&model, &text, a.ctx, |done, total, ppl| {
-        if !json {
-            eprint!("[{done}/{total}] {ppl:.4}  ");
-            if done == total {
-                eprintln!();
-            }
-        }
-    })?;
+    let r = perplexity(&model, &text, a.ctx, ppl_progress(json))?;
     if json {
         println!(
             "{}",
@@ -511,18 +504,24 @@ fn perplexity_cmd(a: PerplexityArgs) -> Result<()> {
     Ok(())
 }
 
-fn kl_cmd(a: &PerplexityArgs, text: &str, model: Model, base: &Path) -> Result<()> {
-    let base = Model::open(base)?;
-    let t = Instant::now();
-    let json = a.json;
-    let r = perplexity_kl(&model, &base, text, a.ctx, |done, total, ppl| {
+/// The running perplexity on stderr, one `[done/total] value` per chunk
+/// (nothing with `--json`, whose stdout is the one JSON object).
+fn ppl_progress(json: bool) -> impl FnMut(usize, usize, f64) {
+    move |done, total, ppl| {
         if !json {
             eprint!("[{done}/{total}] {ppl:.4}  ");
             if done == total {
                 eprintln!();
             }
         }
-    })?;
+    }
+}
+
+fn kl_cmd(a: &PerplexityArgs, text: &str, model: Model, base: &Path) -> Result<()> {
+    let base = Model::open(base)?;
+    let t = Instant::now();
+    let json = a.json;
+    let r = perplexity_kl(&model, &base, text, a.ctx, ppl_progress(json))?;
     if json {
         println!(
             "{}",

@@ -486,29 +486,35 @@ unsafe fn round_away(v: __m256) -> __m256 {
     _mm256_add_ps(t, _mm256_and_ps(big, one_signed))
 }
 
+/// The 32 values of the block at `xp` and their largest magnitude (exact:
+/// max does not round), shared by the 8- and 16-bit activation quantizers.
+#[inline(always)]
+unsafe fn load_block_absmax(xp: *const f32) -> ([__m256; 4], f32) {
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let v = [
+        _mm256_loadu_ps(xp),
+        _mm256_loadu_ps(xp.add(8)),
+        _mm256_loadu_ps(xp.add(16)),
+        _mm256_loadu_ps(xp.add(24)),
+    ];
+    let m = _mm256_max_ps(
+        _mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
+        _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)),
+    );
+    let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    (v, _mm_cvtss_f32(m))
+}
+
 /// Quantizes whole blocks; bit-identical to `scalar::quantize_act` (max is
 /// exact in any order, the scale and inverse are the same scalar divisions,
 /// `v * inv` is one IEEE multiply, and [`round_away`] is exact).
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn quantize_act_avx2(x: &[f32], qs: &mut [i8], d: &mut [f32]) {
-    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
     let perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (blk, db) in d.iter_mut().enumerate() {
-        let xp = x.as_ptr().add(blk * BLOCK);
-        let v = [
-            _mm256_loadu_ps(xp),
-            _mm256_loadu_ps(xp.add(8)),
-            _mm256_loadu_ps(xp.add(16)),
-            _mm256_loadu_ps(xp.add(24)),
-        ];
-        let m = _mm256_max_ps(
-            _mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
-            _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)),
-        );
-        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-        let m = _mm_max_ss(m, _mm_movehdup_ps(m));
-        let amax = _mm_cvtss_f32(m);
+        let (v, amax) = load_block_absmax(x.as_ptr().add(blk * BLOCK));
         *db = amax / 127.0;
         let inv = _mm256_set1_ps(super::scalar::act_inverse_scale(amax));
         let i = [
@@ -531,23 +537,8 @@ unsafe fn quantize_act_avx2(x: &[f32], qs: &mut [i8], d: &mut [f32]) {
 /// `scalar::quantize_act16` for the reasons given at [`quantize_act_avx2`].
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn quantize_act16_avx2(x: &[f32], qs: &mut [i16], d: &mut [f32]) {
-    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
     for (blk, db) in d.iter_mut().enumerate() {
-        let xp = x.as_ptr().add(blk * BLOCK);
-        let v = [
-            _mm256_loadu_ps(xp),
-            _mm256_loadu_ps(xp.add(8)),
-            _mm256_loadu_ps(xp.add(16)),
-            _mm256_loadu_ps(xp.add(24)),
-        ];
-        let m = _mm256_max_ps(
-            _mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
-            _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)),
-        );
-        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-        let m = _mm_max_ss(m, _mm_movehdup_ps(m));
-        let amax = _mm_cvtss_f32(m);
+        let (v, amax) = load_block_absmax(x.as_ptr().add(blk * BLOCK));
         *db = amax / 32767.0;
         let inv = _mm256_set1_ps(super::scalar::act16_inverse_scale(amax));
         let i: [__m256i; 4] =

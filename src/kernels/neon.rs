@@ -415,6 +415,19 @@ tile_fn!(
     i16
 );
 
+/// The 32 values of the block at `xp` and their largest magnitude (exact:
+/// max does not round), shared by the 8- and 16-bit activation quantizers.
+#[inline(always)]
+unsafe fn load_block_absmax(xp: *const f32) -> ([float32x4_t; 8], f32) {
+    let mut v = [vdupq_n_f32(0.0); 8];
+    let mut m = vdupq_n_f32(0.0);
+    for k in 0..8 {
+        v[k] = vld1q_f32(xp.add(4 * k));
+        m = vmaxq_f32(m, vabsq_f32(v[k]));
+    }
+    (v, vmaxvq_f32(m))
+}
+
 /// Bit-identical to `scalar::quantize_act`: max is exact in any order, the
 /// scale and its inverse are the same scalar divisions, `v * inv` is one IEEE
 /// multiply, and `fcvtas` rounds to nearest with ties away from zero, exactly
@@ -422,14 +435,7 @@ tile_fn!(
 #[target_feature(enable = "neon")]
 unsafe fn quantize_act_neon(x: &[f32], qs: &mut [i8], d: &mut [f32]) {
     for (blk, db) in d.iter_mut().enumerate() {
-        let xp = x.as_ptr().add(blk * BLOCK);
-        let mut v = [vdupq_n_f32(0.0); 8];
-        let mut m = vdupq_n_f32(0.0);
-        for k in 0..8 {
-            v[k] = vld1q_f32(xp.add(4 * k));
-            m = vmaxq_f32(m, vabsq_f32(v[k]));
-        }
-        let amax = vmaxvq_f32(m);
+        let (v, amax) = load_block_absmax(x.as_ptr().add(blk * BLOCK));
         *db = amax / 127.0;
         let inv = super::scalar::act_inverse_scale(amax);
         let mut q = [vdupq_n_s32(0); 8];
@@ -451,14 +457,7 @@ unsafe fn quantize_act_neon(x: &[f32], qs: &mut [i8], d: &mut [f32]) {
 #[target_feature(enable = "neon")]
 unsafe fn quantize_act16_neon(x: &[f32], qs: &mut [i16], d: &mut [f32]) {
     for (blk, db) in d.iter_mut().enumerate() {
-        let xp = x.as_ptr().add(blk * BLOCK);
-        let mut v = [vdupq_n_f32(0.0); 8];
-        let mut m = vdupq_n_f32(0.0);
-        for k in 0..8 {
-            v[k] = vld1q_f32(xp.add(4 * k));
-            m = vmaxq_f32(m, vabsq_f32(v[k]));
-        }
-        let amax = vmaxvq_f32(m);
+        let (v, amax) = load_block_absmax(x.as_ptr().add(blk * BLOCK));
         *db = amax / 32767.0;
         let inv = super::scalar::act16_inverse_scale(amax);
         let qp = qs.as_mut_ptr().add(blk * BLOCK);
