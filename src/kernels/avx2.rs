@@ -15,7 +15,7 @@
 // loops say that more plainly than zipped iterators.
 #![allow(clippy::needless_range_loop)]
 
-use super::{Isa, KernelSet, MAX_TILE, MAX_TILE_T, Q4_ROWS8_TOKENS};
+use super::{Isa, KernelSet, Q4Lanes, MAX_TILE, MAX_TILE_T};
 use crate::quant::BLOCK;
 use half::f16;
 use std::arch::x86_64::*;
@@ -35,7 +35,7 @@ static ISA: Isa = Isa {
     quantize_act16,
     q4_tile,
     q8_tile,
-    q4_rows8: Some(q4_rows8),
+    q4_lanes: Some(Q4_ROWS8),
     dot_f32,
     dot_f16,
     axpy_f16,
@@ -91,51 +91,41 @@ pub(super) fn attend_f16(
     unsafe { attend_f16_avx2(q, keys, values, scale, scores, out) }
 }
 
-/// How one 32-weight block's integer dot product is formed: AVX2
-/// (`vpmaddubsw` / `vpmaddwd`) here, VNNI (`vpdpbusd` / `vpdpwssd`) in
-/// `avx512`. Each result is eight i32 lanes whose sum is the exact block sum.
-pub(super) trait BlockDot {
-    /// Per activation block, computed once per tile and reused for every row.
-    unsafe fn q4_prep(a: __m256i) -> __m256i;
-    /// `sum (q - 8) * a` for unsigned nibbles `q` (0..=15).
-    unsafe fn q4(q: __m256i, a: __m256i, prep: __m256i) -> __m256i;
-    /// `sum w * a` for 8-bit weights sign-extended to i16 (`w[0]`: elements
-    /// 0..16, `w[1]`: 16..32) and 16-bit activations. Each lane sums four
-    /// products, at most `4 * 128 * 32767 < 2^24` in magnitude, so it is exact
-    /// in i32 and its conversion to f32 is exact too.
-    unsafe fn q8(w: [__m256i; 2], a: [__m256i; 2]) -> __m256i;
+/// 8 × the pair sums of the activations: computed once per activation
+/// block and reused for every row.
+#[inline(always)]
+unsafe fn q4_prep(a: __m256i) -> __m256i {
+    _mm256_maddubs_epi16(_mm256_set1_epi8(8), a)
 }
 
-pub(super) struct Maddubs;
-
-impl BlockDot for Maddubs {
-    /// 8 × the pair sums of the activations.
-    #[inline(always)]
-    unsafe fn q4_prep(a: __m256i) -> __m256i {
-        _mm256_maddubs_epi16(_mm256_set1_epi8(8), a)
-    }
-
-    /// The nibbles are used unsigned in `vpmaddubsw`, then 8 × the pair sums
-    /// of `a` are subtracted at 16 bits: per pair `q0*a0 + q1*a1 - 8*(a0 + a1)`,
-    /// each part below 2^15 in magnitude, so nothing saturates.
-    #[inline(always)]
-    unsafe fn q4(q: __m256i, a: __m256i, prep: __m256i) -> __m256i {
-        let p = _mm256_sub_epi16(_mm256_maddubs_epi16(q, a), prep);
-        _mm256_madd_epi16(p, _mm256_set1_epi16(1))
-    }
-
-    /// `vpmaddwd` multiplies i16 pairs into i32 and adds them; it can only
-    /// wrap for (-32768)² + (-32768)², and activations never hold -32768.
-    #[inline(always)]
-    unsafe fn q8(w: [__m256i; 2], a: [__m256i; 2]) -> __m256i {
-        _mm256_add_epi32(_mm256_madd_epi16(w[0], a[0]), _mm256_madd_epi16(w[1], a[1]))
-    }
+/// `sum (q - 8) * a` for unsigned nibbles `q` (0..=15) in eight i32 lanes:
+/// the nibbles are used unsigned in `vpmaddubsw`, then 8 × the pair sums of
+/// `a` (`prep`) are subtracted at 16 bits: per pair
+/// `q0*a0 + q1*a1 - 8*(a0 + a1)`, each part below 2^15 in magnitude, so
+/// nothing saturates.
+#[inline(always)]
+unsafe fn q4_dot(q: __m256i, a: __m256i, prep: __m256i) -> __m256i {
+    let p = _mm256_sub_epi16(_mm256_maddubs_epi16(q, a), prep);
+    _mm256_madd_epi16(p, _mm256_set1_epi16(1))
 }
 
-/// `R` rows of 4-bit blocks × `T` quantized activation rows. Inlined into a
-/// `#[target_feature]` wrapper made by [`tile_fn`].
-#[inline]
-pub(super) unsafe fn q4_body<D: BlockDot, const R: usize, const T: usize>(
+/// `sum w * a` for 8-bit weights sign-extended to i16 (`w[0]`: elements
+/// 0..16, `w[1]`: 16..32) and 16-bit activations, in eight i32 lanes. Each
+/// lane sums four products, at most `4 * 128 * 32767 < 2^24` in magnitude, so
+/// it is exact in i32 and its conversion to f32 is exact too. (`vpmaddwd`
+/// could only wrap for (-32768)² + (-32768)², and activations never hold
+/// -32768.)
+#[inline(always)]
+unsafe fn q8_dot(w: [__m256i; 2], a: [__m256i; 2]) -> __m256i {
+    _mm256_add_epi32(_mm256_madd_epi16(w[0], a[0]), _mm256_madd_epi16(w[1], a[1]))
+}
+
+/// `R` rows of 4-bit blocks × `T` quantized activation rows.
+///
+/// Safety: the caller checks `w.len() >= R * nb * 16`, `wd.len() >= R * nb`,
+/// `aq.len() >= T * nb * 32`, `ad.len() >= T * nb`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_body<const R: usize, const T: usize>(
     w: &[u8],
     wd: &[f16],
     aq: &[i8],
@@ -158,13 +148,13 @@ pub(super) unsafe fn q4_body<D: BlockDot, const R: usize, const T: usize>(
             let mut c = [_mm256_setzero_si256(); T];
             for t in 0..T {
                 a[t] = _mm256_loadu_si256(ap.add((t * nb + blk) * BLOCK) as *const __m256i);
-                c[t] = D::q4_prep(a[t]);
+                c[t] = q4_prep(a[t]);
             }
             for r in 0..R {
                 let raw = _mm_loadu_si128(wp.add(r * row_bytes + blk * 16) as *const __m128i);
                 let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), mask);
                 for t in 0..T {
-                    let s = D::q4(q, a[t], c[t]);
+                    let s = q4_dot(q, a[t], c[t]);
                     let scale = _mm256_set1_ps(prod[r][t][j]);
                     acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[r][t]);
                 }
@@ -182,8 +172,11 @@ pub(super) unsafe fn q4_body<D: BlockDot, const R: usize, const T: usize>(
 /// `R` rows of 8-bit blocks × `T` 16-bit activation rows. Per block and row:
 /// two sign-extending loads; per token: two `vpmaddwd` and an add (the 8-bit
 /// activation path needed a sign, a `vpmaddubsw` and a `vpmaddwd`).
-#[inline]
-pub(super) unsafe fn q8_body<D: BlockDot, const R: usize, const T: usize>(
+///
+/// Safety: the caller checks `w.len() >= R * nb * 32`, `wd.len() >= R * nb`,
+/// `aq.len() >= T * nb * 32`, `ad.len() >= T * nb`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_body<const R: usize, const T: usize>(
     w: &[u8],
     wd: &[f16],
     aq: &[i16],
@@ -216,7 +209,7 @@ pub(super) unsafe fn q8_body<D: BlockDot, const R: usize, const T: usize>(
                     _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(16) as *const __m128i)),
                 ];
                 for t in 0..T {
-                    let s = D::q8(q, a[t]);
+                    let s = q8_dot(q, a[t]);
                     let scale = _mm256_set1_ps(prod[r][t][j]);
                     acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[r][t]);
                 }
@@ -231,84 +224,21 @@ pub(super) unsafe fn q8_body<D: BlockDot, const R: usize, const T: usize>(
     }
 }
 
-/// Makes a tile function for the [`super::QTileFn`] table slot: a
-/// `#[target_feature]` body instantiated per tile shape, and a safe wrapper
-/// that checks the slices and picks the shape.
-macro_rules! tile_fn {
-    ($name:ident, $inner:ident, $body:ident, $dot:ty, $features:literal, $row_bytes:expr, $act:ty) => {
-        #[target_feature(enable = $features)]
-        unsafe fn $inner<const R: usize, const T: usize>(
-            w: &[u8],
-            wd: &[f16],
-            aq: &[$act],
-            ad: &[f32],
-            nb: usize,
-            out: &mut [f32; MAX_TILE],
-        ) {
-            // SAFETY: the caller checked the slice lengths for an R×T tile.
-            unsafe { $body::<$dot, R, T>(w, wd, aq, ad, nb, out) }
-        }
+super::tile_fn!(pub(super) q4_tile, q4_body, 16, i8);
+super::tile_fn!(pub(super) q8_tile, q8_body, BLOCK, i16);
 
-        #[allow(clippy::too_many_arguments)]
-        fn $name(
-            w: &[u8],
-            wd: &[f16],
-            aq: &[$act],
-            ad: &[f32],
-            nb: usize,
-            nr: usize,
-            nt: usize,
-            out: &mut [f32; MAX_TILE],
-        ) {
-            assert!(
-                w.len() >= nr * nb * $row_bytes
-                    && wd.len() >= nr * nb
-                    && aq.len() >= nt * nb * BLOCK
-                    && ad.len() >= nt * nb,
-                "tile: slices shorter than the tile"
-            );
-            // SAFETY: only reachable through a table handed out after the
-            // features were detected; slice lengths checked just above.
-            unsafe {
-                match (nr, nt) {
-                    (4, 1) => $inner::<4, 1>(w, wd, aq, ad, nb, out),
-                    (4, 2) => $inner::<4, 2>(w, wd, aq, ad, nb, out),
-                    (3, 1) => $inner::<3, 1>(w, wd, aq, ad, nb, out),
-                    (3, 2) => $inner::<3, 2>(w, wd, aq, ad, nb, out),
-                    (2, 1) => $inner::<2, 1>(w, wd, aq, ad, nb, out),
-                    (2, 2) => $inner::<2, 2>(w, wd, aq, ad, nb, out),
-                    (1, 1) => $inner::<1, 1>(w, wd, aq, ad, nb, out),
-                    (1, 2) => $inner::<1, 2>(w, wd, aq, ad, nb, out),
-                    _ => panic!("tile {nr}x{nt} larger than 4x2"),
-                }
-            }
-        }
-    };
-}
-pub(super) use tile_fn;
+/// Tokens per call of [`q4_rows8`].
+const ROWS8_TOKENS: usize = 4;
 
-tile_fn!(
-    q4_tile,
-    q4_tile_avx2,
-    q4_body,
-    Maddubs,
-    "avx2,fma,f16c",
-    16,
-    i8
-);
-tile_fn!(
-    q8_tile,
-    q8_tile_avx2,
-    q8_body,
-    Maddubs,
-    "avx2,fma,f16c",
-    32,
-    i16
-);
+pub(super) const Q4_ROWS8: Q4Lanes = Q4Lanes {
+    rows: 8,
+    tokens: ROWS8_TOKENS,
+    kernel: q4_rows8,
+};
 
-/// See [`super::Q4Rows8Fn`].
+/// See [`super::Q4LanesFn`]: 8 rows.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn q4_rows8(
+fn q4_rows8(
     w: &[u8],
     row_bytes: usize,
     wd: &[f16],
@@ -320,7 +250,7 @@ pub(super) fn q4_rows8(
     out: &mut [f32; MAX_TILE],
 ) {
     assert!(
-        (1..=Q4_ROWS8_TOKENS).contains(&nt)
+        (1..=ROWS8_TOKENS).contains(&nt)
             && row_bytes >= nb * 16
             && w.len() >= 7 * row_bytes + nb * 16
             && wd.len() >= 7 * nb + nb
@@ -441,7 +371,7 @@ unsafe fn hsum(v: __m256) -> f32 {
 /// them with those of `T` tokens: `prod[r][t][j] = wd[r][b + j] * ad[t][b + j]`.
 // Inlined into the `#[target_feature]` tile wrappers of `tile_fn!`.
 #[inline(always)]
-unsafe fn scale_products<const R: usize, const T: usize>(
+pub(super) unsafe fn scale_products<const R: usize, const T: usize>(
     wd: *const f16,
     ad: *const f32,
     nb: usize,

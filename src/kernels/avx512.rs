@@ -1,15 +1,20 @@
-//! x86-64 AVX-512 VNNI kernels: the AVX2 tile loops with each block's integer
-//! dot product done by `vpdpbusd` (4-bit weights: u8 × i8, four products
-//! summed into each i32 lane, no intermediate saturation) or two `vpdpwssd`
-//! (8-bit weights: i16 × i16 pairs accumulated into i32) on 256-bit vectors
-//! (AVX512-VL), which keeps the clock up on CPUs that slow down for 512-bit
-//! work. Activation quantization and the f16/f32 helpers are the AVX2 ones.
+//! x86-64 AVX-512 VNNI kernels on 512-bit vectors, for prefill: 4-bit weights
+//! with 16 rows in the lanes and `vpdpbusd` (u8 × i8, four products summed
+//! into each i32 lane, no intermediate saturation), see [`q4_rows16_vnni`];
+//! 8-bit weights one block per `vpdpwssd` (i16 × i16 pairs accumulated into
+//! i32). Decode, activation quantization and the f16/f32 helpers use the AVX2
+//! kernels: a matrix–vector product streams its weights once, and 512-bit row
+//! tiles measured slower than the AVX2 ones there (see [`q8_tile`]).
+
+// Tile loops index several parallel register arrays by row and token; index
+// loops say that more plainly than zipped iterators.
+#![allow(clippy::needless_range_loop)]
 //!
 //! The bodies are private and only reachable through the table [`isa`] returns
 //! after detecting every feature they use.
 
-use super::avx2::{self, q4_body, q8_body, tile_fn, BlockDot};
-use super::{Isa, KernelSet, MAX_TILE};
+use super::avx2;
+use super::{Isa, KernelSet, Q4Lanes, MAX_TILE, MAX_TILE_T};
 use crate::quant::BLOCK;
 use half::f16;
 use std::arch::x86_64::*;
@@ -32,58 +37,253 @@ static ISA: Isa = Isa {
     // the AVX2 helpers need a subset of the features detected above
     quantize_act: avx2::quantize_act,
     quantize_act16: avx2::quantize_act16,
-    q4_tile,
+    q4_tile: avx2::q4_tile,
     q8_tile,
-    q4_rows8: Some(avx2::q4_rows8),
+    q4_lanes: Some(Q4_ROWS16),
     dot_f32: avx2::dot_f32,
     dot_f16: avx2::dot_f16,
     axpy_f16: avx2::axpy_f16,
     attend_f16: avx2::attend_f16,
 };
 
-struct Vnni;
+super::tile_fn!(q8_tile512, q8_body512, BLOCK, i16);
 
-impl BlockDot for Vnni {
-    /// `-8 * sum a` spread over the lanes, the start value of the q4 dot.
-    #[inline(always)]
-    unsafe fn q4_prep(a: __m256i) -> __m256i {
-        let eights = _mm256_set1_epi8(8);
-        _mm256_sub_epi32(
-            _mm256_setzero_si256(),
-            _mm256_dpbusd_epi32(_mm256_setzero_si256(), eights, a),
-        )
-    }
-
-    /// `sum q * a - 8 * sum a = sum (q - 8) * a`, exact in i32.
-    #[inline(always)]
-    unsafe fn q4(q: __m256i, a: __m256i, prep: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(prep, q, a)
-    }
-
-    /// The AVX2 `vpmaddwd` + add, fused: each `vpdpwssd` adds two i16
-    /// products per lane without saturating, four products per lane in all.
-    #[inline(always)]
-    unsafe fn q8(w: [__m256i; 2], a: [__m256i; 2]) -> __m256i {
-        let s = _mm256_dpwssd_epi32(_mm256_setzero_si256(), w[0], a[0]);
-        _mm256_dpwssd_epi32(s, w[1], a[1])
+/// See [`super::QTileFn`]. Decode (one token) streams each weight once from
+/// DRAM, where the 256-bit AVX2 loop measured faster here (SmolLM2 q8 tg at one
+/// thread: 82 vs 62 t/s, 2026-12-02, AMD EPYC); prefill tiles reuse each
+/// weight block for two tokens and gain 5–17% from the 512-bit loop.
+#[allow(clippy::too_many_arguments)]
+fn q8_tile(
+    w: &[u8],
+    wd: &[f16],
+    aq: &[i16],
+    ad: &[f32],
+    nb: usize,
+    nr: usize,
+    nt: usize,
+    out: &mut [f32; MAX_TILE],
+) {
+    if nt == 1 {
+        avx2::q8_tile(w, wd, aq, ad, nb, nr, nt, out)
+    } else {
+        q8_tile512(w, wd, aq, ad, nb, nr, nt, out)
     }
 }
 
-tile_fn!(
-    q4_tile,
-    q4_tile_vnni,
-    q4_body,
-    Vnni,
-    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
-    16,
-    i8
-);
-tile_fn!(
-    q8_tile,
-    q8_tile_vnni,
-    q8_body,
-    Vnni,
-    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
-    32,
-    i16
-);
+/// `R` rows of 8-bit blocks × `T` 16-bit activation rows: per block and row
+/// one sign-extending load to 32 i16 and one `vpdpwssd` per token (each i32
+/// lane sums two products, exact), then a float convert and FMA.
+///
+/// Safety: the caller checks `w.len() >= R * nb * 32`, `wd.len() >= R * nb`,
+/// `aq.len() >= T * nb * 32`, `ad.len() >= T * nb`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q8_body512<const R: usize, const T: usize>(
+    w: &[u8],
+    wd: &[f16],
+    aq: &[i16],
+    ad: &[f32],
+    nb: usize,
+    out: &mut [f32; MAX_TILE],
+) {
+    let row_bytes = nb * BLOCK;
+    let (wp, ap) = (w.as_ptr(), aq.as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    let mut prod = [[[0f32; 8]; T]; R];
+    let mut b = 0;
+    while b < nb {
+        let g = (nb - b).min(8);
+        avx2::scale_products::<R, T>(wd.as_ptr(), ad.as_ptr(), nb, b, g, &mut prod);
+        for j in 0..g {
+            let blk = b + j;
+            let mut a = [_mm512_setzero_si512(); T];
+            for t in 0..T {
+                a[t] = _mm512_loadu_si512(ap.add((t * nb + blk) * BLOCK) as *const __m512i);
+            }
+            for r in 0..R {
+                let p = wp.add(r * row_bytes + blk * BLOCK);
+                let q = _mm512_cvtepi8_epi16(_mm256_loadu_si256(p as *const __m256i));
+                for t in 0..T {
+                    let s = _mm512_dpwssd_epi32(_mm512_setzero_si512(), q, a[t]);
+                    let scale = _mm512_set1_ps(prod[r][t][j]);
+                    acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[r][t]);
+                }
+            }
+        }
+        b += g;
+    }
+    for r in 0..R {
+        for t in 0..T {
+            out[r * MAX_TILE_T + t] = _mm512_reduce_add_ps(acc[r][t]);
+        }
+    }
+}
+
+/// Tokens per call of [`q4_rows16`]: the transposes of a block are shared by
+/// this many tokens.
+const ROWS16_TOKENS: usize = 8;
+
+const Q4_ROWS16: Q4Lanes = Q4Lanes {
+    rows: 16,
+    tokens: ROWS16_TOKENS,
+    kernel: q4_rows16,
+};
+
+/// See [`super::Q4LanesFn`]: 16 rows, one per i32 lane of a 512-bit vector.
+#[allow(clippy::too_many_arguments)]
+fn q4_rows16(
+    w: &[u8],
+    row_bytes: usize,
+    wd: &[f16],
+    nb: usize,
+    aq: &[i8],
+    ad: &[f32],
+    asum: &[i32],
+    nt: usize,
+    out: &mut [f32; MAX_TILE],
+) {
+    assert!(
+        (1..=ROWS16_TOKENS).contains(&nt)
+            && row_bytes >= nb * 16
+            && w.len() >= 15 * row_bytes + nb * 16
+            && wd.len() >= 16 * nb
+            && aq.len() >= nt * nb * BLOCK
+            && ad.len() >= nt * nb
+            && asum.len() >= nt * nb,
+        "q4_rows16: slices shorter than the tile"
+    );
+    // SAFETY: only reachable through `ISA`, handed out after every feature
+    // the body enables was detected; the slice lengths were checked above.
+    unsafe {
+        match nt {
+            1 => q4_rows16_vnni::<1>(w, row_bytes, wd, nb, aq, ad, asum, out),
+            2 => q4_rows16_vnni::<2>(w, row_bytes, wd, nb, aq, ad, asum, out),
+            3 => q4_rows16_vnni::<3>(w, row_bytes, wd, nb, aq, ad, asum, out),
+            4 => q4_rows16_vnni::<4>(w, row_bytes, wd, nb, aq, ad, asum, out),
+            5 => q4_rows16_vnni::<5>(w, row_bytes, wd, nb, aq, ad, asum, out),
+            6 => q4_rows16_vnni::<6>(w, row_bytes, wd, nb, aq, ad, asum, out),
+            7 => q4_rows16_vnni::<7>(w, row_bytes, wd, nb, aq, ad, asum, out),
+            _ => q4_rows16_vnni::<8>(w, row_bytes, wd, nb, aq, ad, asum, out),
+        }
+    }
+}
+
+/// 16 rows × `T` tokens, rows in lanes. Per block: the 16 rows' nibbles,
+/// four rows per register (row `4l + i` in 128-bit lane `l` of register `i`),
+/// are transposed as 4-byte groups within each lane so that register `k`
+/// holds weights `4k..4k+4` of all 16 rows in row order; then per token one
+/// `vpdpbusd` per group against the matching 4 activation bytes broadcast,
+/// started from `-8 * sum a` (exact in i32).
+///
+/// Safety: the caller checks the lengths asserted in [`q4_rows16`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q4_rows16_vnni<const T: usize>(
+    w: &[u8],
+    row_bytes: usize,
+    wd: &[f16],
+    nb: usize,
+    aq: &[i8],
+    ad: &[f32],
+    asum: &[i32],
+    out: &mut [f32; MAX_TILE],
+) {
+    let mask = _mm512_set1_epi8(0x0f);
+    let (wp, ap) = (w.as_ptr(), aq.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); T];
+    let mut b = 0;
+    while b < nb {
+        let g = (nb - b).min(8);
+        let dw = scales_16x8(wd.as_ptr(), nb, b, g);
+        for (j, dwj) in dw.iter().enumerate().take(g) {
+            let blk = b + j;
+            let row =
+                |r: usize| _mm_loadu_si128(wp.add(r * row_bytes + blk * 16) as *const __m128i);
+            let mut lo = [_mm512_setzero_si512(); 4];
+            let mut hi = [_mm512_setzero_si512(); 4];
+            for i in 0..4 {
+                let v = _mm512_castsi128_si512(row(i));
+                let v = _mm512_inserti32x4::<1>(v, row(4 + i));
+                let v = _mm512_inserti32x4::<2>(v, row(8 + i));
+                let v = _mm512_inserti32x4::<3>(v, row(12 + i));
+                lo[i] = _mm512_and_si512(v, mask);
+                hi[i] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask);
+            }
+            let (c0, c1) = (transpose4x4_epi32(&lo), transpose4x4_epi32(&hi));
+            let c = [c0[0], c0[1], c0[2], c0[3], c1[0], c1[1], c1[2], c1[3]];
+            for t in 0..T {
+                let a = ap.add((t * nb + blk) * BLOCK) as *const i32;
+                let mut s = _mm512_set1_epi32(-asum[t * nb + blk]);
+                for (k, ck) in c.iter().enumerate() {
+                    s = _mm512_dpbusd_epi32(s, *ck, _mm512_set1_epi32(a.add(k).read_unaligned()));
+                }
+                let scale = _mm512_mul_ps(*dwj, _mm512_set1_ps(ad[t * nb + blk]));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[t]);
+            }
+        }
+        b += g;
+    }
+    for t in 0..T {
+        let mut lanes = [0f32; 16];
+        _mm512_storeu_ps(lanes.as_mut_ptr(), acc[t]);
+        for (r, &x) in lanes.iter().enumerate() {
+            out[r * MAX_TILE_T + t] = x;
+        }
+    }
+}
+
+/// Within each 128-bit lane, `out[k]` = 32-bit element `k` of every input,
+/// input `i` in element `i`.
+#[inline(always)]
+unsafe fn transpose4x4_epi32(v: &[__m512i; 4]) -> [__m512i; 4] {
+    let t0 = _mm512_unpacklo_epi32(v[0], v[1]);
+    let t1 = _mm512_unpackhi_epi32(v[0], v[1]);
+    let t2 = _mm512_unpacklo_epi32(v[2], v[3]);
+    let t3 = _mm512_unpackhi_epi32(v[2], v[3]);
+    [
+        _mm512_unpacklo_epi64(t0, t2),
+        _mm512_unpackhi_epi64(t0, t2),
+        _mm512_unpacklo_epi64(t1, t3),
+        _mm512_unpackhi_epi64(t1, t3),
+    ]
+}
+
+/// The scales of blocks `b..b + g` (`g <= 8`) of 16 rows `nb` apart, as
+/// f32: `out[j]` lane `r` = row `r`'s scale of block `b + j` (lanes of
+/// `j >= g` are zero). An 8×8 transpose in each 256-bit half, rows `r` and
+/// `r + 8` sharing a register.
+#[inline(always)]
+unsafe fn scales_16x8(dp: *const f16, nb: usize, b: usize, g: usize) -> [__m512; 8] {
+    let k: __mmask8 = (0xffu32 >> (8 - g)) as u8;
+    let load = |r: usize| _mm_maskz_loadu_epi16(k, dp.add(r * nb + b) as *const i16);
+    let v: [__m512; 8] =
+        std::array::from_fn(|r| _mm512_cvtph_ps(_mm256_set_m128i(load(r + 8), load(r))));
+    let t: [__m512; 8] = std::array::from_fn(|i| {
+        let (x, y) = (v[i & !1], v[i | 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_ps(x, y)
+        } else {
+            _mm512_unpackhi_ps(x, y)
+        }
+    });
+    // within each 128-bit lane: u[4h + m] element e = v[4h + e][lane position m]
+    let u: [__m512; 8] = std::array::from_fn(|i| {
+        let h = i / 4 * 4;
+        match i % 4 {
+            0 => _mm512_shuffle_ps::<0x44>(t[h], t[h + 2]),
+            1 => _mm512_shuffle_ps::<0xee>(t[h], t[h + 2]),
+            2 => _mm512_shuffle_ps::<0x44>(t[h + 1], t[h + 3]),
+            _ => _mm512_shuffle_ps::<0xee>(t[h + 1], t[h + 3]),
+        }
+    });
+    // join the 128-bit lanes of rows 0..4 and 4..8 in each 256-bit half
+    let first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+    let second = _mm512_setr_epi32(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+    std::array::from_fn(|j| {
+        let (x, y) = (u[j % 4], u[4 + j % 4]);
+        if j < 4 {
+            _mm512_permutex2var_ps(x, first, y)
+        } else {
+            _mm512_permutex2var_ps(x, second, y)
+        }
+    })
+}

@@ -42,7 +42,7 @@ pub use scalar::{QuantAct, QuantAct16, QuantBlocks};
 pub const KERNELS_ENV: &str = "NIBBLE_KERNELS";
 
 /// Largest register tile a kernel set may use: `out[r * MAX_TILE_T + t]`.
-pub(crate) const MAX_TILE_R: usize = 8;
+pub(crate) const MAX_TILE_R: usize = 16;
 pub(crate) const MAX_TILE_T: usize = 8;
 pub(crate) const MAX_TILE: usize = MAX_TILE_R * MAX_TILE_T;
 
@@ -63,18 +63,67 @@ pub(crate) type QTileFn<A = i8> = fn(
     out: &mut [f32; MAX_TILE],
 );
 
+/// Makes a [`QTileFn`] for tiles up to 4 rows × 2 tokens: a safe wrapper
+/// that checks the slices and picks the instantiation of `$body`, an unsafe
+/// `#[target_feature]` function generic over the tile shape whose only
+/// precondition is those slice lengths. Only for bodies whose features the
+/// owning [`Isa`] table checks before it is handed out.
+#[cfg(target_arch = "x86_64")]
+macro_rules! tile_fn {
+    ($vis:vis $name:ident, $body:ident, $row_bytes:expr, $act:ty) => {
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name(
+            w: &[u8],
+            wd: &[f16],
+            aq: &[$act],
+            ad: &[f32],
+            nb: usize,
+            nr: usize,
+            nt: usize,
+            out: &mut [f32; MAX_TILE],
+        ) {
+            assert!(
+                w.len() >= nr * nb * $row_bytes
+                    && wd.len() >= nr * nb
+                    && aq.len() >= nt * nb * BLOCK
+                    && ad.len() >= nt * nb,
+                "tile: slices shorter than the tile"
+            );
+            // SAFETY: only reachable through an `Isa` table handed out after
+            // every feature the body enables was detected; slice lengths
+            // checked just above.
+            unsafe {
+                match (nr, nt) {
+                    (4, 1) => $body::<4, 1>(w, wd, aq, ad, nb, out),
+                    (4, 2) => $body::<4, 2>(w, wd, aq, ad, nb, out),
+                    (3, 1) => $body::<3, 1>(w, wd, aq, ad, nb, out),
+                    (3, 2) => $body::<3, 2>(w, wd, aq, ad, nb, out),
+                    (2, 1) => $body::<2, 1>(w, wd, aq, ad, nb, out),
+                    (2, 2) => $body::<2, 2>(w, wd, aq, ad, nb, out),
+                    (1, 1) => $body::<1, 1>(w, wd, aq, ad, nb, out),
+                    (1, 2) => $body::<1, 2>(w, wd, aq, ad, nb, out),
+                    _ => panic!("tile {nr}x{nt} larger than 4x2"),
+                }
+            }
+        }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+use tile_fn;
+
 /// Prefill kernel for 4-bit weights with the rows in the vector lanes:
-/// exactly 8 consecutive weight rows (`w`: quant bytes, `row_bytes` apart;
-/// `wd`: their scales, `nb` apart) against `nt <= Q4_ROWS8_TOKENS` quantized
-/// activation rows, writing row `r`, token `t` to `out[r * MAX_TILE_T + t]`.
+/// exactly [`Q4Lanes::rows`] consecutive weight rows (`w`: quant bytes,
+/// `row_bytes` apart; `wd`: their scales, `nb` apart) against
+/// `nt <= Q4Lanes::tokens` quantized activation rows, writing row `r`, token
+/// `t` to `out[r * MAX_TILE_T + t]`.
 /// `asum[t * nb + b]` is `8 * sum(aq)` of token `t`'s block `b` (the Q4
 /// offset folded into the activations), from [`q4_offsets`].
 ///
 /// The planar layout stores each row's blocks contiguously; the kernel
-/// transposes 8 rows' unpacked blocks in registers once and reuses them for
-/// every token, so one vector instruction serves 8 rows where the row tiles
-/// need one per row.
-pub(crate) type Q4Rows8Fn = fn(
+/// transposes the rows' unpacked blocks in registers once and reuses them for
+/// every token, so one vector instruction serves 8 or 16 rows where the row
+/// tiles need one per row.
+pub(crate) type Q4LanesFn = fn(
     w: &[u8],
     row_bytes: usize,
     wd: &[f16],
@@ -86,8 +135,15 @@ pub(crate) type Q4Rows8Fn = fn(
     out: &mut [f32; MAX_TILE],
 );
 
-/// Tokens per call of a [`Q4Rows8Fn`].
-pub(crate) const Q4_ROWS8_TOKENS: usize = 4;
+/// A [`Q4LanesFn`] and its shape.
+#[derive(Clone, Copy)]
+pub(crate) struct Q4Lanes {
+    /// Weight rows per call (the vector's i32 lanes).
+    pub rows: usize,
+    /// Most tokens per call.
+    pub tokens: usize,
+    pub kernel: Q4LanesFn,
+}
 
 /// `8 * sum` of each 32-value activation block: the `-8` offset of Q4
 /// nibbles applied once per (token, block) instead of once per weight.
@@ -112,8 +168,8 @@ pub(crate) struct Isa {
     pub quantize_act16: fn(x: &[f32], qs: &mut [i16], d: &mut [f32]),
     pub q4_tile: QTileFn,
     pub q8_tile: QTileFn<i16>,
-    /// Optional prefill kernel for 4-bit weights, see [`Q4Rows8Fn`].
-    pub q4_rows8: Option<Q4Rows8Fn>,
+    /// Optional prefill kernel for 4-bit weights, see [`Q4LanesFn`].
+    pub q4_lanes: Option<Q4Lanes>,
     pub dot_f32: fn(&[f32], &[f32]) -> f32,
     pub dot_f16: fn(&[f16], &[f32]) -> f32,
     pub axpy_f16: fn(&mut [f32], f32, &[f16]),
@@ -432,7 +488,7 @@ thread_local! {
     /// decode loop does not allocate. Taken out (not borrowed) while in use, so
     /// a nested call on the same thread just gets a fresh buffer.
     static ACT_SCRATCH: RefCell<QuantAct> = RefCell::new(QuantAct::default());
-    /// Per-block activation offsets for [`Q4Rows8Fn`], reused likewise.
+    /// Per-block activation offsets for [`Q4LanesFn`], reused likewise.
     static OFFSET_SCRATCH: RefCell<Vec<i32>> = const { RefCell::new(Vec::new()) };
     static ACT16_SCRATCH: RefCell<QuantAct16> = RefCell::new(QuantAct16::default());
 }
@@ -442,7 +498,7 @@ thread_local! {
 trait ActElem: Copy + Default + Sync + 'static {
     fn quantize(isa: &Isa) -> fn(&[f32], &mut [Self], &mut [f32]);
     fn scratch() -> &'static LocalKey<RefCell<QuantBlocks<Self>>>;
-    /// The activations as 8-bit blocks, for the 4-bit-only [`Q4Rows8Fn`].
+    /// The activations as 8-bit blocks, for the 4-bit-only [`Q4LanesFn`].
     fn as_act8(act: &QuantBlocks<Self>) -> Option<&QuantAct>;
 }
 
@@ -478,7 +534,7 @@ struct QRows<'a, A> {
     row_bytes: usize,
     tile: QTileFn<A>,
     /// Prefill kernel with rows in lanes (4-bit weights only).
-    rows8: Option<Q4Rows8Fn>,
+    lanes: Option<Q4Lanes>,
 }
 
 /// Output pointer shared by the row chunks; each chunk writes only its rows.
@@ -538,7 +594,7 @@ fn matmul_impl(isa: &Isa, w: &WeightView, x: &[f32], n_tokens: usize, y: &mut [f
                 d,
                 row_bytes: cols,
                 tile: isa.q8_tile,
-                rows8: None,
+                lanes: None,
             };
             quant_matmul(isa, &q, rows, cols, x, n_tokens, y)
         }
@@ -548,7 +604,7 @@ fn matmul_impl(isa: &Isa, w: &WeightView, x: &[f32], n_tokens: usize, y: &mut [f
                 d,
                 row_bytes: cols / 2,
                 tile: isa.q4_tile,
-                rows8: isa.q4_rows8,
+                lanes: isa.q4_lanes,
             };
             quant_matmul(isa, &q, rows, cols, x, n_tokens, y)
         }
@@ -591,20 +647,20 @@ fn quant_matmul<A: ActElem>(
     act.d.resize(n_tokens * nb, 0.0);
     (A::quantize(isa))(x, &mut act.qs, &mut act.d);
 
-    let rows8 = w.rows8.filter(|_| n_tokens > 1).zip(A::as_act8(&act));
+    let lanes = w.lanes.filter(|_| n_tokens > 1).zip(A::as_act8(&act));
     let mut asum = OFFSET_SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    if let Some((_, act8)) = rows8 {
+    if let Some((_, act8)) = lanes {
         q4_offsets(&act8.qs, &mut asum);
     }
-    let align = if rows8.is_some() { 8 } else { isa.tile_rows };
+    let align = lanes.map_or(isa.tile_rows, |(l, _)| l.rows);
     let (n_chunks, chunk) = chunking(rows, cols * n_tokens, align);
     let out = OutPtr(y.as_mut_ptr());
     let run = |c: usize| {
         let r0 = c * chunk;
         let r1 = (r0 + chunk).min(rows);
         let mut r = r0;
-        if let Some((rows8, act8)) = rows8 {
-            r = q4_rows8_range(rows8, w, nb, r0..r1, rows, act8, &asum, n_tokens, out);
+        if let Some((lanes, act8)) = lanes {
+            r = q4_lanes_range(lanes, w, nb, r0..r1, rows, act8, &asum, n_tokens, out);
         }
         quant_rows(isa, w, nb, r..r1, rows, &act, n_tokens, out);
     };
@@ -665,11 +721,11 @@ fn quant_rows<A: ActElem>(
     }
 }
 
-/// Computes the whole groups of 8 rows at the start of `range` with the
-/// rows-in-lanes kernel; returns the first row left for the row tiles.
+/// Computes the whole groups of `lanes.rows` rows at the start of `range`
+/// with the rows-in-lanes kernel; returns the first row left for the row tiles.
 #[allow(clippy::too_many_arguments)]
-fn q4_rows8_range<A>(
-    kernel: Q4Rows8Fn,
+fn q4_lanes_range<A>(
+    lanes: Q4Lanes,
     w: &QRows<A>,
     nb: usize,
     range: std::ops::Range<usize>,
@@ -682,13 +738,14 @@ fn q4_rows8_range<A>(
     let cols = nb * BLOCK;
     let mut tile = [0f32; MAX_TILE];
     let mut r0 = range.start;
-    while r0 + 8 <= range.end {
-        let wq = &w.qs[r0 * w.row_bytes..(r0 + 8) * w.row_bytes];
-        let wd = &w.d[r0 * nb..(r0 + 8) * nb];
+    let n = lanes.rows;
+    while r0 + n <= range.end {
+        let wq = &w.qs[r0 * w.row_bytes..(r0 + n) * w.row_bytes];
+        let wd = &w.d[r0 * nb..(r0 + n) * nb];
         let mut t0 = 0;
         while t0 < n_tokens {
-            let nt = Q4_ROWS8_TOKENS.min(n_tokens - t0);
-            kernel(
+            let nt = lanes.tokens.min(n_tokens - t0);
+            (lanes.kernel)(
                 wq,
                 w.row_bytes,
                 wd,
@@ -700,7 +757,7 @@ fn q4_rows8_range<A>(
                 &mut tile,
             );
             for t in 0..nt {
-                for r in 0..8 {
+                for r in 0..n {
                     // SAFETY: as in `quant_rows`: in bounds, and row r0 + r
                     // belongs to this chunk only.
                     unsafe { out.write((t0 + t) * rows + r0 + r, tile[r * MAX_TILE_T + t]) };
@@ -708,7 +765,7 @@ fn q4_rows8_range<A>(
             }
             t0 += nt;
         }
-        r0 += 8;
+        r0 += n;
     }
     r0
 }

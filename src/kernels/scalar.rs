@@ -201,7 +201,7 @@ pub(crate) static ISA: Isa = Isa {
     quantize_act16: quantize_act16_into,
     q4_tile,
     q8_tile,
-    q4_rows8: None,
+    q4_lanes: None,
     dot_f32,
     dot_f16,
     axpy_f16,
