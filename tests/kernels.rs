@@ -439,3 +439,64 @@ proptest! {
         }
     }
 }
+
+/// `matmul_many` (one activation quantization, one parallel section for
+/// several matrices) gives exactly what separate `matmul`s give: same types
+/// fused, mixed types split, on every set, decode and prefill, with row
+/// counts that are not multiples of the tiles or lane groups.
+#[test]
+fn matmul_many_equals_separate_matmuls() {
+    let cols = 320;
+    let mut seed = 0x1234_5679u32;
+    let mut rnd = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        (seed as f32 / u32::MAX as f32) * 2.0 - 1.0
+    };
+    let x: Vec<f32> = (0..9 * cols).map(|_| rnd()).collect();
+    let shapes = [
+        (517, TensorType::Q4),
+        (67, TensorType::Q4),
+        (133, TensorType::Q8),
+    ];
+    let bytes: Vec<_> = shapes
+        .iter()
+        .map(|&(rows, ty)| {
+            let wv: Vec<f32> = (0..rows * cols).map(|_| rnd() * 0.05).collect();
+            (rows, ty, encode_matrix(ty, cols, &wv).unwrap())
+        })
+        .collect();
+    let views: Vec<WeightView> = bytes
+        .iter()
+        .map(|(rows, ty, b)| WeightView::from_bytes(*ty, *rows, cols, b).unwrap())
+        .collect();
+    for k in sets() {
+        for n in [1, 9] {
+            let want: Vec<Vec<f32>> = views
+                .iter()
+                .map(|w| {
+                    let mut y = vec![0f32; n * w.rows()];
+                    k.matmul(w, &x[..n * cols], n, &mut y);
+                    y
+                })
+                .collect();
+            // the two q4 matrices fused; then all three (mixed: split)
+            for m in [2, 3] {
+                let mut ys: Vec<Vec<f32>> = views[..m]
+                    .iter()
+                    .map(|w| vec![f32::NAN; n * w.rows()])
+                    .collect();
+                let mut outs: Vec<(&WeightView, &mut [f32])> = views[..m]
+                    .iter()
+                    .zip(ys.iter_mut())
+                    .map(|(w, y)| (w, y.as_mut_slice()))
+                    .collect();
+                k.matmul_many(&x[..n * cols], n, &mut outs);
+                for (i, y) in ys.iter().enumerate() {
+                    assert!(y == &want[i], "{} n={n} matrix {i} of {m}", k.set());
+                }
+            }
+        }
+    }
+}

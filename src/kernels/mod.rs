@@ -361,6 +361,15 @@ impl Kernels {
         matmul_impl(self.isa, w, x, n_tokens, y)
     }
 
+    /// See [`matmul_many`].
+    pub fn matmul_many(&self, x: &[f32], n_tokens: usize, outs: &mut [(&WeightView, &mut [f32])]) {
+        for (w, y) in outs.iter() {
+            assert_eq!(x.len(), n_tokens * w.cols(), "matmul: activation shape");
+            assert_eq!(y.len(), n_tokens * w.rows(), "matmul: output shape");
+        }
+        matmul_many_impl(self.isa, x, n_tokens, outs)
+    }
+
     /// Quantizes `x` (a whole number of blocks) like [`scalar::quantize_act`].
     pub fn quantize_act(&self, x: &[f32], out: &mut QuantAct) {
         assert!(x.len().is_multiple_of(BLOCK), "quantize_act: partial block");
@@ -469,6 +478,15 @@ pub fn matmul(w: &WeightView, x: &[f32], n_tokens: usize, y: &mut [f32]) {
     Kernels::active().matmul(w, x, n_tokens, y)
 }
 
+/// Several matrices applied to the same activations (`outs[i].1 = outs[i].0 ·
+/// x`, each as in [`matmul`]), e.g. the query, key and value projections. When
+/// they share a quantized type the activations are quantized once and the row
+/// chunks of all of them run in one parallel section, so the threads meet once
+/// instead of once per matrix. Results are identical to separate [`matmul`]s.
+pub fn matmul_many(x: &[f32], n_tokens: usize, outs: &mut [(&WeightView, &mut [f32])]) {
+    Kernels::active().matmul_many(x, n_tokens, outs)
+}
+
 /// `sum_i a[i] * b[i]` with `a` in f16 (a cached key).
 pub fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
     Kernels::active().dot_f16(a, b)
@@ -530,6 +548,7 @@ impl ActElem for i16 {
 struct QRows<'a, A> {
     qs: &'a [u8],
     d: &'a [f16],
+    rows: usize,
     /// Quant bytes per row.
     row_bytes: usize,
     tile: QTileFn<A>,
@@ -588,26 +607,72 @@ fn matmul_impl(isa: &Isa, w: &WeightView, x: &[f32], n_tokens: usize, y: &mut [f
                 )
             })
         }
-        WeightView::Q8 { qs, d, .. } => {
-            let q = QRows {
-                qs: bytemuck::cast_slice(qs),
-                d,
-                row_bytes: cols,
-                tile: isa.q8_tile,
-                lanes: None,
-            };
-            quant_matmul(isa, &q, rows, cols, x, n_tokens, y)
+        WeightView::Q8 { .. } | WeightView::Q4 { .. } => {
+            matmul_many_impl(isa, x, n_tokens, &mut [(w, y)])
         }
-        WeightView::Q4 { qs, d, .. } => {
-            let q = QRows {
-                qs,
-                d,
-                row_bytes: cols / 2,
-                tile: isa.q4_tile,
-                lanes: isa.q4_lanes,
-            };
-            quant_matmul(isa, &q, rows, cols, x, n_tokens, y)
+    }
+}
+
+/// Most matrices one [`matmul_many`] section fuses; longer lists are split.
+const MAX_FUSED: usize = 3;
+
+fn matmul_many_impl(isa: &Isa, x: &[f32], n_tokens: usize, outs: &mut [(&WeightView, &mut [f32])]) {
+    if n_tokens == 0 {
+        return;
+    }
+    let same_quant = |a: &WeightView, b: &WeightView| {
+        matches!(
+            (a, b),
+            (WeightView::Q8 { .. }, WeightView::Q8 { .. })
+                | (WeightView::Q4 { .. }, WeightView::Q4 { .. })
+        ) && a.cols() == b.cols()
+    };
+    let fusable = outs.len() <= MAX_FUSED && outs.iter().all(|(w, _)| same_quant(outs[0].0, w));
+    if !fusable {
+        for (w, y) in outs.iter_mut() {
+            if matches!(w, WeightView::Q8 { .. } | WeightView::Q4 { .. }) {
+                matmul_many_impl(isa, x, n_tokens, &mut [(*w, &mut **y)]);
+            } else {
+                matmul_impl(isa, w, x, n_tokens, y);
+            }
         }
+        return;
+    }
+    let cols = outs[0].0.cols();
+    let mut ys: [&mut [f32]; MAX_FUSED] = Default::default();
+    let n = outs.len();
+    if matches!(outs[0].0, WeightView::Q8 { .. }) {
+        let mut ws: [Option<QRows<i16>>; MAX_FUSED] = Default::default();
+        for (i, (w, y)) in outs.iter_mut().enumerate() {
+            if let WeightView::Q8 { qs, d, rows, .. } = **w {
+                ws[i] = Some(QRows {
+                    qs: bytemuck::cast_slice(qs),
+                    d,
+                    rows,
+                    row_bytes: cols,
+                    tile: isa.q8_tile,
+                    lanes: None,
+                });
+            }
+            ys[i] = &mut **y;
+        }
+        quant_matmul(isa, &ws[..n], cols, x, n_tokens, &mut ys[..n])
+    } else {
+        let mut ws: [Option<QRows<i8>>; MAX_FUSED] = Default::default();
+        for (i, (w, y)) in outs.iter_mut().enumerate() {
+            if let WeightView::Q4 { qs, d, rows, .. } = **w {
+                ws[i] = Some(QRows {
+                    qs,
+                    d,
+                    rows,
+                    row_bytes: cols / 2,
+                    tile: isa.q4_tile,
+                    lanes: isa.q4_lanes,
+                });
+            }
+            ys[i] = &mut **y;
+        }
+        quant_matmul(isa, &ws[..n], cols, x, n_tokens, &mut ys[..n])
     }
 }
 
@@ -627,47 +692,75 @@ fn chunking(rows: usize, macs_per_row: usize, align: usize) -> (usize, usize) {
     (rows.div_ceil(chunk), chunk)
 }
 
+/// The quantized matmul of one or more matrices (`ws[i]`, all with `cols`
+/// columns) against the same activations, writing `ys[i]`: activations
+/// quantized once, then the row chunks of every matrix in one parallel
+/// section. (`ws` entries are all `Some`; `Option` only lets the caller fill
+/// a fixed array.)
 fn quant_matmul<A: ActElem>(
     isa: &Isa,
-    w: &QRows<A>,
-    rows: usize,
+    ws: &[Option<QRows<A>>],
     cols: usize,
     x: &[f32],
     n_tokens: usize,
-    y: &mut [f32],
+    ys: &mut [&mut [f32]],
 ) {
     assert!(
         cols.is_multiple_of(BLOCK),
         "matmul: cols not a multiple of the block"
     );
+    assert!(!ws.is_empty() && ws.len() == ys.len() && ws.len() <= MAX_FUSED);
     let nb = cols / BLOCK;
-    assert!(w.qs.len() >= rows * w.row_bytes && w.d.len() >= rows * nb);
+    let ws: [&QRows<A>; MAX_FUSED] =
+        std::array::from_fn(|i| ws[i.min(ws.len() - 1)].as_ref().expect("matmul: matrix"));
+    let ws = &ws[..ys.len()];
+    for (w, y) in ws.iter().zip(ys.iter()) {
+        assert!(w.qs.len() >= w.rows * w.row_bytes && w.d.len() >= w.rows * nb);
+        assert_eq!(y.len(), w.rows * n_tokens, "matmul: output shape");
+    }
     let mut act = A::scratch().with(|s| std::mem::take(&mut *s.borrow_mut()));
     act.qs.resize(n_tokens * cols, A::default());
     act.d.resize(n_tokens * nb, 0.0);
     (A::quantize(isa))(x, &mut act.qs, &mut act.d);
 
-    let lanes = w.lanes.filter(|_| n_tokens > 1).zip(A::as_act8(&act));
+    let lanes = ws[0].lanes.filter(|_| n_tokens > 1).zip(A::as_act8(&act));
     let mut asum = OFFSET_SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
     if let Some((_, act8)) = lanes {
         q4_offsets(&act8.qs, &mut asum);
     }
     let align = lanes.map_or(isa.tile_rows, |(l, _)| l.rows);
-    let (n_chunks, chunk) = chunking(rows, cols * n_tokens, align);
-    let out = OutPtr(y.as_mut_ptr());
-    let run = |c: usize| {
-        let r0 = c * chunk;
-        let r1 = (r0 + chunk).min(rows);
+    // the chunks of matrix i are tasks first[i]..first[i + 1]
+    let mut first = [0usize; MAX_FUSED + 1];
+    let mut chunk = [0usize; MAX_FUSED];
+    for (i, w) in ws.iter().enumerate() {
+        let (n_chunks, c) = chunking(w.rows, cols * n_tokens, align);
+        chunk[i] = c;
+        first[i + 1] = first[i] + n_chunks;
+    }
+    let outs: [OutPtr; MAX_FUSED] = std::array::from_fn(|i| {
+        OutPtr(
+            ys.get_mut(i)
+                .map_or(std::ptr::null_mut(), |y| y.as_mut_ptr()),
+        )
+    });
+    let run = |task: usize| {
+        let i = (0..ws.len())
+            .rfind(|&i| first[i] <= task)
+            .expect("task in range");
+        let (w, out) = (ws[i], outs[i]);
+        let r0 = (task - first[i]) * chunk[i];
+        let r1 = (r0 + chunk[i]).min(w.rows);
         let mut r = r0;
         if let Some((lanes, act8)) = lanes {
-            r = q4_lanes_range(lanes, w, nb, r0..r1, rows, act8, &asum, n_tokens, out);
+            r = q4_lanes_range(lanes, w, nb, r0..r1, w.rows, act8, &asum, n_tokens, out);
         }
-        quant_rows(isa, w, nb, r..r1, rows, &act, n_tokens, out);
+        quant_rows(isa, w, nb, r..r1, w.rows, &act, n_tokens, out);
     };
-    if n_chunks == 1 {
+    let tasks = first[ws.len()];
+    if tasks == 1 {
         run(0)
     } else {
-        crate::pool::global().run(n_chunks, &run);
+        crate::pool::global().run(tasks, &run);
     }
     OFFSET_SCRATCH.with(|s| *s.borrow_mut() = asum);
     A::scratch().with(|s| *s.borrow_mut() = act);

@@ -400,9 +400,15 @@ fn layer(
         );
     }
     let xn = &s.xn[..n * h];
-    kernels::matmul(&w.q, xn, n, &mut s.q[..n * qd]);
-    kernels::matmul(&w.k, xn, n, &mut s.k[..n * kvd]);
-    kernels::matmul(&w.v, xn, n, &mut s.v[..n * kvd]);
+    kernels::matmul_many(
+        xn,
+        n,
+        &mut [
+            (&w.q, &mut s.q[..n * qd]),
+            (&w.k, &mut s.k[..n * kvd]),
+            (&w.v, &mut s.v[..n * kvd]),
+        ],
+    );
     let half_dim = hd / 2;
     for t in 0..n {
         let p = pos0 + t;
@@ -444,8 +450,14 @@ fn layer(
         );
     }
     let xn = &s.xn[..n * h];
-    kernels::matmul(&w.gate, xn, n, &mut s.gate[..n * ffn]);
-    kernels::matmul(&w.up, xn, n, &mut s.up[..n * ffn]);
+    kernels::matmul_many(
+        xn,
+        n,
+        &mut [
+            (&w.gate, &mut s.gate[..n * ffn]),
+            (&w.up, &mut s.up[..n * ffn]),
+        ],
+    );
     for (g, u) in s.gate[..n * ffn].iter_mut().zip(&s.up[..n * ffn]) {
         *g = silu(*g) * u;
     }
