@@ -8,8 +8,8 @@
 //! The bodies are private and only reachable through the table [`isa`] returns
 //! after detecting every feature they use.
 
-use super::avx2::{self, q4_body, q8_body, tile_fn, BlockDot};
-use super::{Isa, KernelSet, MAX_TILE};
+use super::avx2::{self, q4_body, q4k_tile_fn, q8_body, tile_fn, BlockDot};
+use super::{dispatch_tile, Isa, KRows, KernelSet, MAX_TILE};
 use crate::quant::BLOCK;
 use half::f16;
 use std::arch::x86_64::*;
@@ -34,6 +34,7 @@ static ISA: Isa = Isa {
     quantize_act16: avx2::quantize_act16,
     q4_tile,
     q8_tile,
+    q4k_tile,
     q4_rows8: Some(avx2::q4_rows8),
     dot_f32: avx2::dot_f32,
     dot_f16: avx2::dot_f16,
@@ -54,7 +55,8 @@ impl BlockDot for Vnni {
         )
     }
 
-    /// `sum q * a - 8 * sum a = sum (q - 8) * a`, exact in i32.
+    /// `sum q * a - 8 * sum a = sum (q - 8) * a`, exact in i32 (`sum q * a`
+    /// for a zero `prep`: q4k).
     #[inline(always)]
     unsafe fn q4(q: __m256i, a: __m256i, prep: __m256i) -> __m256i {
         _mm256_dpbusd_epi32(prep, q, a)
@@ -86,4 +88,10 @@ tile_fn!(
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
     32,
     i16
+);
+q4k_tile_fn!(
+    q4k_tile,
+    q4k_tile_vnni,
+    Vnni,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
 );
