@@ -15,7 +15,9 @@
 // loops say that more plainly than zipped iterators.
 #![allow(clippy::needless_range_loop)]
 
-use super::{dispatch_tile, Isa, KRows, KernelSet, MAX_TILE, MAX_TILE_T, Q4_ROWS8_TOKENS};
+use super::{
+    dispatch_tile, q4k_tile_fn, Isa, KRows, KernelSet, MAX_TILE, MAX_TILE_T, Q4_ROWS8_TOKENS,
+};
 use crate::quant::BLOCK;
 use half::f16;
 use std::arch::x86_64::*;
@@ -277,47 +279,6 @@ macro_rules! tile_fn {
 }
 pub(super) use tile_fn;
 
-/// Makes a q4k tile function for the [`super::Q4kTileFn`] table slot, like
-/// [`tile_fn`].
-macro_rules! q4k_tile_fn {
-    ($name:ident, $inner:ident, $dot:ty, $features:literal) => {
-        #[target_feature(enable = $features)]
-        unsafe fn $inner<const R: usize, const T: usize>(
-            w: KRows,
-            aq: &[i8],
-            ad: &[f32],
-            asum: &[i32],
-            nb: usize,
-            out: &mut [f32; MAX_TILE],
-        ) {
-            // SAFETY: the caller checked the slice lengths for an R×T tile.
-            unsafe { $crate::kernels::avx2::q4k_body::<$dot, R, T>(w, aq, ad, asum, nb, out) }
-        }
-
-        #[allow(clippy::too_many_arguments)]
-        fn $name(
-            w: KRows,
-            aq: &[i8],
-            ad: &[f32],
-            asum: &[i32],
-            nb: usize,
-            nr: usize,
-            nt: usize,
-            out: &mut [f32; MAX_TILE],
-        ) {
-            w.check(nb, nr);
-            assert!(
-                aq.len() >= nt * nb * BLOCK && ad.len() >= nt * nb && asum.len() >= nt * nb,
-                "q4k tile: activations shorter than the tile"
-            );
-            // SAFETY: only reachable through a table handed out after the
-            // features were detected; slice lengths checked just above.
-            unsafe { dispatch_tile!(nr, nt, $inner(w, aq, ad, asum, nb, out)) }
-        }
-    };
-}
-pub(super) use q4k_tile_fn;
-
 /// The 8 sub-blocks' `(sc, m)` of the group whose 12 packed scale bytes are
 /// at `p`, as i32 lanes (sub-block `k` in lane `k`). Reads exactly 12 bytes.
 #[inline(always)]
@@ -429,7 +390,7 @@ tile_fn!(
     32,
     i16
 );
-q4k_tile_fn!(q4k_tile, q4k_tile_avx2, Maddubs, "avx2,fma,f16c");
+q4k_tile_fn!(q4k_tile, q4k_tile_avx2, q4k_body, Maddubs, "avx2,fma,f16c");
 
 /// See [`super::Q4Rows8Fn`].
 #[allow(clippy::too_many_arguments)]

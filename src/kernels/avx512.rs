@@ -8,8 +8,8 @@
 //! The bodies are private and only reachable through the table [`isa`] returns
 //! after detecting every feature they use.
 
-use super::avx2::{self, q4_body, q4k_tile_fn, q8_body, tile_fn, BlockDot};
-use super::{dispatch_tile, Isa, KRows, KernelSet, MAX_TILE};
+use super::avx2::{self, q4_body, q4k_body, q8_body, tile_fn, BlockDot};
+use super::{dispatch_tile, q4k_tile_fn, Isa, KRows, KernelSet, MAX_TILE};
 use crate::quant::BLOCK;
 use half::f16;
 use std::arch::x86_64::*;
@@ -92,6 +92,7 @@ tile_fn!(
 q4k_tile_fn!(
     q4k_tile,
     q4k_tile_vnni,
+    q4k_body,
     Vnni,
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
 );

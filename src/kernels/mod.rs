@@ -126,6 +126,49 @@ macro_rules! dispatch_tile {
 #[allow(unused_imports)]
 pub(crate) use dispatch_tile;
 
+/// Makes a q4k tile function for a SIMD set's [`Q4kTileFn`] slot: a
+/// `#[target_feature]` instance of the set's body `$body::<$dot, R, T>` per
+/// tile shape, and a safe wrapper that checks the slices and picks the shape.
+macro_rules! q4k_tile_fn {
+    ($name:ident, $inner:ident, $body:ident, $dot:ty, $features:literal) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $inner<const R: usize, const T: usize>(
+            w: KRows,
+            aq: &[i8],
+            ad: &[f32],
+            asum: &[i32],
+            nb: usize,
+            out: &mut [f32; MAX_TILE],
+        ) {
+            // SAFETY: the caller checked the slice lengths for an R×T tile.
+            unsafe { $body::<$dot, R, T>(w, aq, ad, asum, nb, out) }
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        fn $name(
+            w: KRows,
+            aq: &[i8],
+            ad: &[f32],
+            asum: &[i32],
+            nb: usize,
+            nr: usize,
+            nt: usize,
+            out: &mut [f32; MAX_TILE],
+        ) {
+            w.check(nb, nr);
+            assert!(
+                aq.len() >= nt * nb * BLOCK && ad.len() >= nt * nb && asum.len() >= nt * nb,
+                "q4k tile: activations shorter than the tile"
+            );
+            // SAFETY: only reachable through a table handed out after the
+            // features were detected; slice lengths checked just above.
+            unsafe { dispatch_tile!(nr, nt, $inner(w, aq, ad, asum, nb, out)) }
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use q4k_tile_fn;
+
 /// Prefill kernel for 4-bit weights with the rows in the vector lanes:
 /// exactly 8 consecutive weight rows (`w`: quant bytes, `row_bytes` apart;
 /// `wd`: their scales, `nb` apart) against `nt <= Q4_ROWS8_TOKENS` quantized

@@ -18,7 +18,7 @@
 // loops say that more plainly than zipped iterators.
 #![allow(clippy::needless_range_loop)]
 
-use super::{dispatch_tile, Isa, KRows, KernelSet, MAX_TILE, MAX_TILE_T};
+use super::{dispatch_tile, q4k_tile_fn, Isa, KRows, KernelSet, MAX_TILE, MAX_TILE_T};
 use crate::quant::{q4k_unpack_scales, BLOCK, Q4K_SCALE_BYTES};
 use half::f16;
 use std::arch::aarch64::*;
@@ -368,45 +368,6 @@ macro_rules! tile_fn {
     };
 }
 
-/// Makes a q4k tile function for the [`super::Q4kTileFn`] table slot.
-macro_rules! q4k_tile_fn {
-    ($name:ident, $inner:ident, $dot:ty, $features:literal) => {
-        #[target_feature(enable = $features)]
-        unsafe fn $inner<const R: usize, const T: usize>(
-            w: KRows,
-            aq: &[i8],
-            ad: &[f32],
-            asum: &[i32],
-            nb: usize,
-            out: &mut [f32; MAX_TILE],
-        ) {
-            // SAFETY: the caller checked the slice lengths for an R×T tile.
-            unsafe { q4k_body::<$dot, R, T>(w, aq, ad, asum, nb, out) }
-        }
-
-        #[allow(clippy::too_many_arguments)]
-        fn $name(
-            w: KRows,
-            aq: &[i8],
-            ad: &[f32],
-            asum: &[i32],
-            nb: usize,
-            nr: usize,
-            nt: usize,
-            out: &mut [f32; MAX_TILE],
-        ) {
-            w.check(nb, nr);
-            assert!(
-                aq.len() >= nt * nb * BLOCK && ad.len() >= nt * nb && asum.len() >= nt * nb,
-                "q4k tile: activations shorter than the tile"
-            );
-            // SAFETY: only reachable through a table handed out after the
-            // features were detected; slice lengths checked just above.
-            unsafe { dispatch_tile!(nr, nt, $inner(w, aq, ad, asum, nb, out)) }
-        }
-    };
-}
-
 /// `R` rows of q4k weights × `T` 8-bit activation rows: per sub-block the
 /// unsigned nibbles (0..=15, valid as i8) dotted with the activations by
 /// `D::dot2` and scaled by `d * sc * d_a`; per group `dmin * m * d_a * Σ a`
@@ -513,8 +474,14 @@ tile_fn!(
     16,
     i8
 );
-q4k_tile_fn!(q4k_tile_dot, q4k_tile_dot_inner, Sdot, "neon,dotprod");
-q4k_tile_fn!(q4k_tile_plain, q4k_tile_plain_inner, Mull, "neon");
+q4k_tile_fn!(
+    q4k_tile_dot,
+    q4k_tile_dot_inner,
+    q4k_body,
+    Sdot,
+    "neon,dotprod"
+);
+q4k_tile_fn!(q4k_tile_plain, q4k_tile_plain_inner, q4k_body, Mull, "neon");
 tile_fn!(
     q8_tile_plain,
     q8_tile_plain_inner,

@@ -414,6 +414,23 @@ pub fn split_rows(ty: TensorType, cols: usize, planes: [&mut [u8]; 3]) -> Vec<[&
         .collect()
 }
 
+/// Takes the first `rows` rows off each of `planes` (planes holding the same
+/// rows of a `[_, cols]` tensor of type `ty`), leaving the rest in `planes`:
+/// how a converter walks a tensor's planes batch by batch.
+pub fn take_rows<'a>(
+    ty: TensorType,
+    cols: usize,
+    planes: &mut [&'a mut [u8]; 3],
+    rows: usize,
+) -> [&'a mut [u8]; 3] {
+    let lens = ty.row_planes(cols);
+    std::array::from_fn(|i| {
+        let (head, rest) = std::mem::take(&mut planes[i]).split_at_mut(rows * lens[i]);
+        planes[i] = rest;
+        head
+    })
+}
+
 /// Encodes one row of `ty` into its share of each plane (`planes[i]` of
 /// length `ty.row_planes(x.len())[i]`, as raw little-endian bytes, no
 /// alignment needed). The one row encoder behind [`encode_matrix`] and the

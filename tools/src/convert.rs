@@ -38,7 +38,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use nibble::format::names::{self, LayerTensor};
 use nibble::format::{keys, Metadata, NblWriter, Value};
 use nibble::quant::{
-    encode_row, split_rows, tensor_planes, QuantError, TensorType, BLOCK, Q4K_GROUP,
+    encode_row, split_rows, take_rows, tensor_planes, QuantError, TensorType, BLOCK, Q4K_GROUP,
 };
 use rayon::prelude::*;
 use std::fmt;
@@ -534,7 +534,6 @@ fn encode_tensor(
     buf.resize(len.div_ceil(4), 0);
     let out: &mut [u8] = &mut bytemuck::cast_slice_mut(buf.as_mut_slice())[..len];
     let mut planes = tensor_planes(ty, cols, rows, out);
-    let lens = ty.row_planes(cols);
 
     let src = source.bytes(t);
     let esize = t.dtype.size();
@@ -547,11 +546,7 @@ fn encode_tensor(
         let row1 = (row0 + rows_per_batch).min(rows);
         let src_b = &src[row0 * row_src..row1 * row_src];
         source.populate(t, row0 * row_src, row1 * row_src);
-        let batch: [&mut [u8]; 3] = std::array::from_fn(|i| {
-            let (b, rest) = std::mem::take(&mut planes[i]).split_at_mut((row1 - row0) * lens[i]);
-            planes[i] = rest;
-            b
-        });
+        let batch = take_rows(ty, cols, &mut planes, row1 - row0);
         src_b
             .par_chunks(row_src)
             .zip(split_rows(ty, cols, batch))

@@ -14,7 +14,7 @@ use crate::hf::{LlamaConfig, RopeScaling, TokenizerInfo, DEFAULT_ROPE_THETA};
 use crate::ToolError;
 use nibble::format::names::{self, LayerTensor};
 use nibble::format::NblWriter;
-use nibble::quant::{encode_row, split_rows, tensor_planes, TensorType};
+use nibble::quant::{encode_row, split_rows, take_rows, tensor_planes, TensorType};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -436,7 +436,6 @@ fn encode(
     let len = ty.byte_len((rows * cols) as u64).ok_or("size overflows")? as usize;
     out.clear();
     out.resize(len, 0);
-    let lens = ty.row_planes(cols);
     let mut planes = tensor_planes(ty, cols, rows, out);
     let batch_rows = (BATCH_WEIGHTS / cols).max(1);
     let mut row0 = 0;
@@ -445,11 +444,7 @@ fn encode(
         staging.clear();
         staging.resize((row1 - row0) * cols, 0.0);
         model.decode_rows(name, row0..row1, staging);
-        let batch: [&mut [u8]; 3] = std::array::from_fn(|i| {
-            let (b, rest) = std::mem::take(&mut planes[i]).split_at_mut((row1 - row0) * lens[i]);
-            planes[i] = rest;
-            b
-        });
+        let batch = take_rows(ty, cols, &mut planes, row1 - row0);
         staging
             .par_chunks(cols)
             .zip(split_rows(ty, cols, batch))
