@@ -42,7 +42,10 @@ fn bench(c: &mut Criterion) {
     for (rows, cols) in SHAPES {
         let wf = pseudo_random(rows * cols, 0x1234_5678 ^ rows as u32);
         let x = pseudo_random(PREFILL_TOKENS * cols, 0x9876_5432);
-        for ty in [TensorType::Q4, TensorType::Q8] {
+        for ty in [TensorType::Q4, TensorType::Q4K, TensorType::Q8] {
+            if !cols.is_multiple_of(ty.cols_multiple()) {
+                continue;
+            }
             let bytes = encode_matrix(ty, cols, &wf).unwrap();
             let w = WeightView::from_bytes(ty, rows, cols, &bytes).unwrap();
             for (label, n) in [("matvec", 1), ("prefill64", PREFILL_TOKENS)] {

@@ -106,6 +106,29 @@ fn edge_blocks(ty: TensorType) -> Vec<f32> {
     v
 }
 
+/// Two q4k rows of one group each. Row 0: [`edge_blocks`] as its 8
+/// sub-blocks (zero, constant, mixed magnitudes, on q4's grid, ties, tiny,
+/// huge, spike; the huge one sets `d` and `dmin`, so the others get small or
+/// zero 6-bit scales). Row 1: a group on q4k's own grid (`d = 2^-6`,
+/// `dmin = 2^-5`, every sub-block with levels 0 and 15; decodes exactly), its
+/// sub-blocks all positive, all negative, mixed, constant negative.
+fn q4k_rows() -> Vec<f32> {
+    let mut v = edge_blocks(TensorType::Q4);
+    let (d, dmin) = (2f32.powi(-6), 2f32.powi(-5));
+    let sc = [63u32, 1, 17, 40, 0, 63, 5, 33];
+    let m = [0u32, 63, 10, 0, 63, 31, 2, 63];
+    v.extend((0..256).map(|i| {
+        let (k, j) = (i / 32, i % 32);
+        let q = match j {
+            0 => 0,
+            1 => 15,
+            _ => (j * 7 + k) % 16,
+        };
+        d * (sc[k] * q as u32) as f32 - dmin * m[k] as f32
+    }));
+    v
+}
+
 fn f16_values() -> Vec<f32> {
     vec![
         0.0,
@@ -165,7 +188,7 @@ pub fn vectors() -> Vec<Vector> {
         7.0,
         -7.0,
     ];
-    let mixed_source: Vec<f32> = (0..64)
+    let mixed_source: Vec<f32> = (0..256)
         .map(|i| ((i * 37 % 29) as f32 - 14.0) / 8.0)
         .collect();
     vec![
@@ -230,6 +253,14 @@ pub fn vectors() -> Vec<Vector> {
             )],
         },
         Vector {
+            file: "q4k",
+            about: "one q4k matrix of 2 rows x 1 group: the q4 edge blocks as sub-blocks, \
+                    and a group on the q4k grid (exact) with positive, negative, mixed and \
+                    constant sub-blocks",
+            metadata: note("q4k groups"),
+            tensors: vec![tensor("q4k.matrix", TensorType::Q4K, &[2, 256], q4k_rows())],
+        },
+        Vector {
             file: "mixed",
             about: "metadata of every value type (the well-known keys of a tiny LLaMA) \
                     and one tensor of each type, with padding between tensors",
@@ -247,8 +278,19 @@ pub fn vectors() -> Vec<Vector> {
                     &[3, 3],
                     mixed_source[7..16].to_vec(),
                 ),
-                tensor("t.q8", TensorType::Q8, &[2, 32], mixed_source.clone()),
-                tensor("t.q4", TensorType::Q4, &[1, 64], mixed_source.clone()),
+                tensor(
+                    "t.q8",
+                    TensorType::Q8,
+                    &[2, 32],
+                    mixed_source[..64].to_vec(),
+                ),
+                tensor(
+                    "t.q4",
+                    TensorType::Q4,
+                    &[1, 64],
+                    mixed_source[..64].to_vec(),
+                ),
+                tensor("t.q4k", TensorType::Q4K, &[1, 256], mixed_source.clone()),
             ],
         },
     ]
@@ -568,6 +610,28 @@ pub fn decode_raw(type_id: u32, shape: &[u64], data: &[u8]) -> Option<Vec<f32>> 
                     .collect(),
             )
         }
+        4 => {
+            // planes: n/2 quant bytes, (d, dmin) per 256, 12 scale bytes per 256
+            let (qs, rest) = data.split_at(n / 2);
+            let (dm, sc) = rest.split_at(n / 256 * 4);
+            Some(
+                (0..n)
+                    .map(|i| {
+                        let (g, k, j) = (i / 256, i % 256 / 32, i % 32);
+                        let d = f16_bits_to_f32(u16_at(dm, 4 * g));
+                        let dmin = f16_bits_to_f32(u16_at(dm, 4 * g + 2));
+                        // fields 2p, 2p+1 are the 24-bit LE value at 12g + 3p
+                        let p = 12 * g + 3 * (k / 2);
+                        let v = sc[p] as u32 | (sc[p + 1] as u32) << 8 | (sc[p + 2] as u32) << 16;
+                        let field = (v >> (12 * (k % 2))) & 0xfff;
+                        let (s, m) = ((field & 63) as f32, (field >> 6) as f32);
+                        let byte = qs[(i - j) / 2 + j % 16];
+                        let q = if j < 16 { byte & 0x0f } else { byte >> 4 };
+                        d * s * q as f32 - dmin * m
+                    })
+                    .collect(),
+            )
+        }
         _ => None,
     }
 }
@@ -725,7 +789,10 @@ pub fn spec_examples() -> String {
     for c in vals.chunks(8) {
         writeln!(o, "  {}", c.join(" ")).unwrap();
     }
-    for ty in TensorType::ALL {
+    for ty in TensorType::ALL
+        .into_iter()
+        .filter(|&t| t != TensorType::Q4K)
+    {
         let bytes = encode_matrix(ty, 32, &block).unwrap();
         let decoded = decode_raw(ty.id(), &[32], &bytes).unwrap();
         writeln!(o, "\n{ty} ({} bytes):", bytes.len()).unwrap();
@@ -746,6 +813,48 @@ pub fn spec_examples() -> String {
     o
 }
 
+/// The q4k worked example of SPEC.md: one group through the encoder.
+pub fn spec_example_q4k() -> String {
+    let x: Vec<f32> = (0..256)
+        .map(|j| ((37 * j % 64) as f32 - 20.0) * (0.01 + 0.0025 * (j / 32) as f32))
+        .collect();
+    let bytes = encode_matrix(TensorType::Q4K, 256, &x).unwrap();
+    let decoded = decode_raw(TensorType::Q4K.id(), &[256], &bytes).unwrap();
+    let mut o = String::new();
+    writeln!(
+        o,
+        "x[j] = (((37 j) mod 64) - 20) * (0.01 + 0.0025 * floor(j / 32)) in f32, j = 0..255"
+    )
+    .unwrap();
+    writeln!(o, "  x[0..8] = {:?}", &x[..8]).unwrap();
+    writeln!(o, "  x[224..232] = {:?}", &x[224..232]).unwrap();
+    writeln!(o, "\nq4k ({} bytes):", bytes.len()).unwrap();
+    writeln!(o, "  quants (128 bytes):").unwrap();
+    for c in bytes[..128].chunks(32) {
+        writeln!(o, "    {}", hex(c)).unwrap();
+    }
+    let (d, dmin) = (u16_at(&bytes, 128), u16_at(&bytes, 130));
+    writeln!(o, "  d, dmin (4 bytes): {}", hex(&bytes[128..132])).unwrap();
+    writeln!(
+        o,
+        "    d = 0x{d:04x} = {:?}, dmin = 0x{dmin:04x} = {:?}",
+        f16_bits_to_f32(d),
+        f16_bits_to_f32(dmin)
+    )
+    .unwrap();
+    writeln!(o, "  scales (12 bytes): {}", hex(&bytes[132..144])).unwrap();
+    let (sc, m) = nibble::quant::q4k_unpack_scales(&bytes[132..144]);
+    writeln!(o, "    sc = {sc:?}").unwrap();
+    writeln!(o, "    m  = {m:?}").unwrap();
+    writeln!(
+        o,
+        "  decoded x[0], x[100], x[255] = {:?}, {:?}, {:?}",
+        decoded[0], decoded[100], decoded[255]
+    )
+    .unwrap();
+    o
+}
+
 #[allow(dead_code)]
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -758,6 +867,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The worked examples pasted into SPEC.md.
     if args.iter().any(|a| a == "--spec-examples") {
         print!("{}", spec_examples());
+        println!("--- q4k");
+        print!("{}", spec_example_q4k());
     }
     Ok(())
 }

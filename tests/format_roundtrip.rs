@@ -5,7 +5,8 @@ use nibble::quant::{encode_matrix, TensorType};
 fn writer_reader_round_trip_every_type() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.nbl");
-    let cols = 64;
+    // a whole q4k group
+    let cols = 256;
     let src: Vec<f32> = (0..3 * cols)
         .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
         .collect();
@@ -41,6 +42,8 @@ fn writer_reader_round_trip_every_type() {
                 TensorType::F16 => 2e-3,
                 TensorType::Q8 => 2.0 / 127.0,
                 TensorType::Q4 => 2.0 / 8.0,
+                // values in [-2, 2]: steps of at most 4/15
+                TensorType::Q4K => 4.0 / 15.0,
             };
             assert!(max_err <= bound, "{ty}: {max_err} > {bound}");
         }

@@ -10,7 +10,10 @@
 
 use half::f16;
 use nibble::kernels::{scalar, KernelError, KernelSet, Kernels, QuantAct, QuantAct16};
-use nibble::quant::{encode_matrix, TensorType, WeightView, BLOCK};
+use nibble::quant::{
+    encode_matrix, q4k_pack_scales, q4k_unpack_scales, TensorType, WeightView, BLOCK,
+    Q4K_SCALE_BYTES, Q4K_SUBS,
+};
 use proptest::prelude::*;
 
 fn sets() -> Vec<Kernels> {
@@ -112,6 +115,11 @@ fn tolerance(
             *v = q.qs[i] as f32 * q.d[i / BLOCK];
         }
     }
+    // q4k sums the `d * sc * q` and `dmin * m` parts of each weight apart
+    let wr = match *w {
+        WeightView::Q4K { qs, dm, sc, .. } => q4k_part_magnitudes(qs, dm, sc, r, cols),
+        _ => wr,
+    };
     let s: f64 = wr
         .iter()
         .zip(&xa)
@@ -120,6 +128,21 @@ fn tolerance(
     let _ = n_tokens;
     let n = if quantized { cols / BLOCK } else { cols };
     (4.0 * (n + 8) as f64 * f32::EPSILON as f64 * s) as f32 + f32::MIN_POSITIVE
+}
+
+/// `|d * sc * q| + |dmin * m|` of each weight of row `r` of a q4k matrix.
+fn q4k_part_magnitudes(qs: &[u8], dm: &[f16], sc: &[u8], r: usize, cols: usize) -> Vec<f32> {
+    let ng = cols / 256;
+    (0..cols)
+        .map(|c| {
+            let (g, k, j) = (r * ng + c / 256, c % 256 / 32, c % 32);
+            let (s, m) = q4k_unpack_scales(&sc[g * Q4K_SCALE_BYTES..(g + 1) * Q4K_SCALE_BYTES]);
+            let byte = qs[(r * cols + c - j) / 2 + j % 16];
+            let q = if j < 16 { byte & 15 } else { byte >> 4 };
+            (dm[2 * g].to_f32() * s[k] as f32 * q as f32).abs()
+                + (dm[2 * g + 1].to_f32() * m[k] as f32).abs()
+        })
+        .collect()
 }
 
 fn check_matmul(
@@ -260,6 +283,73 @@ proptest! {
         }
     }
 
+    /// q4k weights (whole groups of 8 blocks) against every set, prefill and
+    /// decode, rows and tokens not multiples of the tiles.
+    #[test]
+    fn q4k_matmul_matches_scalar(
+        (rows, ng, n_tokens, wv, x) in (1usize..11, 1usize..3, 1usize..8)
+            .prop_flat_map(|(rows, ng, n)| (Just(rows), Just(ng), Just(n), weights(rows, 8 * ng), blocks(8 * ng * n)))
+    ) {
+        let cols = ng * 256;
+        let bytes = encode_matrix(TensorType::Q4K, cols, &wv).unwrap();
+        let w = WeightView::from_bytes(TensorType::Q4K, rows, cols, &bytes).unwrap();
+        for k in sets() {
+            check_matmul(&k, &w, &x, n_tokens)?;
+        }
+    }
+
+    /// The integer parts of the q4k dot (`Σ q a` per block and `Σ a`) bit
+    /// for bit: with unit `d`, `dmin` and activation scales the result is
+    /// `Σ_b sc_b Σ q a - m_b Σ a`, exact in f32 here (activations within
+    /// ±31 keep every partial sum below 2^24), for any scales and nibbles.
+    /// Full-range activations agree within the rounding of the f32 sums.
+    #[test]
+    fn q4k_integer_parts_identical(
+        (w, a, scm) in (1usize..3).prop_flat_map(|ng| (
+            prop::collection::vec(any::<u8>(), ng * 128),
+            prop::collection::vec(-127i8..=127, ng * 256),
+            prop::collection::vec((0u8..64, 0u8..64), ng * 8),
+        ))
+    ) {
+        let ng = a.len() / 256;
+        let nb = ng * Q4K_SUBS;
+        let mut sc = vec![0u8; ng * Q4K_SCALE_BYTES];
+        for g in 0..ng {
+            let s: [u8; 8] = std::array::from_fn(|k| scm[g * 8 + k].0);
+            let m: [u8; 8] = std::array::from_fn(|k| scm[g * 8 + k].1);
+            q4k_pack_scales(&s, &m, &mut sc[g * 12..(g + 1) * 12]);
+        }
+        let dm = vec![f16::ONE; 2 * ng];
+        let ad = vec![1f32; nb];
+        let exact = |a: &[i8]| -> i64 {
+            let mut total = 0i64;
+            for b in 0..nb {
+                let (s, m) = (scm[b].0 as i64, scm[b].1 as i64);
+                let mut qa = 0i64;
+                let mut sa = 0i64;
+                for j in 0..32 {
+                    let byte = w[b * 16 + j % 16];
+                    let q = if j < 16 { byte & 15 } else { byte >> 4 };
+                    qa += q as i64 * a[b * 32 + j] as i64;
+                    sa += a[b * 32 + j] as i64;
+                }
+                total += s * qa - m * sa;
+            }
+            total
+        };
+        let narrow: Vec<i8> = a.iter().map(|&v| v % 32).collect();
+        let want = scalar_q4k(&w, &dm, &sc, &narrow, &ad);
+        prop_assert_eq!(want as i64, exact(&narrow));
+        let want_full = scalar_q4k(&w, &dm, &sc, &a, &ad);
+        let mag = (nb * 32 * 15 * 127 * 63) as f32;
+        for k in sets() {
+            prop_assert_eq!(k.dot_q4k_q8(&w, &dm, &sc, &narrow, &ad), want, "{} q4k", k.set());
+            let got = k.dot_q4k_q8(&w, &dm, &sc, &a, &ad);
+            prop_assert!((got - want_full).abs() <= 4.0 * f32::EPSILON * mag,
+                "{} q4k full range: {} vs {}", k.set(), got, want_full);
+        }
+    }
+
     #[test]
     fn f16_helpers_match_scalar(
         (a, b, s) in (0usize..100).prop_flat_map(|n| (
@@ -292,6 +382,15 @@ proptest! {
     }
 }
 
+/// The scalar reference q4k dot, with the activation block sums it needs.
+fn scalar_q4k(w: &[u8], dm: &[f16], sc: &[u8], a: &[i8], ad: &[f32]) -> f32 {
+    let asum: Vec<i32> = a
+        .chunks(BLOCK)
+        .map(|b| b.iter().map(|&v| v as i32).sum())
+        .collect();
+    scalar::dot_q4k_q8(w, dm, sc, a, ad, &asum)
+}
+
 /// Shapes big enough to be split into parallel chunks, on odd and even pool
 /// sizes, prefill and decode, with rows and tokens that are not multiples of
 /// the tiles.
@@ -307,7 +406,12 @@ fn threaded_matmul_matches_scalar() {
     };
     let wv: Vec<f32> = (0..rows * cols).map(|_| rnd() * 0.05).collect();
     let x: Vec<f32> = (0..7 * cols).map(|_| rnd()).collect();
-    for ty in [TensorType::Q4, TensorType::Q8, TensorType::F16] {
+    for ty in [
+        TensorType::Q4K,
+        TensorType::Q4,
+        TensorType::Q8,
+        TensorType::F16,
+    ] {
         let bytes = encode_matrix(ty, cols, &wv).unwrap();
         let w = WeightView::from_bytes(ty, rows, cols, &bytes).unwrap();
         for threads in [1, 2, 3] {

@@ -288,14 +288,14 @@ proptest! {
     /// NaN or an infinity anywhere is an error naming its index, for every type.
     #[test]
     fn non_finite_inputs_are_refused(
-        x in prop::collection::vec(-10f32..10.0, 64),
-        at in 0..64usize,
+        x in prop::collection::vec(-10f32..10.0, 512),
+        at in 0..512usize,
         bad in prop_oneof![Just(f32::NAN), Just(f32::INFINITY), Just(f32::NEG_INFINITY)],
     ) {
         let mut x = x;
         x[at] = bad;
         for ty in TensorType::ALL {
-            match encode_matrix(ty, 32, &x) {
+            match encode_matrix(ty, ty.cols_multiple().max(32), &x) {
                 Err(QuantError::NonFinite { index, .. }) => prop_assert_eq!(index, at, "{}", ty),
                 other => prop_assert!(false, "{ty}: {other:?}"),
             }
@@ -306,7 +306,8 @@ proptest! {
     /// quants followed by its rows' scales.
     #[test]
     fn encoding_is_deterministic_and_row_major(x in blocks(6, 10)) {
-        for ty in TensorType::ALL {
+        // q4k needs rows of 256: tests/q4k_quant.rs checks its layout
+        for ty in TensorType::ALL.into_iter().filter(|&t| t != TensorType::Q4K) {
             let all = encode_matrix(ty, 64, &x).unwrap();
             prop_assert_eq!(&all, &encode_matrix(ty, 64, &x).unwrap());
             if ty.is_quantized() {

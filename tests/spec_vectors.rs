@@ -274,15 +274,22 @@ fn spec_worked_examples_are_current() {
     let spec =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("format-spec/SPEC.md"))
             .unwrap();
-    let begin = spec
-        .find("<!-- worked-examples:begin -->\n```text\n")
-        .unwrap();
-    let body = &spec[begin..];
-    let body = &body[body.find("```text\n").unwrap() + 8..];
-    let body = &body[..body.find("```\n<!-- worked-examples:end -->").unwrap()];
+    let between = |tag: &str| -> String {
+        let begin = spec
+            .find(&format!("<!-- {tag}:begin -->\n```text\n"))
+            .unwrap_or_else(|| panic!("SPEC.md has no {tag} block"));
+        let body = &spec[begin..];
+        let body = &body[body.find("```text\n").unwrap() + 8..];
+        body[..body.find(&format!("```\n<!-- {tag}:end -->")).unwrap()].to_owned()
+    };
     assert_eq!(
-        body,
+        between("worked-examples"),
         make_vectors::spec_examples(),
         "SPEC.md's worked examples are stale"
+    );
+    assert_eq!(
+        between("worked-example-q4k"),
+        make_vectors::spec_example_q4k(),
+        "SPEC.md's q4k worked example is stale"
     );
 }

@@ -318,7 +318,7 @@ fn parse_directory(
         };
         let tensor_type = TensorType::from_id(type_id);
         if let Some(ty) = tensor_type {
-            if ty.is_quantized() && shape[ndim - 1] % crate::quant::BLOCK as u64 != 0 {
+            if !shape[ndim - 1].is_multiple_of(ty.cols_multiple() as u64) {
                 return bad(format!(
                     "innermost dimension of {shape:?} is not a whole number of blocks"
                 ));

@@ -111,7 +111,7 @@ impl NblWriter {
                 "shape {shape:?} must have 1 to 4 non-zero dimensions"
             ));
         }
-        if ty.is_quantized() && !shape[shape.len() - 1].is_multiple_of(crate::quant::BLOCK as u64) {
+        if !shape[shape.len() - 1].is_multiple_of(ty.cols_multiple() as u64) {
             return bad(format!(
                 "innermost dimension of {shape:?} is not a whole number of blocks"
             ));

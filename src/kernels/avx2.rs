@@ -15,7 +15,7 @@
 // loops say that more plainly than zipped iterators.
 #![allow(clippy::needless_range_loop)]
 
-use super::{Isa, KernelSet, Q4Lanes, MAX_TILE, MAX_TILE_T};
+use super::{dispatch_tile, Isa, KRows, KernelSet, Q4Lanes, MAX_TILE, MAX_TILE_T};
 use crate::quant::BLOCK;
 use half::f16;
 use std::arch::x86_64::*;
@@ -35,6 +35,7 @@ static ISA: Isa = Isa {
     quantize_act16,
     q4_tile,
     q8_tile,
+    q4k_tile,
     q4_lanes: Some(Q4_ROWS8),
     dot_f32,
     dot_f16,
@@ -227,6 +228,124 @@ unsafe fn q8_body<const R: usize, const T: usize>(
 super::tile_fn!(pub(super) q4_tile, q4_body, 16, i8);
 super::tile_fn!(pub(super) q8_tile, q8_body, BLOCK, i16);
 
+/// The 8 sub-blocks' `(sc, m)` of the group whose 12 packed scale bytes are
+/// at `p`, as i32 lanes (sub-block `k` in lane `k`). Reads exactly 12 bytes.
+#[inline(always)]
+unsafe fn unpack_q4k_scales(p: *const u8) -> (__m256i, __m256i) {
+    let lo = _mm_loadl_epi64(p as *const __m128i);
+    let v = _mm_insert_epi32(lo, (p.add(8) as *const i32).read_unaligned(), 2);
+    let v = _mm256_broadcastsi128_si256(v);
+    // lane k gets the 24 bits of pair k / 2 (bytes 3p..3p + 3)
+    let pick = _mm256_setr_epi8(
+        0, 1, 2, -1, 0, 1, 2, -1, 3, 4, 5, -1, 3, 4, 5, -1, //
+        6, 7, 8, -1, 6, 7, 8, -1, 9, 10, 11, -1, 9, 10, 11, -1,
+    );
+    let pairs = _mm256_shuffle_epi8(v, pick);
+    let f = _mm256_and_si256(
+        _mm256_srlv_epi32(pairs, _mm256_setr_epi32(0, 12, 0, 12, 0, 12, 0, 12)),
+        _mm256_set1_epi32(0xfff),
+    );
+    (
+        _mm256_and_si256(f, _mm256_set1_epi32(63)),
+        _mm256_srli_epi32(f, 6),
+    )
+}
+
+/// `R` rows of q4k weights × `T` 8-bit activation rows. Per sub-block and
+/// row: the nibbles unpacked unsigned and `Σ q a` formed by [`q4_dot`] with
+/// no offset (exact), converted and multiplied by `d * sc * d_a`. Per group
+/// and row: `dmin * m * d_a * Σ a` for the 8 sub-blocks in one vector,
+/// subtracted from the same accumulator.
+///
+/// Safety: the caller checks the slices with [`KRows::check`] for `R` rows
+/// and `aq`, `ad`, `asum` for `T` tokens.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4k_body<const R: usize, const T: usize>(
+    w: KRows,
+    aq: &[i8],
+    ad: &[f32],
+    asum: &[i32],
+    nb: usize,
+    out: &mut [f32; MAX_TILE],
+) {
+    let ng = nb / 8;
+    let row_bytes = nb * 16;
+    let mask = _mm256_set1_epi8(0x0f);
+    let zero = _mm256_setzero_si256();
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    let mut prod = [[[0f32; 8]; T]; R];
+    let (wp, dp, sp, ap) = (
+        w.qs.as_ptr(),
+        w.dm.as_ptr() as *const i32,
+        w.sc.as_ptr(),
+        aq.as_ptr(),
+    );
+    for g in 0..ng {
+        let mut adv = [_mm256_setzero_ps(); T];
+        let mut amin = [_mm256_setzero_ps(); T];
+        for t in 0..T {
+            adv[t] = _mm256_loadu_ps(ad.as_ptr().add(t * nb + 8 * g));
+            let s = _mm256_loadu_si256(asum.as_ptr().add(t * nb + 8 * g) as *const __m256i);
+            amin[t] = _mm256_mul_ps(adv[t], _mm256_cvtepi32_ps(s));
+        }
+        for r in 0..R {
+            let gi = r * ng + g;
+            // (d, dmin) in alternate lanes
+            let dd = _mm256_cvtph_ps(_mm_set1_epi32(dp.add(gi).read_unaligned()));
+            let (sc, m) = unpack_q4k_scales(sp.add(gi * 12));
+            let dsc = _mm256_mul_ps(_mm256_permute_ps(dd, 0b00_00_00_00), _mm256_cvtepi32_ps(sc));
+            let dm = _mm256_mul_ps(_mm256_permute_ps(dd, 0b01_01_01_01), _mm256_cvtepi32_ps(m));
+            for t in 0..T {
+                _mm256_storeu_ps(prod[r][t].as_mut_ptr(), _mm256_mul_ps(dsc, adv[t]));
+                acc[r][t] = _mm256_fnmadd_ps(dm, amin[t], acc[r][t]);
+            }
+        }
+        for k in 0..8 {
+            let blk = 8 * g + k;
+            let mut a = [_mm256_setzero_si256(); T];
+            for t in 0..T {
+                a[t] = _mm256_loadu_si256(ap.add((t * nb + blk) * BLOCK) as *const __m256i);
+            }
+            for r in 0..R {
+                let raw = _mm_loadu_si128(wp.add(r * row_bytes + blk * 16) as *const __m128i);
+                let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), mask);
+                for t in 0..T {
+                    let s = q4_dot(q, a[t], zero);
+                    let scale = _mm256_set1_ps(prod[r][t][k]);
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[r][t]);
+                }
+            }
+        }
+    }
+    for r in 0..R {
+        for t in 0..T {
+            out[r * MAX_TILE_T + t] = hsum(acc[r][t]);
+        }
+    }
+}
+
+/// See [`super::Q4kTileFn`].
+#[allow(clippy::too_many_arguments)]
+pub(super) fn q4k_tile(
+    w: KRows,
+    aq: &[i8],
+    ad: &[f32],
+    asum: &[i32],
+    nb: usize,
+    nr: usize,
+    nt: usize,
+    out: &mut [f32; MAX_TILE],
+) {
+    w.check(nb, nr);
+    assert!(
+        aq.len() >= nt * nb * BLOCK && ad.len() >= nt * nb && asum.len() >= nt * nb,
+        "q4k tile: activations shorter than the tile"
+    );
+    // SAFETY: only reachable through a table handed out after AVX2, FMA and
+    // F16C were detected; slice lengths checked just above.
+    unsafe { dispatch_tile!(nr, nt, q4k_body(w, aq, ad, asum, nb, out)) }
+}
+
 /// Tokens per call of [`q4_rows8`].
 const ROWS8_TOKENS: usize = 4;
 
@@ -327,7 +446,7 @@ unsafe fn q4_rows8_avx2<const T: usize>(
             }
             let s32 = _mm256_sub_epi32(
                 _mm256_madd_epi16(s16, ones),
-                _mm256_set1_epi32(asum[t * nb + b]),
+                _mm256_set1_epi32(8 * asum[t * nb + b]),
             );
             let scale = _mm256_mul_ps(dw, _mm256_set1_ps(ad[t * nb + b]));
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), scale, acc[t]);

@@ -5,13 +5,13 @@
 //! i32). Decode, activation quantization and the f16/f32 helpers use the AVX2
 //! kernels: a matrix–vector product streams its weights once, and 512-bit row
 //! tiles measured slower than the AVX2 ones there (see [`q8_tile`]).
+//!
+//! The bodies are private and only reachable through the table [`isa`] returns
+//! after detecting every feature they use.
 
 // Tile loops index several parallel register arrays by row and token; index
 // loops say that more plainly than zipped iterators.
 #![allow(clippy::needless_range_loop)]
-//!
-//! The bodies are private and only reachable through the table [`isa`] returns
-//! after detecting every feature they use.
 
 use super::avx2;
 use super::{Isa, KernelSet, Q4Lanes, MAX_TILE, MAX_TILE_T};
@@ -39,6 +39,7 @@ static ISA: Isa = Isa {
     quantize_act16: avx2::quantize_act16,
     q4_tile: avx2::q4_tile,
     q8_tile,
+    q4k_tile: avx2::q4k_tile,
     q4_lanes: Some(Q4_ROWS16),
     dot_f32: avx2::dot_f32,
     dot_f16: avx2::dot_f16,
@@ -172,7 +173,7 @@ fn q4_rows16(
 /// are transposed as 4-byte groups within each lane so that register `k`
 /// holds weights `4k..4k+4` of all 16 rows in row order; then per token one
 /// `vpdpbusd` per group against the matching 4 activation bytes broadcast,
-/// started from `-8 * sum a` (exact in i32).
+/// started from `-8 * sum a` (exact in i32; `asum` holds `sum a`).
 ///
 /// Safety: the caller checks the lengths asserted in [`q4_rows16`].
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -212,7 +213,7 @@ unsafe fn q4_rows16_vnni<const T: usize>(
             let c = [c0[0], c0[1], c0[2], c0[3], c1[0], c1[1], c1[2], c1[3]];
             for t in 0..T {
                 let a = ap.add((t * nb + blk) * BLOCK) as *const i32;
-                let mut s = _mm512_set1_epi32(-asum[t * nb + blk]);
+                let mut s = _mm512_set1_epi32(-8 * asum[t * nb + blk]);
                 for (k, ck) in c.iter().enumerate() {
                     s = _mm512_dpbusd_epi32(s, *ck, _mm512_set1_epi32(a.add(k).read_unaligned()));
                 }

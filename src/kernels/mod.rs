@@ -18,7 +18,11 @@
 //! error), bit-identical in every set; each weight block is multiplied with its
 //! activation block in exact integer arithmetic, and the integer block sum is
 //! scaled by `d_weight * d_act` and accumulated in f32. Only the order of that
-//! f32 accumulation differs between sets.
+//! f32 accumulation differs between sets. q4k weights (8-bit activations)
+//! split each 32-weight sub-block's sum in two exact integer parts,
+//! `sum_j x_j a_j = d_a * (d * sc * Σ q_j a_j - dmin * m * Σ a_j)`, with the
+//! activation block sums `Σ a_j` computed once per matmul
+//! ([`act_block_sums`]); see [`scalar::dot_q4k_q8`].
 
 pub mod scalar;
 
@@ -29,7 +33,7 @@ mod avx512;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 
-use crate::quant::{WeightView, BLOCK};
+use crate::quant::{WeightView, BLOCK, Q4K_SCALE_BYTES, Q4K_SUBS};
 use half::f16;
 use std::cell::RefCell;
 use std::fmt;
@@ -63,6 +67,65 @@ pub(crate) type QTileFn<A = i8> = fn(
     out: &mut [f32; MAX_TILE],
 );
 
+/// A register-tiled kernel for q4k weights: like [`QTileFn`] with the three
+/// planes of `nr` consecutive rows in `w` and, besides the quantized
+/// activations, `asum[t * nb + b]`, the sum of token `t`'s quants in block `b`
+/// (from [`act_block_sums`]), for the `dmin * m` term. `nb` is a multiple of
+/// [`Q4K_SUBS`].
+pub(crate) type Q4kTileFn = fn(
+    w: KRows,
+    aq: &[i8],
+    ad: &[f32],
+    asum: &[i32],
+    nb: usize,
+    nr: usize,
+    nt: usize,
+    out: &mut [f32; MAX_TILE],
+);
+
+/// Consecutive rows of a q4k matrix: their quant bytes (16 per sub-block),
+/// `(d, dmin)` pairs (one per group) and packed scales (12 bytes per group).
+#[derive(Clone, Copy)]
+pub(crate) struct KRows<'a> {
+    pub qs: &'a [u8],
+    pub dm: &'a [f16],
+    pub sc: &'a [u8],
+}
+
+impl KRows<'_> {
+    /// Checks that the planes hold `nr` rows of `nb` sub-blocks.
+    pub fn check(&self, nb: usize, nr: usize) {
+        let ng = nb / Q4K_SUBS;
+        assert!(
+            nb.is_multiple_of(Q4K_SUBS)
+                && self.qs.len() >= nr * nb * 16
+                && self.dm.len() >= nr * ng * 2
+                && self.sc.len() >= nr * ng * Q4K_SCALE_BYTES,
+            "q4k tile: slices shorter than the tile"
+        );
+    }
+}
+
+/// Calls `$f::<R, T>(args)` for the register tile `(nr, nt)` (R <= 4,
+/// T <= 2): the one list of tile shapes the SIMD sets instantiate.
+macro_rules! dispatch_tile {
+    ($nr:expr, $nt:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match ($nr, $nt) {
+            (4, 1) => $f::<4, 1>($($arg),*),
+            (4, 2) => $f::<4, 2>($($arg),*),
+            (3, 1) => $f::<3, 1>($($arg),*),
+            (3, 2) => $f::<3, 2>($($arg),*),
+            (2, 1) => $f::<2, 1>($($arg),*),
+            (2, 2) => $f::<2, 2>($($arg),*),
+            (1, 1) => $f::<1, 1>($($arg),*),
+            (1, 2) => $f::<1, 2>($($arg),*),
+            (r, t) => panic!("tile {r}x{t} larger than 4x2"),
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use dispatch_tile;
+
 /// Makes a [`QTileFn`] for tiles up to 4 rows × 2 tokens: a safe wrapper
 /// that checks the slices and picks the instantiation of `$body`, an unsafe
 /// `#[target_feature]` function generic over the tile shape whose only
@@ -92,32 +155,64 @@ macro_rules! tile_fn {
             // SAFETY: only reachable through an `Isa` table handed out after
             // every feature the body enables was detected; slice lengths
             // checked just above.
-            unsafe {
-                match (nr, nt) {
-                    (4, 1) => $body::<4, 1>(w, wd, aq, ad, nb, out),
-                    (4, 2) => $body::<4, 2>(w, wd, aq, ad, nb, out),
-                    (3, 1) => $body::<3, 1>(w, wd, aq, ad, nb, out),
-                    (3, 2) => $body::<3, 2>(w, wd, aq, ad, nb, out),
-                    (2, 1) => $body::<2, 1>(w, wd, aq, ad, nb, out),
-                    (2, 2) => $body::<2, 2>(w, wd, aq, ad, nb, out),
-                    (1, 1) => $body::<1, 1>(w, wd, aq, ad, nb, out),
-                    (1, 2) => $body::<1, 2>(w, wd, aq, ad, nb, out),
-                    _ => panic!("tile {nr}x{nt} larger than 4x2"),
-                }
-            }
+            unsafe { super::dispatch_tile!(nr, nt, $body(w, wd, aq, ad, nb, out)) }
         }
     };
 }
 #[cfg(target_arch = "x86_64")]
 use tile_fn;
 
+/// Makes a q4k tile function for a SIMD set's [`Q4kTileFn`] slot: a
+/// `#[target_feature]` instance of the set's body `$body::<$dot, R, T>` per
+/// tile shape, and a safe wrapper that checks the slices and picks the shape.
+#[cfg(target_arch = "aarch64")]
+macro_rules! q4k_tile_fn {
+    ($name:ident, $inner:ident, $body:ident, $dot:ty, $features:literal) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $inner<const R: usize, const T: usize>(
+            w: KRows,
+            aq: &[i8],
+            ad: &[f32],
+            asum: &[i32],
+            nb: usize,
+            out: &mut [f32; MAX_TILE],
+        ) {
+            // SAFETY: the caller checked the slice lengths for an R×T tile.
+            unsafe { $body::<$dot, R, T>(w, aq, ad, asum, nb, out) }
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        fn $name(
+            w: KRows,
+            aq: &[i8],
+            ad: &[f32],
+            asum: &[i32],
+            nb: usize,
+            nr: usize,
+            nt: usize,
+            out: &mut [f32; MAX_TILE],
+        ) {
+            w.check(nb, nr);
+            assert!(
+                aq.len() >= nt * nb * BLOCK && ad.len() >= nt * nb && asum.len() >= nt * nb,
+                "q4k tile: activations shorter than the tile"
+            );
+            // SAFETY: only reachable through a table handed out after the
+            // features were detected; slice lengths checked just above.
+            unsafe { dispatch_tile!(nr, nt, $inner(w, aq, ad, asum, nb, out)) }
+        }
+    };
+}
+#[cfg(target_arch = "aarch64")]
+pub(crate) use q4k_tile_fn;
+
 /// Prefill kernel for 4-bit weights with the rows in the vector lanes:
 /// exactly [`Q4Lanes::rows`] consecutive weight rows (`w`: quant bytes,
 /// `row_bytes` apart; `wd`: their scales, `nb` apart) against
 /// `nt <= Q4Lanes::tokens` quantized activation rows, writing row `r`, token
-/// `t` to `out[r * MAX_TILE_T + t]`.
-/// `asum[t * nb + b]` is `8 * sum(aq)` of token `t`'s block `b` (the Q4
-/// offset folded into the activations), from [`q4_offsets`].
+/// `t` to `out[r * MAX_TILE_T + t]`. `asum[t * nb + b]` is the sum of token
+/// `t`'s quants in block `b` (from [`act_block_sums`]), with which the kernel
+/// applies the Q4 offset `-8` once per block instead of once per weight.
 ///
 /// The planar layout stores each row's blocks contiguously; the kernel
 /// transposes the rows' unpacked blocks in registers once and reuses them for
@@ -145,13 +240,14 @@ pub(crate) struct Q4Lanes {
     pub kernel: Q4LanesFn,
 }
 
-/// `8 * sum` of each 32-value activation block: the `-8` offset of Q4
-/// nibbles applied once per (token, block) instead of once per weight.
-pub(crate) fn q4_offsets(aq: &[i8], out: &mut Vec<i32>) {
+/// The sum of each 32-value activation block, computed once per matmul for
+/// the kernels that fold a weight offset into the activations (q4k's
+/// `dmin * m`, q4's `-8` in [`Q4LanesFn`]).
+pub fn act_block_sums(aq: &[i8], out: &mut Vec<i32>) {
     out.clear();
     out.extend(
         aq.chunks_exact(BLOCK)
-            .map(|b| 8 * b.iter().map(|&v| v as i32).sum::<i32>()),
+            .map(|b| b.iter().map(|&v| v as i32).sum::<i32>()),
     );
 }
 
@@ -168,6 +264,7 @@ pub(crate) struct Isa {
     pub quantize_act16: fn(x: &[f32], qs: &mut [i16], d: &mut [f32]),
     pub q4_tile: QTileFn,
     pub q8_tile: QTileFn<i16>,
+    pub q4k_tile: Q4kTileFn,
     /// Optional prefill kernel for 4-bit weights, see [`Q4LanesFn`].
     pub q4_lanes: Option<Q4Lanes>,
     pub dot_f32: fn(&[f32], &[f32]) -> f32,
@@ -398,6 +495,26 @@ impl Kernels {
         out[0]
     }
 
+    /// One row of q4k weights (`nb` a multiple of 8 sub-blocks: quants,
+    /// `(d, dmin)` pairs, packed scales) against one quantized activation row.
+    pub fn dot_q4k_q8(&self, wq: &[u8], dm: &[f16], sc: &[u8], aq: &[i8], ad: &[f32]) -> f32 {
+        let nb = ad.len();
+        let ng = nb / Q4K_SUBS;
+        assert!(
+            nb.is_multiple_of(Q4K_SUBS)
+                && wq.len() == nb * BLOCK / 2
+                && dm.len() == 2 * ng
+                && sc.len() == ng * Q4K_SCALE_BYTES
+                && aq.len() == nb * BLOCK
+        );
+        let mut asum = Vec::new();
+        act_block_sums(aq, &mut asum);
+        let mut out = [0f32; MAX_TILE];
+        let w = KRows { qs: wq, dm, sc };
+        (self.isa.q4k_tile)(w, aq, ad, &asum, nb, 1, 1, &mut out);
+        out[0]
+    }
+
     /// One row of 8-bit weight blocks against one 16-bit activation row.
     pub fn dot_q8_q16(&self, wq: &[i8], wd: &[f16], aq: &[i16], ad: &[f32]) -> f32 {
         let nb = wd.len();
@@ -506,7 +623,7 @@ thread_local! {
     /// decode loop does not allocate. Taken out (not borrowed) while in use, so
     /// a nested call on the same thread just gets a fresh buffer.
     static ACT_SCRATCH: RefCell<QuantAct> = RefCell::new(QuantAct::default());
-    /// Per-block activation offsets for [`Q4LanesFn`], reused likewise.
+    /// Per-block activation sums ([`act_block_sums`]), reused likewise.
     static OFFSET_SCRATCH: RefCell<Vec<i32>> = const { RefCell::new(Vec::new()) };
     static ACT16_SCRATCH: RefCell<QuantAct16> = RefCell::new(QuantAct16::default());
 }
@@ -544,14 +661,30 @@ impl ActElem for i16 {
     }
 }
 
+/// The register-tile kernel of a quantized type.
+#[derive(Clone, Copy)]
+enum Tile<A> {
+    /// q8, q4: quants and one f16 scale per block.
+    Block(QTileFn<A>),
+    /// q4k (8-bit activations only): three planes and activation block sums.
+    K(Q4kTileFn),
+}
+
 /// Rows of a quantized matrix, as the tile kernels read them.
 struct QRows<'a, A> {
     qs: &'a [u8],
-    d: &'a [f16],
     rows: usize,
     /// Quant bytes per row.
     row_bytes: usize,
-    tile: QTileFn<A>,
+    /// Block scales (q8, q4) or `(d, dmin)` pairs (q4k).
+    d: &'a [f16],
+    /// Values of `d` per row.
+    d_row: usize,
+    /// Packed sub-block scales (q4k; empty otherwise).
+    sc: &'a [u8],
+    /// Bytes of `sc` per row.
+    sc_row: usize,
+    tile: Tile<A>,
     /// Prefill kernel with rows in lanes (4-bit weights only).
     lanes: Option<Q4Lanes>,
 }
@@ -607,7 +740,7 @@ fn matmul_impl(isa: &Isa, w: &WeightView, x: &[f32], n_tokens: usize, y: &mut [f
                 )
             })
         }
-        WeightView::Q8 { .. } | WeightView::Q4 { .. } => {
+        WeightView::Q8 { .. } | WeightView::Q4 { .. } | WeightView::Q4K { .. } => {
             matmul_many_impl(isa, x, n_tokens, &mut [(w, y)])
         }
     }
@@ -616,21 +749,77 @@ fn matmul_impl(isa: &Isa, w: &WeightView, x: &[f32], n_tokens: usize, y: &mut [f
 /// Most matrices one [`matmul_many`] section fuses; longer lists are split.
 const MAX_FUSED: usize = 3;
 
+/// Rows of a quantized matrix with 8-bit weights, for the tile kernels.
+fn q8_rows<'a>(isa: &Isa, w: &WeightView<'a>) -> Option<QRows<'a, i16>> {
+    let WeightView::Q8 { qs, d, rows, cols } = *w else {
+        return None;
+    };
+    Some(QRows {
+        qs: bytemuck::cast_slice(qs),
+        rows,
+        row_bytes: cols,
+        d,
+        d_row: cols / BLOCK,
+        sc: &[],
+        sc_row: 0,
+        tile: Tile::Block(isa.q8_tile),
+        lanes: None,
+    })
+}
+
+/// Rows of a quantized matrix with 4-bit weights (q4, q4k), for the tile
+/// kernels.
+fn q4_rows<'a>(isa: &Isa, w: &WeightView<'a>) -> Option<QRows<'a, i8>> {
+    match *w {
+        WeightView::Q4 { qs, d, rows, cols } => Some(QRows {
+            qs,
+            rows,
+            row_bytes: cols / 2,
+            d,
+            d_row: cols / BLOCK,
+            sc: &[],
+            sc_row: 0,
+            tile: Tile::Block(isa.q4_tile),
+            lanes: isa.q4_lanes,
+        }),
+        WeightView::Q4K {
+            qs,
+            dm,
+            sc,
+            rows,
+            cols,
+        } => {
+            let [row_bytes, dm_bytes, sc_row] = w.tensor_type().row_planes(cols);
+            Some(QRows {
+                qs,
+                rows,
+                row_bytes,
+                d: dm,
+                d_row: dm_bytes / 2,
+                sc,
+                sc_row,
+                tile: Tile::K(isa.q4k_tile),
+                lanes: None,
+            })
+        }
+        _ => None,
+    }
+}
+
 fn matmul_many_impl(isa: &Isa, x: &[f32], n_tokens: usize, outs: &mut [(&WeightView, &mut [f32])]) {
     if n_tokens == 0 {
         return;
     }
-    let same_quant = |a: &WeightView, b: &WeightView| {
-        matches!(
-            (a, b),
-            (WeightView::Q8 { .. }, WeightView::Q8 { .. })
-                | (WeightView::Q4 { .. }, WeightView::Q4 { .. })
-        ) && a.cols() == b.cols()
-    };
-    let fusable = outs.len() <= MAX_FUSED && outs.iter().all(|(w, _)| same_quant(outs[0].0, w));
+    let quantized = |w: &WeightView| !matches!(w, WeightView::F32 { .. } | WeightView::F16 { .. });
+    let fusable = outs.len() <= MAX_FUSED
+        && outs.iter().all(|(w, _)| {
+            quantized(w)
+                && w.tensor_type() == outs[0].0.tensor_type()
+                && w.cols() == outs[0].0.cols()
+        });
     if !fusable {
         for (w, y) in outs.iter_mut() {
-            if matches!(w, WeightView::Q8 { .. } | WeightView::Q4 { .. }) {
+            if quantized(w) {
                 matmul_many_impl(isa, x, n_tokens, &mut [(*w, &mut **y)]);
             } else {
                 matmul_impl(isa, w, x, n_tokens, y);
@@ -639,37 +828,19 @@ fn matmul_many_impl(isa: &Isa, x: &[f32], n_tokens: usize, outs: &mut [(&WeightV
         return;
     }
     let cols = outs[0].0.cols();
-    let mut ys: [&mut [f32]; MAX_FUSED] = Default::default();
     let n = outs.len();
+    let mut ys: [&mut [f32]; MAX_FUSED] = Default::default();
     if matches!(outs[0].0, WeightView::Q8 { .. }) {
         let mut ws: [Option<QRows<i16>>; MAX_FUSED] = Default::default();
         for (i, (w, y)) in outs.iter_mut().enumerate() {
-            if let WeightView::Q8 { qs, d, rows, .. } = **w {
-                ws[i] = Some(QRows {
-                    qs: bytemuck::cast_slice(qs),
-                    d,
-                    rows,
-                    row_bytes: cols,
-                    tile: isa.q8_tile,
-                    lanes: None,
-                });
-            }
+            ws[i] = q8_rows(isa, w);
             ys[i] = &mut **y;
         }
         quant_matmul(isa, &ws[..n], cols, x, n_tokens, &mut ys[..n])
     } else {
         let mut ws: [Option<QRows<i8>>; MAX_FUSED] = Default::default();
         for (i, (w, y)) in outs.iter_mut().enumerate() {
-            if let WeightView::Q4 { qs, d, rows, .. } = **w {
-                ws[i] = Some(QRows {
-                    qs,
-                    d,
-                    rows,
-                    row_bytes: cols / 2,
-                    tile: isa.q4_tile,
-                    lanes: isa.q4_lanes,
-                });
-            }
+            ws[i] = q4_rows(isa, w);
             ys[i] = &mut **y;
         }
         quant_matmul(isa, &ws[..n], cols, x, n_tokens, &mut ys[..n])
@@ -715,7 +886,11 @@ fn quant_matmul<A: ActElem>(
         std::array::from_fn(|i| ws[i.min(ws.len() - 1)].as_ref().expect("matmul: matrix"));
     let ws = &ws[..ys.len()];
     for (w, y) in ws.iter().zip(ys.iter()) {
-        assert!(w.qs.len() >= w.rows * w.row_bytes && w.d.len() >= w.rows * nb);
+        assert!(
+            w.qs.len() >= w.rows * w.row_bytes
+                && w.d.len() >= w.rows * w.d_row
+                && w.sc.len() >= w.rows * w.sc_row
+        );
         assert_eq!(y.len(), w.rows * n_tokens, "matmul: output shape");
     }
     let mut act = A::scratch().with(|s| std::mem::take(&mut *s.borrow_mut()));
@@ -725,8 +900,9 @@ fn quant_matmul<A: ActElem>(
 
     let lanes = ws[0].lanes.filter(|_| n_tokens > 1).zip(A::as_act8(&act));
     let mut asum = OFFSET_SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    if let Some((_, act8)) = lanes {
-        q4_offsets(&act8.qs, &mut asum);
+    if lanes.is_some() || matches!(ws[0].tile, Tile::K(_)) {
+        let act8 = A::as_act8(&act).expect("block sums are of 8-bit activations");
+        act_block_sums(&act8.qs, &mut asum);
     }
     let align = lanes.map_or(isa.tile_rows, |(l, _)| l.rows);
     // the chunks of matrix i are tasks first[i]..first[i + 1]
@@ -754,7 +930,7 @@ fn quant_matmul<A: ActElem>(
         if let Some((lanes, act8)) = lanes {
             r = q4_lanes_range(lanes, w, nb, r0..r1, w.rows, act8, &asum, n_tokens, out);
         }
-        quant_rows(isa, w, nb, r..r1, w.rows, &act, n_tokens, out);
+        quant_rows(isa, w, nb, r..r1, w.rows, &act, &asum, n_tokens, out);
     };
     let tasks = first[ws.len()];
     if tasks == 1 {
@@ -778,6 +954,7 @@ fn quant_rows<A: ActElem>(
     range: std::ops::Range<usize>,
     rows: usize,
     act: &QuantBlocks<A>,
+    asum: &[i32],
     n_tokens: usize,
     out: OutPtr,
 ) {
@@ -792,13 +969,28 @@ fn quant_rows<A: ActElem>(
     while r0 < range.end {
         let nr = tr.min(range.end - r0);
         let wq = &w.qs[r0 * w.row_bytes..(r0 + nr) * w.row_bytes];
-        let wd = &w.d[r0 * nb..(r0 + nr) * nb];
+        let wd = &w.d[r0 * w.d_row..(r0 + nr) * w.d_row];
         let mut t0 = 0;
         while t0 < n_tokens {
             let nt = tt.min(n_tokens - t0);
-            let aq = &act.qs[t0 * cols..(t0 + nt) * cols];
             let ad = &act.d[t0 * nb..(t0 + nt) * nb];
-            (w.tile)(wq, wd, aq, ad, nb, nr, nt, &mut tile);
+            match w.tile {
+                Tile::Block(f) => {
+                    let aq = &act.qs[t0 * cols..(t0 + nt) * cols];
+                    f(wq, wd, aq, ad, nb, nr, nt, &mut tile)
+                }
+                Tile::K(f) => {
+                    let act8 = A::as_act8(act).expect("q4k multiplies 8-bit activations");
+                    let k = KRows {
+                        qs: wq,
+                        dm: wd,
+                        sc: &w.sc[r0 * w.sc_row..(r0 + nr) * w.sc_row],
+                    };
+                    let aq = &act8.qs[t0 * cols..(t0 + nt) * cols];
+                    let asum = &asum[t0 * nb..(t0 + nt) * nb];
+                    f(k, aq, ad, asum, nb, nr, nt, &mut tile)
+                }
+            }
             for t in 0..nt {
                 for r in 0..nr {
                     let idx = (t0 + t) * rows + r0 + r;

@@ -18,8 +18,8 @@
 // loops say that more plainly than zipped iterators.
 #![allow(clippy::needless_range_loop)]
 
-use super::{Isa, KernelSet, MAX_TILE, MAX_TILE_T};
-use crate::quant::BLOCK;
+use super::{dispatch_tile, q4k_tile_fn, Isa, KRows, KernelSet, MAX_TILE, MAX_TILE_T};
+use crate::quant::{q4k_unpack_scales, BLOCK, Q4K_SCALE_BYTES};
 use half::f16;
 use std::arch::aarch64::*;
 use std::arch::asm;
@@ -42,6 +42,7 @@ static ISA_PLAIN: Isa = Isa {
     quantize_act16,
     q4_tile: q4_tile_plain,
     q8_tile: q8_tile_plain,
+    q4k_tile: q4k_tile_plain,
     q4_lanes: None,
     dot_f32,
     dot_f16,
@@ -57,6 +58,7 @@ static ISA_DOT: Isa = Isa {
     quantize_act16,
     q4_tile: q4_tile_dot,
     q8_tile: q8_tile_dot,
+    q4k_tile: q4k_tile_dot,
     q4_lanes: None,
     dot_f32,
     dot_f16,
@@ -361,21 +363,88 @@ macro_rules! tile_fn {
             );
             // SAFETY: only reachable through a table handed out after the
             // features were detected; slice lengths checked just above.
-            unsafe {
-                match (nr, nt) {
-                    (4, 1) => $inner::<4, 1>(w, wd, aq, ad, nb, out),
-                    (4, 2) => $inner::<4, 2>(w, wd, aq, ad, nb, out),
-                    (3, 1) => $inner::<3, 1>(w, wd, aq, ad, nb, out),
-                    (3, 2) => $inner::<3, 2>(w, wd, aq, ad, nb, out),
-                    (2, 1) => $inner::<2, 1>(w, wd, aq, ad, nb, out),
-                    (2, 2) => $inner::<2, 2>(w, wd, aq, ad, nb, out),
-                    (1, 1) => $inner::<1, 1>(w, wd, aq, ad, nb, out),
-                    (1, 2) => $inner::<1, 2>(w, wd, aq, ad, nb, out),
-                    _ => panic!("tile {nr}x{nt} larger than 4x2"),
+            unsafe { dispatch_tile!(nr, nt, $inner(w, wd, aq, ad, nb, out)) }
+        }
+    };
+}
+
+/// `R` rows of q4k weights × `T` 8-bit activation rows: per sub-block the
+/// unsigned nibbles (0..=15, valid as i8) dotted with the activations by
+/// `D::dot2` and scaled by `d * sc * d_a`; per group `dmin * m * d_a * Σ a`
+/// of the 8 sub-blocks in two vectors, subtracted from the same accumulator.
+#[inline(always)]
+unsafe fn q4k_body<D: BlockDot, const R: usize, const T: usize>(
+    w: KRows,
+    aq: &[i8],
+    ad: &[f32],
+    asum: &[i32],
+    nb: usize,
+    out: &mut [f32; MAX_TILE],
+) {
+    let ng = nb / 8;
+    let row_bytes = nb * 16;
+    let mask = vdupq_n_u8(0x0f);
+    let mut acc = [[vdupq_n_f32(0.0); T]; R];
+    let mut prod = [[[0f32; 8]; T]; R];
+    let (wp, ap) = (w.qs.as_ptr(), aq.as_ptr());
+    for g in 0..ng {
+        let mut adv = [[vdupq_n_f32(0.0); 2]; T];
+        let mut amin = [[vdupq_n_f32(0.0); 2]; T];
+        for t in 0..T {
+            for h in 0..2 {
+                let i = t * nb + 8 * g + 4 * h;
+                adv[t][h] = vld1q_f32(ad.as_ptr().add(i));
+                amin[t][h] = vmulq_f32(adv[t][h], vcvtq_f32_s32(vld1q_s32(asum.as_ptr().add(i))));
+            }
+        }
+        for r in 0..R {
+            let gi = r * ng + g;
+            let (d, dmin) = (w.dm[2 * gi].to_f32(), w.dm[2 * gi + 1].to_f32());
+            let (sc, m) = q4k_unpack_scales(&w.sc[gi * Q4K_SCALE_BYTES..]);
+            let to_f32 = |v: &[u8; 8], h: usize| {
+                let lanes = [
+                    v[4 * h] as f32,
+                    v[4 * h + 1] as f32,
+                    v[4 * h + 2] as f32,
+                    v[4 * h + 3] as f32,
+                ];
+                vld1q_f32(lanes.as_ptr())
+            };
+            for h in 0..2 {
+                let dsc = vmulq_n_f32(to_f32(&sc, h), d);
+                let dm = vmulq_n_f32(to_f32(&m, h), dmin);
+                for t in 0..T {
+                    vst1q_f32(
+                        prod[r][t].as_mut_ptr().add(4 * h),
+                        vmulq_f32(dsc, adv[t][h]),
+                    );
+                    acc[r][t] = vfmsq_f32(acc[r][t], dm, amin[t][h]);
                 }
             }
         }
-    };
+        for k in 0..8 {
+            let blk = 8 * g + k;
+            let mut a = [(vdupq_n_s8(0), vdupq_n_s8(0)); T];
+            for t in 0..T {
+                let p = ap.add((t * nb + blk) * BLOCK);
+                a[t] = (vld1q_s8(p), vld1q_s8(p.add(16)));
+            }
+            for r in 0..R {
+                let raw = vld1q_u8(wp.add(r * row_bytes + blk * 16));
+                let lo = vreinterpretq_s8_u8(vandq_u8(raw, mask));
+                let hi = vreinterpretq_s8_u8(vshrq_n_u8(raw, 4));
+                for t in 0..T {
+                    let s = D::dot2(lo, a[t].0, hi, a[t].1);
+                    acc[r][t] = vfmaq_n_f32(acc[r][t], vcvtq_f32_s32(s), prod[r][t][k]);
+                }
+            }
+        }
+    }
+    for r in 0..R {
+        for t in 0..T {
+            out[r * MAX_TILE_T + t] = vaddvq_f32(acc[r][t]);
+        }
+    }
 }
 
 tile_fn!(
@@ -405,6 +474,14 @@ tile_fn!(
     16,
     i8
 );
+q4k_tile_fn!(
+    q4k_tile_dot,
+    q4k_tile_dot_inner,
+    q4k_body,
+    Sdot,
+    "neon,dotprod"
+);
+q4k_tile_fn!(q4k_tile_plain, q4k_tile_plain_inner, q4k_body, Mull, "neon");
 tile_fn!(
     q8_tile_plain,
     q8_tile_plain_inner,

@@ -3,8 +3,8 @@
 //! kernel must reproduce: 4-bit weights × 8-bit activations, 8-bit weights ×
 //! 16-bit activations.
 
-use super::{Isa, KernelSet, MAX_TILE, MAX_TILE_T};
-use crate::quant::{WeightView, BLOCK};
+use super::{act_block_sums, Isa, KRows, KernelSet, MAX_TILE, MAX_TILE_T};
+use crate::quant::{q4k_unpack_scales, TensorType, WeightView, BLOCK, Q4K_SCALE_BYTES, Q4K_SUBS};
 use half::f16;
 
 /// Activations quantized in blocks of [`BLOCK`]: `x ≈ d * q`, one f32 scale
@@ -112,6 +112,38 @@ pub fn dot_q4_q8(wq: &[u8], wd: &[f16], aq: &[i8], ad: &[f32]) -> f32 {
     sum
 }
 
+/// Dot product of one row of q4k weights (quants `wq`, `(d, dmin)` pairs
+/// `dm`, packed scales `sc`) with 8-bit activation blocks (`asum[b]`: the sum
+/// of `aq` over block `b`, see [`act_block_sums`]). Per sub-block `b` of group
+/// `g`, with `(sc, m)` its 6-bit scales:
+///
+/// `sum += ad[b] * ((d * sc) * Σ q_j a_j - (dmin * m) * asum[b])`
+///
+/// in f32, left to right. The integer parts are exact: `|Σ q a| <= 32 * 15 *
+/// 127 = 60960` and `|asum| <= 4064`, both exact in f32, as are `d * sc` and
+/// `dmin * m` (17 significant bits at most). The SIMD sets form the same two
+/// integer parts and combine them in another float order.
+pub fn dot_q4k_q8(wq: &[u8], dm: &[f16], sc: &[u8], aq: &[i8], ad: &[f32], asum: &[i32]) -> f32 {
+    let mut sum = 0f32;
+    for g in 0..ad.len() / Q4K_SUBS {
+        let (d, dmin) = (dm[2 * g].to_f32(), dm[2 * g + 1].to_f32());
+        let (s, m) = q4k_unpack_scales(&sc[g * Q4K_SCALE_BYTES..(g + 1) * Q4K_SCALE_BYTES]);
+        for k in 0..Q4K_SUBS {
+            let b = g * Q4K_SUBS + k;
+            let w = &wq[b * 16..b * 16 + 16];
+            let a = &aq[b * BLOCK..b * BLOCK + BLOCK];
+            let mut isum = 0i32;
+            for j in 0..16 {
+                isum += (w[j] & 0x0f) as i32 * a[j] as i32;
+                isum += (w[j] >> 4) as i32 * a[j + 16] as i32;
+            }
+            sum +=
+                ad[b] * ((d * s[k] as f32) * isum as f32 - (dmin * m[k] as f32) * asum[b] as f32);
+        }
+    }
+    sum
+}
+
 /// Dot product of one row of 8-bit weight blocks with 16-bit activation blocks.
 ///
 /// The block sum is exact in i32: `|w| <= 128` (a file may hold -128) and
@@ -150,6 +182,7 @@ pub fn matmul(w: &WeightView, x: &[f32], n_tokens: usize, y: &mut [f32]) {
     let nb = cols / BLOCK;
     let mut act = QuantAct::default();
     let mut act16 = QuantAct16::default();
+    let mut asum = Vec::new();
     for t in 0..n_tokens {
         let xt = &x[t * cols..(t + 1) * cols];
         let yt = &mut y[t * rows..(t + 1) * rows];
@@ -186,6 +219,21 @@ pub fn matmul(w: &WeightView, x: &[f32], n_tokens: usize, y: &mut [f32]) {
                     );
                 }
             }
+            WeightView::Q4K { qs, dm, sc, .. } => {
+                quantize_act(xt, &mut act);
+                act_block_sums(&act.qs, &mut asum);
+                let [qr, dr, sr] = TensorType::Q4K.row_planes(cols);
+                for (r, o) in yt.iter_mut().enumerate() {
+                    *o = dot_q4k_q8(
+                        &qs[r * qr..(r + 1) * qr],
+                        &dm[r * dr / 2..(r + 1) * dr / 2],
+                        &sc[r * sr..(r + 1) * sr],
+                        &act.qs,
+                        &act.d,
+                        &asum,
+                    );
+                }
+            }
         }
     }
 }
@@ -201,6 +249,7 @@ pub(crate) static ISA: Isa = Isa {
     quantize_act16: quantize_act16_into,
     q4_tile,
     q8_tile,
+    q4k_tile,
     q4_lanes: None,
     dot_f32,
     dot_f16,
@@ -298,6 +347,33 @@ fn q8_tile(
                 &wd[r * nb..(r + 1) * nb],
                 &aq[t * nb * BLOCK..(t + 1) * nb * BLOCK],
                 &ad[t * nb..(t + 1) * nb],
+            );
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn q4k_tile(
+    w: KRows,
+    aq: &[i8],
+    ad: &[f32],
+    asum: &[i32],
+    nb: usize,
+    nr: usize,
+    nt: usize,
+    out: &mut [f32; MAX_TILE],
+) {
+    w.check(nb, nr);
+    let [qr, dr, sr] = TensorType::Q4K.row_planes(nb * BLOCK);
+    for r in 0..nr {
+        for t in 0..nt {
+            out[r * MAX_TILE_T + t] = dot_q4k_q8(
+                &w.qs[r * qr..(r + 1) * qr],
+                &w.dm[r * dr / 2..(r + 1) * dr / 2],
+                &w.sc[r * sr..(r + 1) * sr],
+                &aq[t * nb * BLOCK..(t + 1) * nb * BLOCK],
+                &ad[t * nb..(t + 1) * nb],
+                &asum[t * nb..(t + 1) * nb],
             );
         }
     }

@@ -4,17 +4,25 @@
 //! byte layout of every tensor type; `format-spec/SPEC.md` documents the same
 //! facts for other implementations.
 //!
-//! Layout of a quantized matrix `[rows, cols]` (cols a multiple of [`BLOCK`]):
-//! all quant bytes of all rows first (row-major, `rows * cols * bits / 8`
-//! bytes), then one f16 scale per block (row-major, `rows * cols / BLOCK`
-//! values). Keeping quants and scales apart lets a kernel stream a row's quants
-//! with aligned 32-byte loads and convert eight or sixteen scales with one
-//! instruction; it is the layout the kernels read straight from the mmap.
+//! Layout of a quantized matrix `[rows, cols]` (cols a multiple of
+//! [`TensorType::cols_multiple`]): planes, each row-major over the whole
+//! matrix. First all quant bytes of all rows (`rows * cols * bits / 8`
+//! bytes), then one f16 scale per block (q8, q4: `rows * cols / BLOCK`
+//! values), or for q4k one `(d, dmin)` f16 pair per 256 weights followed by
+//! 12 bytes of packed 6-bit sub-block scales per 256 weights. Keeping quants
+//! and scales apart lets a kernel stream a row's quants with aligned 32-byte
+//! loads and convert eight or sixteen scales with one instruction; it is the
+//! layout the kernels read straight from the mmap.
 
 mod q4;
+mod q4k;
 mod q8;
 
 pub use q4::{dequantize_q4_row, q4_max_scale, quantize_q4_row, Q4_CANDIDATE_DIVISORS};
+pub use q4k::{
+    dequantize_q4k_row, fit_sub_block, q4k_pack_scales, q4k_unpack_scales, quantize_q4k_row,
+    quantize_q4k_row_minmax, Q4K_DELTAS, Q4K_GROUP, Q4K_REFITS, Q4K_SCALE_BYTES, Q4K_SUBS,
+};
 pub use q8::{dequantize_q8_row, quantize_q8_row};
 
 use half::f16;
@@ -32,10 +40,13 @@ pub enum TensorType {
     Q8,
     /// 4-bit linear: `x = d * (q - 8)`, `q` in 0..=15, one f16 `d` per 32 weights.
     Q4,
+    /// 4-bit affine: `x = d * sc * q - dmin * m`, `q` in 0..=15, 6-bit `sc`
+    /// and `m` per 32 weights, f16 `d` and `dmin` per 256 weights.
+    Q4K,
 }
 
 impl TensorType {
-    pub const ALL: [TensorType; 4] = [Self::F32, Self::F16, Self::Q8, Self::Q4];
+    pub const ALL: [TensorType; 5] = [Self::F32, Self::F16, Self::Q8, Self::Q4, Self::Q4K];
 
     /// The id written in the tensor directory.
     pub fn id(self) -> u32 {
@@ -44,6 +55,7 @@ impl TensorType {
             Self::F16 => 1,
             Self::Q8 => 2,
             Self::Q4 => 3,
+            Self::Q4K => 4,
         }
     }
 
@@ -57,44 +69,72 @@ impl TensorType {
             Self::F16 => "f16",
             Self::Q8 => "q8",
             Self::Q4 => "q4",
+            Self::Q4K => "q4k",
         }
     }
 
     pub fn is_quantized(self) -> bool {
-        matches!(self, Self::Q8 | Self::Q4)
+        matches!(self, Self::Q8 | Self::Q4 | Self::Q4K)
     }
 
-    /// Bits of quant data per weight, scales not counted.
-    fn quant_bits(self) -> usize {
+    /// What the innermost dimension (`cols`) of a tensor of this type must be
+    /// a multiple of: 1 for f32/f16, [`BLOCK`] for q8/q4, [`Q4K_GROUP`] for q4k.
+    pub fn cols_multiple(self) -> usize {
         match self {
-            Self::F32 => 32,
-            Self::F16 => 16,
-            Self::Q8 => 8,
-            Self::Q4 => 4,
+            Self::F32 | Self::F16 => 1,
+            Self::Q8 | Self::Q4 => BLOCK,
+            Self::Q4K => Q4K_GROUP,
+        }
+    }
+
+    /// Bytes per row of each plane of a `[rows, cols]` tensor, in file order
+    /// (`cols` a multiple of [`Self::cols_multiple`]): values or quants;
+    /// block scales (q8, q4) or `(d, dmin)` pairs (q4k); packed sub-block
+    /// scales (q4k). Unused planes are 0.
+    pub fn row_planes(self, cols: usize) -> [usize; 3] {
+        match self {
+            Self::F32 => [4 * cols, 0, 0],
+            Self::F16 => [2 * cols, 0, 0],
+            Self::Q8 => [cols, cols / BLOCK * 2, 0],
+            Self::Q4 => [cols / 2, cols / BLOCK * 2, 0],
+            Self::Q4K => [
+                cols / 2,
+                cols / Q4K_GROUP * 4,
+                cols / Q4K_GROUP * Q4K_SCALE_BYTES,
+            ],
+        }
+    }
+
+    /// `(elements, bytes)` of the smallest whole unit of the type.
+    fn unit(self) -> (u64, u64) {
+        match self {
+            Self::F32 => (1, 4),
+            Self::F16 => (1, 2),
+            Self::Q8 => (BLOCK as u64, BLOCK as u64 + 2),
+            Self::Q4 => (BLOCK as u64, BLOCK as u64 / 2 + 2),
+            Self::Q4K => (
+                Q4K_GROUP as u64,
+                (Q4K_GROUP / 2 + 4 + Q4K_SCALE_BYTES) as u64,
+            ),
         }
     }
 
     /// Bytes a tensor of `n` elements occupies, or `None` if `n` is not a whole
-    /// number of blocks for a quantized type (or overflows).
+    /// number of blocks (groups, for q4k) for a quantized type (or overflows).
+    /// Every plane's size is proportional to `n`, so the shape does not matter
+    /// beyond [`Self::cols_multiple`].
     pub fn byte_len(self, n: u64) -> Option<u64> {
-        if self.is_quantized() {
-            if !n.is_multiple_of(BLOCK as u64) {
-                return None;
-            }
-            let quants = n.checked_mul(self.quant_bits() as u64)? / 8;
-            quants.checked_add((n / BLOCK as u64).checked_mul(2)?)
-        } else {
-            n.checked_mul(self.quant_bits() as u64 / 8)
+        let (e, b) = self.unit();
+        if !n.is_multiple_of(e) {
+            return None;
         }
+        (n / e).checked_mul(b)
     }
 
     /// Bits per weight including scales.
     pub fn bits_per_weight(self) -> f64 {
-        if self.is_quantized() {
-            self.quant_bits() as f64 + 16.0 / BLOCK as f64
-        } else {
-            self.quant_bits() as f64
-        }
+        let (e, b) = self.unit();
+        (b * 8) as f64 / e as f64
     }
 }
 
@@ -130,17 +170,35 @@ impl fmt::Display for QuantError {
             Self::TooLarge { index, value } => {
                 write!(
                     f,
-                    "weight {index} is {value}, too large for an f16 block scale"
+                    "weight {index} is {value}, too large for f16 (as a value or a block scale)"
                 )
             }
             Self::BadLength { len } => {
-                write!(f, "row length {len} is not a multiple of {BLOCK}")
+                write!(f, "row length {len} is not a whole number of blocks")
             }
         }
     }
 }
 
 impl std::error::Error for QuantError {}
+
+impl QuantError {
+    /// The same error with its weight index moved by `base` (a row's first
+    /// index within its tensor).
+    pub fn offset(self, base: usize) -> Self {
+        match self {
+            Self::NonFinite { index, value } => Self::NonFinite {
+                index: index + base,
+                value,
+            },
+            Self::TooLarge { index, value } => Self::TooLarge {
+                index: index + base,
+                value,
+            },
+            other => other,
+        }
+    }
+}
 
 /// A read-only view of a weight matrix `[rows, cols]` in any tensor type,
 /// borrowing the bytes in place (normally from the mmap).
@@ -171,6 +229,16 @@ pub enum WeightView<'a> {
         rows: usize,
         cols: usize,
     },
+    /// `qs`: rows * cols / 2 bytes packed like q4; `dm`: `(d, dmin)` per 256
+    /// weights (`rows * cols / 128` values); `sc`: 12 bytes of packed 6-bit
+    /// `(sc, m)` per 256 weights (see [`q4k_unpack_scales`]).
+    Q4K {
+        qs: &'a [u8],
+        dm: &'a [f16],
+        sc: &'a [u8],
+        rows: usize,
+        cols: usize,
+    },
 }
 
 impl<'a> WeightView<'a> {
@@ -179,7 +247,8 @@ impl<'a> WeightView<'a> {
     /// alignment does not fit the type.
     pub fn from_bytes(ty: TensorType, rows: usize, cols: usize, bytes: &'a [u8]) -> Option<Self> {
         let n = rows.checked_mul(cols)?;
-        if ty.byte_len(n as u64)? != bytes.len() as u64 {
+        if ty.byte_len(n as u64)? != bytes.len() as u64 || !cols.is_multiple_of(ty.cols_multiple())
+        {
             return None;
         }
         Some(match ty {
@@ -211,6 +280,17 @@ impl<'a> WeightView<'a> {
                     cols,
                 }
             }
+            TensorType::Q4K => {
+                let (qs, rest) = bytes.split_at(n / 2);
+                let (dm, sc) = rest.split_at(n / Q4K_GROUP * 4);
+                Self::Q4K {
+                    qs,
+                    dm: bytemuck::try_cast_slice(dm).ok()?,
+                    sc,
+                    rows,
+                    cols,
+                }
+            }
         })
     }
 
@@ -219,7 +299,8 @@ impl<'a> WeightView<'a> {
             Self::F32 { rows, .. }
             | Self::F16 { rows, .. }
             | Self::Q8 { rows, .. }
-            | Self::Q4 { rows, .. } => rows,
+            | Self::Q4 { rows, .. }
+            | Self::Q4K { rows, .. } => rows,
         }
     }
 
@@ -228,7 +309,8 @@ impl<'a> WeightView<'a> {
             Self::F32 { cols, .. }
             | Self::F16 { cols, .. }
             | Self::Q8 { cols, .. }
-            | Self::Q4 { cols, .. } => cols,
+            | Self::Q4 { cols, .. }
+            | Self::Q4K { cols, .. } => cols,
         }
     }
 
@@ -238,6 +320,7 @@ impl<'a> WeightView<'a> {
             Self::F16 { .. } => TensorType::F16,
             Self::Q8 { .. } => TensorType::Q8,
             Self::Q4 { .. } => TensorType::Q4,
+            Self::Q4K { .. } => TensorType::Q4K,
         }
     }
 
@@ -260,6 +343,15 @@ impl<'a> WeightView<'a> {
                 &d[r * nb..(r + 1) * nb],
                 out,
             ),
+            Self::Q4K { qs, dm, sc, .. } => {
+                let [_, dm_row, sc_row] = TensorType::Q4K.row_planes(cols);
+                dequantize_q4k_row(
+                    &qs[r * cols / 2..(r + 1) * cols / 2],
+                    &dm[r * dm_row / 2..(r + 1) * dm_row / 2],
+                    &sc[r * sc_row..(r + 1) * sc_row],
+                    out,
+                )
+            }
         }
     }
 }
@@ -268,61 +360,119 @@ impl<'a> WeightView<'a> {
 /// `ty` (for F32/F16 a plain conversion). Deterministic: the same input always
 /// gives the same bytes. NaN and infinite inputs are refused for every type, as
 /// are finite values the type cannot hold (beyond f16 range for F16, or a
-/// block scale beyond it for Q8/Q4): a model with such weights is corrupt.
+/// block scale beyond it for the quantized types): a model with such weights
+/// is corrupt.
 pub fn encode_matrix(ty: TensorType, cols: usize, src: &[f32]) -> Result<Vec<u8>, QuantError> {
+    if cols == 0 || !cols.is_multiple_of(ty.cols_multiple()) || !src.len().is_multiple_of(cols) {
+        return Err(QuantError::BadLength { len: cols });
+    }
+    let rows = src.len() / cols;
+    let mut out = vec![0u8; ty.row_planes(cols).iter().sum::<usize>() * rows];
+    let planes = tensor_planes(ty, cols, rows, &mut out);
+    for (r, (row, planes)) in src
+        .chunks_exact(cols)
+        .zip(split_rows(ty, cols, planes))
+        .enumerate()
+    {
+        encode_row(ty, row, planes).map_err(|e| e.offset(r * cols))?;
+    }
+    Ok(out)
+}
+
+/// The three planes of a `[rows, cols]` tensor's bytes (see
+/// [`TensorType::row_planes`]; unused planes are empty).
+///
+/// # Panics
+/// If `bytes` is not exactly the tensor's length.
+pub fn tensor_planes(ty: TensorType, cols: usize, rows: usize, bytes: &mut [u8]) -> [&mut [u8]; 3] {
+    let lens = ty.row_planes(cols);
+    assert_eq!(
+        bytes.len(),
+        lens.iter().sum::<usize>() * rows,
+        "tensor_planes: length"
+    );
+    let (p0, rest) = bytes.split_at_mut(lens[0] * rows);
+    let (p1, p2) = rest.split_at_mut(lens[1] * rows);
+    [p0, p1, p2]
+}
+
+/// Splits planes holding the same rows of a `[_, cols]` tensor of type `ty`
+/// (a whole tensor's [`tensor_planes`], or the same run of rows of each) into
+/// each row's share of each plane, as [`encode_row`] takes them.
+pub fn split_rows(ty: TensorType, cols: usize, planes: [&mut [u8]; 3]) -> Vec<[&mut [u8]; 3]> {
+    let lens = ty.row_planes(cols);
+    let rows = planes[0].len() / lens[0];
+    let mut planes = planes;
+    (0..rows)
+        .map(|_| {
+            std::array::from_fn(|i| {
+                let (row, rest) = std::mem::take(&mut planes[i]).split_at_mut(lens[i]);
+                planes[i] = rest;
+                row
+            })
+        })
+        .collect()
+}
+
+/// Takes the first `rows` rows off each of `planes` (planes holding the same
+/// rows of a `[_, cols]` tensor of type `ty`), leaving the rest in `planes`:
+/// how a converter walks a tensor's planes batch by batch.
+pub fn take_rows<'a>(
+    ty: TensorType,
+    cols: usize,
+    planes: &mut [&'a mut [u8]; 3],
+    rows: usize,
+) -> [&'a mut [u8]; 3] {
+    let lens = ty.row_planes(cols);
+    std::array::from_fn(|i| {
+        let (head, rest) = std::mem::take(&mut planes[i]).split_at_mut(rows * lens[i]);
+        planes[i] = rest;
+        head
+    })
+}
+
+/// Encodes one row of `ty` into its share of each plane (`planes[i]` of
+/// length `ty.row_planes(x.len())[i]`, as raw little-endian bytes, no
+/// alignment needed). The one row encoder behind [`encode_matrix`] and the
+/// converters; same rules as [`encode_matrix`].
+pub fn encode_row(ty: TensorType, x: &[f32], planes: [&mut [u8]; 3]) -> Result<(), QuantError> {
+    if !x.len().is_multiple_of(ty.cols_multiple())
+        || planes
+            .iter()
+            .zip(ty.row_planes(x.len()))
+            .any(|(p, len)| p.len() != len)
+    {
+        return Err(QuantError::BadLength { len: x.len() });
+    }
+    let [p0, p1, p2] = planes;
+    // f16 scale planes are filled from an aligned copy
+    let mut halves = vec![f16::ZERO; p1.len() / 2];
     match ty {
         TensorType::F32 => {
-            check_finite(src)?;
-            Ok(bytemuck::cast_slice(src).to_vec())
+            check_finite(x)?;
+            for (o, v) in p0.chunks_exact_mut(4).zip(x) {
+                o.copy_from_slice(&v.to_le_bytes());
+            }
         }
         TensorType::F16 => {
-            check_finite(src)?;
-            let mut v = Vec::with_capacity(src.len());
-            for (index, &x) in src.iter().enumerate() {
-                let h = f16::from_f32(x);
+            check_finite(x)?;
+            for (index, (o, &v)) in p0.chunks_exact_mut(2).zip(x).enumerate() {
+                let h = f16::from_f32(v);
                 // A finite weight must not silently become infinite.
                 if !h.is_finite() {
-                    return Err(QuantError::TooLarge { index, value: x });
+                    return Err(QuantError::TooLarge { index, value: v });
                 }
-                v.push(h);
+                o.copy_from_slice(&h.to_bits().to_le_bytes());
             }
-            Ok(bytemuck::cast_slice(&v).to_vec())
         }
-        TensorType::Q8 | TensorType::Q4 => {
-            if cols == 0 || !cols.is_multiple_of(BLOCK) || !src.len().is_multiple_of(cols) {
-                return Err(QuantError::BadLength { len: cols });
-            }
-            let n = src.len();
-            let qbytes = if ty == TensorType::Q8 { n } else { n / 2 };
-            let mut qs = vec![0u8; qbytes];
-            let mut d = vec![f16::ZERO; n / BLOCK];
-            let row_q = qbytes / (n / cols);
-            let row_d = cols / BLOCK;
-            for (r, row) in src.chunks_exact(cols).enumerate() {
-                let q = &mut qs[r * row_q..(r + 1) * row_q];
-                let s = &mut d[r * row_d..(r + 1) * row_d];
-                let res = if ty == TensorType::Q8 {
-                    quantize_q8_row(row, bytemuck::cast_slice_mut(q), s)
-                } else {
-                    quantize_q4_row(row, q, s)
-                };
-                res.map_err(|e| match e {
-                    QuantError::NonFinite { index, value } => QuantError::NonFinite {
-                        index: index + r * cols,
-                        value,
-                    },
-                    QuantError::TooLarge { index, value } => QuantError::TooLarge {
-                        index: index + r * cols,
-                        value,
-                    },
-                    other => other,
-                })?;
-            }
-            let mut out = qs;
-            out.extend_from_slice(bytemuck::cast_slice(&d));
-            Ok(out)
-        }
+        TensorType::Q8 => quantize_q8_row(x, bytemuck::cast_slice_mut(p0), &mut halves)?,
+        TensorType::Q4 => quantize_q4_row(x, p0, &mut halves)?,
+        TensorType::Q4K => quantize_q4k_row(x, p0, &mut halves, p2)?,
     }
+    for (o, h) in p1.chunks_exact_mut(2).zip(&halves) {
+        o.copy_from_slice(&h.to_bits().to_le_bytes());
+    }
+    Ok(())
 }
 
 /// Checks a block for values that cannot be quantized.
@@ -378,5 +528,15 @@ mod tests {
         assert_eq!(TensorType::Q8.byte_len(33), None);
         assert_eq!(TensorType::F16.byte_len(3), Some(6));
         assert_eq!(TensorType::F32.byte_len(u64::MAX), None);
+        assert_eq!(TensorType::Q4K.byte_len(512), Some(256 + 2 * (4 + 12)));
+        assert_eq!(TensorType::Q4K.byte_len(32), None);
+        assert_eq!(TensorType::Q4K.bits_per_weight(), 4.5);
+        assert_eq!(TensorType::Q4.bits_per_weight(), 4.5);
+        assert_eq!(TensorType::Q8.bits_per_weight(), 8.5);
+        for t in TensorType::ALL {
+            let cols = t.cols_multiple() * 3;
+            let per_row: usize = t.row_planes(cols).iter().sum();
+            assert_eq!(t.byte_len(2 * cols as u64), Some(2 * per_row as u64), "{t}");
+        }
     }
 }

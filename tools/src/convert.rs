@@ -2,16 +2,20 @@
 //!
 //! # Quantization policy
 //!
-//! | tensor | `f32` | `f16` | `q8` | `q4` |
-//! |---|---|---|---|---|
-//! | RMSNorm weights | f32 | f32 | f32 | f32 |
-//! | attention and MLP matrices | f32 | f16 | q8 | q4 |
-//! | token embedding (untied) | f32 | f16 | q8 | q4 |
-//! | output projection (`lm_head`, or the token embedding when tied) | f32 | f16 | q8 | **q8** |
+//! | tensor | `f32` | `f16` | `q8` | `q4` | `q4k` |
+//! |---|---|---|---|---|---|
+//! | RMSNorm weights | f32 | f32 | f32 | f32 | f32 |
+//! | attention and MLP matrices | f32 | f16 | q8 | q4 | q4k |
+//! | token embedding (untied) | f32 | f16 | q8 | q4 | q4k |
+//! | output projection (`lm_head`, or the token embedding when tied) | f32 | f16 | q8 | **q8** | **q8** |
 //!
 //! - Norms are tiny and every activation passes through them: never quantized.
-//! - Under `q4` the output projection stays at 8 bits: its errors land directly
-//!   on the logits, and at ~3% of a 7B model's weights the cost is small.
+//! - Under `q4` and `q4k` the output projection stays at 8 bits: its errors
+//!   land directly on the logits, and at ~3% of a 7B model's weights the cost
+//!   is small.
+//! - q4k needs whole 256-weight groups: a matrix whose column count is not a
+//!   multiple of 256 is stored as q8 instead under `q4k` (for SmolLM2-135M,
+//!   hidden size 576, that is every matrix but `down_proj`).
 //! - A matrix whose column count is not a multiple of the 32-weight block
 //!   cannot be block-quantized and is stored as f16 instead.
 //!
@@ -30,11 +34,12 @@ use crate::hf::{read_json, LlamaConfig, RopeScaling, TokenizerInfo};
 use crate::source::{Source, SourceTensor};
 pub use crate::ConvertError;
 use crate::ToolError;
-use half::f16;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use nibble::format::names::{self, LayerTensor};
 use nibble::format::{keys, Metadata, NblWriter, Value};
-use nibble::quant::{quantize_q4_row, quantize_q8_row, QuantError, TensorType, BLOCK};
+use nibble::quant::{
+    encode_row, split_rows, take_rows, tensor_planes, QuantError, TensorType, BLOCK, Q4K_GROUP,
+};
 use rayon::prelude::*;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -51,6 +56,7 @@ pub enum QuantPolicy {
     F16,
     Q8,
     Q4,
+    Q4K,
 }
 
 /// The role a tensor plays, which with the policy decides its type.
@@ -69,11 +75,12 @@ impl QuantPolicy {
             Self::F16 => "f16",
             Self::Q8 => "q8",
             Self::Q4 => "q4",
+            Self::Q4K => "q4k",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        [Self::F32, Self::F16, Self::Q8, Self::Q4]
+        [Self::F32, Self::F16, Self::Q8, Self::Q4, Self::Q4K]
             .into_iter()
             .find(|p| p.name() == s)
     }
@@ -83,13 +90,16 @@ impl QuantPolicy {
         let wanted = match (role, self) {
             (Role::Norm, _) | (_, Self::F32) => return TensorType::F32,
             (_, Self::F16) => TensorType::F16,
-            (_, Self::Q8) | (Role::OutputProjection, Self::Q4) => TensorType::Q8,
+            (_, Self::Q8) | (Role::OutputProjection, Self::Q4 | Self::Q4K) => TensorType::Q8,
             (Role::Matrix, Self::Q4) => TensorType::Q4,
+            (Role::Matrix, Self::Q4K) => TensorType::Q4K,
         };
-        if wanted.is_quantized() && !cols.is_multiple_of(BLOCK) {
-            TensorType::F16
-        } else {
+        if cols.is_multiple_of(wanted.cols_multiple()) {
             wanted
+        } else if cols.is_multiple_of(BLOCK) {
+            TensorType::Q8
+        } else {
+            TensorType::F16
         }
     }
 
@@ -102,6 +112,11 @@ impl QuantPolicy {
             Self::Q4 => {
                 format!("matrices q4 (blocks of {BLOCK}, f16 scales), output projection q8")
             }
+            Self::Q4K => format!(
+                "matrices q4k (affine, 6-bit scales and minimums per {BLOCK}, f16 per {}), \
+                 output projection q8; matrices whose columns are not a multiple of {} q8",
+                Q4K_GROUP, Q4K_GROUP
+            ),
         };
         format!(
             "{}: norms f32; {rest}; matrices whose columns are not a multiple of {BLOCK} f16",
@@ -500,33 +515,6 @@ pub fn metadata(
     m
 }
 
-/// Why a tensor's values could not be stored.
-#[derive(Debug)]
-enum EncodeError {
-    Quant(QuantError),
-    /// A value f16 cannot represent (infinite or NaN after conversion).
-    NotF16 {
-        index: usize,
-        value: f32,
-    },
-    NonFinite {
-        index: usize,
-        value: f32,
-    },
-}
-
-impl fmt::Display for EncodeError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Quant(e) => write!(f, "{e}"),
-            Self::NotF16 { index, value } => {
-                write!(f, "weight {index} is {value}, which f16 cannot hold")
-            }
-            Self::NonFinite { index, value } => write!(f, "weight {index} is {value}"),
-        }
-    }
-}
-
 /// Converts tensor `t` (viewed as rows of `cols`) to `ty`, leaving its
 /// on-disk bytes at the start of `buf` and returning their length.
 fn encode_tensor(
@@ -536,7 +524,7 @@ fn encode_tensor(
     ty: TensorType,
     buf: &mut Vec<u32>,
     bar: &ProgressBar,
-) -> Result<usize, EncodeError> {
+) -> Result<usize, QuantError> {
     let n: usize = t.shape.iter().product();
     let rows = n / cols;
     let len = ty
@@ -545,6 +533,7 @@ fn encode_tensor(
     buf.clear();
     buf.resize(len.div_ceil(4), 0);
     let out: &mut [u8] = &mut bytemuck::cast_slice_mut(buf.as_mut_slice())[..len];
+    let mut planes = tensor_planes(ty, cols, rows, out);
 
     let src = source.bytes(t);
     let esize = t.dtype.size();
@@ -552,87 +541,23 @@ fn encode_tensor(
     let rows_per_batch = (BATCH_BYTES / row_src).max(1);
     source.will_read(t);
 
-    // Per-type output regions, each split into rows.
-    let q_row = match ty {
-        TensorType::Q8 => cols,
-        TensorType::Q4 => cols / 2,
-        TensorType::F16 => cols * 2,
-        TensorType::F32 => cols * 4,
-    };
-    let (qs, scales) = out.split_at_mut(if ty.is_quantized() { rows * q_row } else { len });
-    let scales: &mut [f16] = bytemuck::try_cast_slice_mut(scales)
-        .expect("scales start at an even offset of a 4-aligned buffer");
-    let s_row = cols / BLOCK;
-
     let mut row0 = 0;
     while row0 < rows {
         let row1 = (row0 + rows_per_batch).min(rows);
         let src_b = &src[row0 * row_src..row1 * row_src];
         source.populate(t, row0 * row_src, row1 * row_src);
-        let qs_b = &mut qs[row0 * q_row..row1 * q_row];
-        let work = |f32_row: &mut Vec<f32>, r: usize, s: &[u8], q: &mut [u8], d: &mut [f16]| {
-            t.dtype.decode(s, f32_row);
-            let base = (row0 + r) * cols;
-            let locate = |e: QuantError| match e {
-                QuantError::NonFinite { index, value } => QuantError::NonFinite {
-                    index: base + index,
-                    value,
+        let batch = take_rows(ty, cols, &mut planes, row1 - row0);
+        src_b
+            .par_chunks(row_src)
+            .zip(split_rows(ty, cols, batch))
+            .enumerate()
+            .try_for_each_init(
+                || vec![0f32; cols],
+                |x, (r, (s, planes))| {
+                    t.dtype.decode(s, x);
+                    encode_row(ty, x, planes).map_err(|e| e.offset((row0 + r) * cols))
                 },
-                QuantError::TooLarge { index, value } => QuantError::TooLarge {
-                    index: base + index,
-                    value,
-                },
-                other => other,
-            };
-            match ty {
-                TensorType::Q8 => quantize_q8_row(f32_row, bytemuck::cast_slice_mut(q), d)
-                    .map_err(|e| EncodeError::Quant(locate(e))),
-                TensorType::Q4 => {
-                    quantize_q4_row(f32_row, q, d).map_err(|e| EncodeError::Quant(locate(e)))
-                }
-                TensorType::F32 => {
-                    if let Some(i) = f32_row.iter().position(|x| !x.is_finite()) {
-                        return Err(EncodeError::NonFinite {
-                            index: base + i,
-                            value: f32_row[i],
-                        });
-                    }
-                    for (o, x) in q.chunks_exact_mut(4).zip(f32_row.iter()) {
-                        o.copy_from_slice(&x.to_le_bytes());
-                    }
-                    Ok(())
-                }
-                TensorType::F16 => {
-                    for (i, (o, &x)) in q.chunks_exact_mut(2).zip(f32_row.iter()).enumerate() {
-                        let h = f16::from_f32(x);
-                        if !h.is_finite() {
-                            return Err(EncodeError::NotF16 {
-                                index: base + i,
-                                value: x,
-                            });
-                        }
-                        o.copy_from_slice(&h.to_bits().to_le_bytes());
-                    }
-                    Ok(())
-                }
-            }
-        };
-        let init = || vec![0f32; cols];
-        if ty.is_quantized() {
-            let d_b = &mut scales[row0 * s_row..row1 * s_row];
-            src_b
-                .par_chunks(row_src)
-                .zip(qs_b.par_chunks_mut(q_row))
-                .zip(d_b.par_chunks_mut(s_row))
-                .enumerate()
-                .try_for_each_init(init, |buf, (r, ((s, q), d))| work(buf, r, s, q, d))?;
-        } else {
-            src_b
-                .par_chunks(row_src)
-                .zip(qs_b.par_chunks_mut(q_row))
-                .enumerate()
-                .try_for_each_init(init, |buf, (r, (s, q))| work(buf, r, s, q, &mut []))?;
-        }
+            )?;
         source.release(t, row0 * row_src, row1 * row_src);
         bar.inc(src_b.len() as u64);
         row0 = row1;

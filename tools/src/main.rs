@@ -26,6 +26,7 @@ enum Quant {
     F16,
     Q8,
     Q4,
+    Q4k,
 }
 
 impl From<Quant> for QuantPolicy {
@@ -35,6 +36,7 @@ impl From<Quant> for QuantPolicy {
             Quant::F16 => Self::F16,
             Quant::Q8 => Self::Q8,
             Quant::Q4 => Self::Q4,
+            Quant::Q4k => Self::Q4K,
         }
     }
 }
@@ -48,6 +50,8 @@ enum PresetArg {
     #[value(name = "llama2-70b")]
     Llama2_70b,
     Tiny,
+    #[value(name = "tiny-256")]
+    Tiny256,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -67,8 +71,9 @@ enum Command {
         /// The .nbl file to write.
         #[arg(short, long)]
         output: PathBuf,
-        /// Weight type policy (norms always stay f32; under q4 the output
-        /// projection stays q8).
+        /// Weight type policy (norms always stay f32; under q4 and q4k the
+        /// output projection stays q8; q4k stores matrices whose columns are
+        /// not a multiple of 256 as q8).
         #[arg(long, value_enum, default_value = "q4")]
         quant: Quant,
         /// Also print each matrix's quantization error (RMSE relative to the
@@ -195,6 +200,7 @@ fn run(cli: Cli) -> Result<(), ToolError> {
                 PresetArg::Llama2_13b => Preset::Llama2_13b,
                 PresetArg::Llama2_70b => Preset::Llama2_70b,
                 PresetArg::Tiny => Preset::Tiny,
+                PresetArg::Tiny256 => Preset::Tiny256,
             };
             let dtype = match dtype {
                 DtypeArg::F16 => SynthDtype::F16,

@@ -25,6 +25,9 @@ pub enum Preset {
     Llama2_70b,
     /// A few-MB model for tests.
     Tiny,
+    /// A small model whose matrix widths are multiples of 256, so q4k (whole
+    /// 256-weight groups) quantizes every matrix but the output projection.
+    Tiny256,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +55,7 @@ impl Preset {
             "llama2-13b" => Some(Self::Llama2_13b),
             "llama2-70b" => Some(Self::Llama2_70b),
             "tiny" => Some(Self::Tiny),
+            "tiny-256" => Some(Self::Tiny256),
             _ => None,
         }
     }
@@ -63,6 +67,7 @@ impl Preset {
             Self::Llama2_13b => (5120, 40, 40, 40, 13824, 32000, 4096),
             Self::Llama2_70b => (8192, 80, 64, 8, 28672, 32000, 4096),
             Self::Tiny => (64, 2, 4, 2, 160, 320, 256),
+            Self::Tiny256 => (256, 2, 4, 2, 512, 320, 256),
         };
         Shapes {
             hidden,

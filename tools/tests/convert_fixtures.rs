@@ -111,6 +111,9 @@ fn check_against_source(file: &NblFile, dir: &Path, expected_type: impl Fn(&str)
                         let actual = sse(&mut got.iter().copied());
                         assert!(actual <= baseline * (1.0 + 1e-6) + 1e-30, "{what}");
                     }
+                    // the tiny fixtures' widths (128, 352) are no multiple of
+                    // 256: q4k never applies (tools/tests/synth.rs covers it)
+                    WeightView::Q4K { .. } => panic!("{what}: unexpected q4k"),
                 }
             }
         }
@@ -198,6 +201,7 @@ fn bf16_gqa_converts_to_every_type() {
         QuantPolicy::F16,
         QuantPolicy::Q8,
         QuantPolicy::Q4,
+        QuantPolicy::Q4K,
     ] {
         let file = convert_to(&dir, quant, &tmp.path().join(format!("{quant}.nbl")));
         assert_eq!(
@@ -213,7 +217,8 @@ fn bf16_gqa_converts_to_every_type() {
                 match quant {
                     QuantPolicy::F32 => TensorType::F32,
                     QuantPolicy::F16 => TensorType::F16,
-                    QuantPolicy::Q8 => TensorType::Q8,
+                    // widths 128 and 352: q4k falls back to q8 everywhere
+                    QuantPolicy::Q8 | QuantPolicy::Q4K => TensorType::Q8,
                     QuantPolicy::Q4 => TensorType::Q4,
                 }
             }
@@ -301,6 +306,28 @@ fn policy_falls_back_to_f16_for_odd_widths() {
         TensorType::Q8
     );
     assert_eq!(QuantPolicy::Q8.tensor_type(Role::Norm, 64), TensorType::F32);
+    // q4k: whole 256-weight groups, else q8, else f16
+    assert_eq!(
+        QuantPolicy::Q4K.tensor_type(Role::Matrix, 512),
+        TensorType::Q4K
+    );
+    assert_eq!(
+        QuantPolicy::Q4K.tensor_type(Role::Matrix, 576),
+        TensorType::Q8
+    );
+    assert_eq!(
+        QuantPolicy::Q4K.tensor_type(Role::Matrix, 48),
+        TensorType::F16
+    );
+    assert_eq!(
+        QuantPolicy::Q4K.tensor_type(Role::OutputProjection, 512),
+        TensorType::Q8
+    );
+    assert_eq!(
+        QuantPolicy::Q4K.tensor_type(Role::Norm, 512),
+        TensorType::F32
+    );
+    assert_eq!(QuantPolicy::parse("q4k"), Some(QuantPolicy::Q4K));
     assert_eq!(
         QuantPolicy::F16.tensor_type(Role::Norm, 64),
         TensorType::F32

@@ -12,10 +12,9 @@ use super::{GgufFile, GgufTensor};
 use crate::convert::{self, ConvertOptions, ConvertSummary, Planned, Role};
 use crate::hf::{LlamaConfig, RopeScaling, TokenizerInfo, DEFAULT_ROPE_THETA};
 use crate::ToolError;
-use half::f16;
 use nibble::format::names::{self, LayerTensor};
 use nibble::format::NblWriter;
-use nibble::quant::{quantize_q4_row, quantize_q8_row, TensorType, BLOCK};
+use nibble::quant::{encode_row, split_rows, take_rows, tensor_planes, TensorType};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -422,8 +421,7 @@ pub fn convert(options: &ConvertOptions) -> Result<ConvertSummary, ToolError> {
 }
 
 /// Decodes HF tensor `name` batch by batch and stores it as `ty` in `out`
-/// (`.nbl` layout: for quantized types all rows' quants, then all rows'
-/// f16 scales).
+/// (`.nbl` layout: for quantized types each plane of all rows in turn).
 #[allow(clippy::too_many_arguments)]
 fn encode(
     model: &LlamaGguf,
@@ -438,18 +436,7 @@ fn encode(
     let len = ty.byte_len((rows * cols) as u64).ok_or("size overflows")? as usize;
     out.clear();
     out.resize(len, 0);
-    let q_row = match ty {
-        TensorType::F32 => cols * 4,
-        TensorType::F16 => cols * 2,
-        TensorType::Q8 => cols,
-        TensorType::Q4 => cols / 2,
-    };
-    let s_row = if ty.is_quantized() {
-        cols / BLOCK * 2
-    } else {
-        0
-    };
-    let (qs, scales) = out.split_at_mut(rows * q_row);
+    let mut planes = tensor_planes(ty, cols, rows, out);
     let batch_rows = (BATCH_WEIGHTS / cols).max(1);
     let mut row0 = 0;
     while row0 < rows {
@@ -457,67 +444,14 @@ fn encode(
         staging.clear();
         staging.resize((row1 - row0) * cols, 0.0);
         model.decode_rows(name, row0..row1, staging);
-        let qs_b = &mut qs[row0 * q_row..row1 * q_row];
-        let sc_b = &mut scales[row0 * s_row..row1 * s_row];
-        let encode_row = |d: &mut Vec<f16>,
-                          r: usize,
-                          x: &[f32],
-                          q: &mut [u8],
-                          s: &mut [u8]|
-         -> Result<(), String> {
-            let base = (row0 + r) * cols;
-            if let Some(i) = x.iter().position(|v| !v.is_finite()) {
-                return Err(format!("weight {} is {}", base + i, x[i]));
-            }
-            match ty {
-                TensorType::F32 => {
-                    for (o, v) in q.chunks_exact_mut(4).zip(x) {
-                        o.copy_from_slice(&v.to_le_bytes());
-                    }
-                }
-                TensorType::F16 => {
-                    for (i, (o, &v)) in q.chunks_exact_mut(2).zip(x).enumerate() {
-                        let h = f16::from_f32(v);
-                        if !h.is_finite() {
-                            return Err(format!(
-                                "weight {} is {v}, which f16 cannot hold",
-                                base + i
-                            ));
-                        }
-                        o.copy_from_slice(&h.to_bits().to_le_bytes());
-                    }
-                }
-                TensorType::Q8 | TensorType::Q4 => {
-                    let res = if ty == TensorType::Q8 {
-                        quantize_q8_row(x, bytemuck::cast_slice_mut(q), d)
-                    } else {
-                        quantize_q4_row(x, q, d)
-                    };
-                    res.map_err(|e| format!("row {}: {e}", row0 + r))?;
-                    for (o, h) in s.chunks_exact_mut(2).zip(d.iter()) {
-                        o.copy_from_slice(&h.to_bits().to_le_bytes());
-                    }
-                }
-            }
-            Ok(())
-        };
-        // Per-thread f16 scales of one row, copied out byte-wise because the
-        // scale region of `out` need not be 2-byte aligned.
-        let scratch = || vec![f16::ZERO; cols / BLOCK];
-        if ty.is_quantized() {
-            staging
-                .par_chunks(cols)
-                .zip(qs_b.par_chunks_mut(q_row))
-                .zip(sc_b.par_chunks_mut(s_row))
-                .enumerate()
-                .try_for_each_init(scratch, |d, (r, ((x, q), s))| encode_row(d, r, x, q, s))?;
-        } else {
-            staging
-                .par_chunks(cols)
-                .zip(qs_b.par_chunks_mut(q_row))
-                .enumerate()
-                .try_for_each_init(scratch, |d, (r, (x, q))| encode_row(d, r, x, q, &mut []))?;
-        }
+        let batch = take_rows(ty, cols, &mut planes, row1 - row0);
+        staging
+            .par_chunks(cols)
+            .zip(split_rows(ty, cols, batch))
+            .enumerate()
+            .try_for_each(|(r, (x, planes))| {
+                encode_row(ty, x, planes).map_err(|e| format!("{}", e.offset((row0 + r) * cols)))
+            })?;
         bar.inc(((row1 - row0) * cols) as u64);
         row0 = row1;
     }
