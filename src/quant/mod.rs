@@ -490,7 +490,8 @@ fn check_finite(xs: &[f32]) -> Result<(), QuantError> {
 /// cannot hold. A scale that rounds to zero of either sign is stored as +0, so
 /// a zero block has one encoding (q4's `m / -8` would otherwise give -0).
 fn scale_to_f16(d: f32, block: &[f32]) -> Result<f16, QuantError> {
-    let h = f16::from_f32(d);
+    // portable and inlinable; rounds like `from_f32` (see `q4::choose_scale`)
+    let h = f16::from_f32_const(d);
     if h == f16::ZERO {
         Ok(f16::ZERO)
     } else if h.is_finite() {
