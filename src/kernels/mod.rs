@@ -242,7 +242,7 @@ pub(crate) struct Q4Lanes {
 
 /// The sum of each 32-value activation block, computed once per matmul for
 /// the kernels that fold a weight offset into the activations (q4k's
-/// `dmin * m`, q4's `-8` in [`Q4LanesFn`]).
+/// `dmin * m`, q4's `-8` in the rows-in-lanes prefill kernels).
 pub fn act_block_sums(aq: &[i8], out: &mut Vec<i32>) {
     out.clear();
     out.extend(
