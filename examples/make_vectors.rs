@@ -129,6 +129,21 @@ fn q4k_rows() -> Vec<f32> {
     v
 }
 
+/// Two q4k rows of 352 = 256 + 96 values: a whole group, then a short group
+/// of 3 sub-blocks with its own `d`, `dmin` and scales (fields 3..8 zero).
+/// Row 0 ramps through both signs; row 1 is positive, with the short
+/// group's sub-blocks small, large and constant.
+fn q4k_short_rows() -> Vec<f32> {
+    let row0 = (0..352).map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0);
+    let row1 = (0..352).map(|i| match i {
+        0..=255 => (i % 29) as f32 * 0.125,
+        256..=287 => (i % 5) as f32 * 0.01,
+        288..=319 => (i % 7) as f32 * 3.0,
+        _ => 0.75,
+    });
+    row0.chain(row1).collect()
+}
+
 fn f16_values() -> Vec<f32> {
     vec![
         0.0,
@@ -256,9 +271,13 @@ pub fn vectors() -> Vec<Vector> {
             file: "q4k",
             about: "one q4k matrix of 2 rows x 1 group: the q4 edge blocks as sub-blocks, \
                     and a group on the q4k grid (exact) with positive, negative, mixed and \
-                    constant sub-blocks",
+                    constant sub-blocks; one of 2 rows x 352 (a whole group, then a short \
+                    group of 3 sub-blocks)",
             metadata: note("q4k groups"),
-            tensors: vec![tensor("q4k.matrix", TensorType::Q4K, &[2, 256], q4k_rows())],
+            tensors: vec![
+                tensor("q4k.matrix", TensorType::Q4K, &[2, 256], q4k_rows()),
+                tensor("q4k.short", TensorType::Q4K, &[2, 352], q4k_short_rows()),
+            ],
         },
         Vector {
             file: "mixed",
@@ -611,13 +630,17 @@ pub fn decode_raw(type_id: u32, shape: &[u64], data: &[u8]) -> Option<Vec<f32>> 
             )
         }
         4 => {
-            // planes: n/2 quant bytes, (d, dmin) per 256, 12 scale bytes per 256
+            // planes: n/2 quant bytes, (d, dmin) per group, 12 scale bytes
+            // per group; ceil(cols / 256) groups per row
+            let cols = *shape.last()? as usize;
+            let gr = cols.div_ceil(256);
             let (qs, rest) = data.split_at(n / 2);
-            let (dm, sc) = rest.split_at(n / 256 * 4);
+            let (dm, sc) = rest.split_at(n / cols * gr * 4);
             Some(
                 (0..n)
                     .map(|i| {
-                        let (g, k, j) = (i / 256, i % 256 / 32, i % 32);
+                        let (r, c) = (i / cols, i % cols);
+                        let (g, k, j) = (r * gr + c / 256, c % 256 / 32, c % 32);
                         let d = f16_bits_to_f32(u16_at(dm, 4 * g));
                         let dmin = f16_bits_to_f32(u16_at(dm, 4 * g + 2));
                         // fields 2p, 2p+1 are the 24-bit LE value at 12g + 3p

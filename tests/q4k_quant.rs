@@ -21,7 +21,7 @@ struct Encoded {
 type Quantizer = fn(&[f32], &mut [u8], &mut [f16], &mut [u8]) -> Result<(), QuantError>;
 
 fn encode_with(f: Quantizer, x: &[f32]) -> Result<Encoded, QuantError> {
-    let ng = x.len() / Q4K_GROUP;
+    let ng = x.len().div_ceil(Q4K_GROUP);
     let mut e = Encoded {
         qs: vec![0; x.len() / 2],
         dm: vec![f16::ZERO; 2 * ng],
@@ -55,13 +55,13 @@ fn step_and_offset(e: &Encoded, i: usize) -> (f64, f64) {
     )
 }
 
-/// Rows of 1 or 2 groups, each 32-value sub-block uniform in `[lo, hi] * s`
-/// with its own scale `s` and asymmetric bounds, or heavy-tailed (a Cauchy
-/// sample: rare huge values among ordinary ones).
+/// Rows of 1 to 23 sub-blocks (whole groups of 8, or ending in a shorter
+/// group), each 32-value sub-block uniform in `[lo, hi] * s` with its own
+/// scale `s` and asymmetric bounds, or heavy-tailed (a Cauchy sample: rare
+/// huge values among ordinary ones).
 fn rows() -> impl Strategy<Value = Vec<f32>> {
-    (1usize..3)
-        .prop_flat_map(|ng| {
-            let nsub = ng * 8;
+    prop_oneof![Just(8usize), Just(16), 1usize..24]
+        .prop_flat_map(|nsub| {
             (
                 prop::collection::vec(
                     prop_oneof![Just(1e-6f32), Just(0.02), Just(1.0), Just(300.0)],
@@ -99,8 +99,8 @@ proptest! {
     fn never_worse_than_minmax(x in rows()) {
         let searched = encode_with(quantize_q4k_row, &x).unwrap();
         let plain = encode_with(quantize_q4k_row_minmax, &x).unwrap();
-        for g in 0..x.len() / Q4K_GROUP {
-            let r = g * Q4K_GROUP..(g + 1) * Q4K_GROUP;
+        for g in 0..x.len().div_ceil(Q4K_GROUP) {
+            let r = g * Q4K_GROUP..x.len().min((g + 1) * Q4K_GROUP);
             let (ys, yp) = (decode(&searched), decode(&plain));
             let (es, ep) = (sq_err(&x[r.clone()], &ys[r.clone()]), sq_err(&x[r.clone()], &yp[r]));
             prop_assert!(es <= ep * (1.0 + 1e-5) + 1e-30, "group {g}: searched {es} > min/max {ep}");
@@ -231,10 +231,20 @@ fn non_finite_and_huge_values_are_refused() {
             value: 1e9
         })
     );
-    // rows must be whole groups
+    // rows must be whole sub-blocks
     assert_eq!(
-        encode_matrix(TensorType::Q4K, 32, &[0.0; 32]),
-        Err(QuantError::BadLength { len: 32 })
+        encode_matrix(TensorType::Q4K, 48, &[0.0; 48]),
+        Err(QuantError::BadLength { len: 48 })
+    );
+    // a short last group reports indices within the row like a whole one
+    let mut x = vec![0.0f32; 2 * 320];
+    x[320 + 300] = 1e9;
+    assert_eq!(
+        encode_matrix(TensorType::Q4K, 320, &x),
+        Err(QuantError::TooLarge {
+            index: 620,
+            value: 1e9
+        })
     );
 }
 
@@ -242,22 +252,53 @@ fn non_finite_and_huge_values_are_refused() {
 /// through `WeightView` equals decoding the row encoder's planes.
 #[test]
 fn matrix_layout_matches_row_encoder() {
-    let (rows, cols) = (3, 512);
+    for (rows, cols) in [(3, 512), (2, 576), (4, 96)] {
+        check_matrix_layout(rows, cols);
+    }
+    let x: Vec<f32> = (0..3 * 512).map(|i| (i % 37) as f32 / 40.0 - 0.3).collect();
+    let bytes = encode_matrix(TensorType::Q4K, 512, &x).unwrap();
+    assert!(WeightView::from_bytes(TensorType::Q4K, 6, 256, &bytes).is_some());
+    assert!(WeightView::from_bytes(TensorType::Q4K, 12, 128, &bytes).is_none());
+}
+
+/// A short last group holds only its sub-blocks' quants, and zero in the
+/// scale fields of the sub-blocks it lacks.
+#[test]
+fn short_last_group_layout() {
+    let x: Vec<f32> = (0..320)
+        .map(|i| ((i * 31 % 17) as f32 - 5.0) / 7.0)
+        .collect();
+    let bytes = encode_matrix(TensorType::Q4K, 320, &x).unwrap();
+    // 160 quant bytes, 2 (d, dmin) pairs, 2 × 12 scale bytes
+    assert_eq!(bytes.len(), 160 + 8 + 24);
+    let last = &bytes[160 + 8 + 12..];
+    let (sc, m) = q4k_unpack_scales(last);
+    assert!(sc[..2].iter().chain(&m[..2]).any(|&v| v != 0));
+    assert!(
+        sc[2..].iter().chain(&m[2..]).all(|&v| v == 0),
+        "{sc:?} {m:?}"
+    );
+    // the whole groups are encoded as they would be alone
+    let head = encode_matrix(TensorType::Q4K, 256, &x[..256]).unwrap();
+    assert_eq!(&bytes[..128], &head[..128]);
+    assert_eq!(&bytes[160..164], &head[128..132]);
+    assert_eq!(&bytes[168..180], &head[132..144]);
+}
+
+fn check_matrix_layout(rows: usize, cols: usize) {
     let x: Vec<f32> = (0..rows * cols)
         .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 0.7) * (1 + i % 3) as f32)
         .collect();
     let bytes = encode_matrix(TensorType::Q4K, cols, &x).unwrap();
     assert_eq!(
         bytes.len() as u64,
-        TensorType::Q4K.byte_len((rows * cols) as u64).unwrap()
+        TensorType::Q4K.byte_len(rows as u64, cols as u64).unwrap()
     );
     let view = WeightView::from_bytes(TensorType::Q4K, rows, cols, &bytes).unwrap();
     for r in 0..rows {
         let mut got = vec![0f32; cols];
         view.dequantize_row(r, &mut got);
         let want = decode(&encode_with(quantize_q4k_row, &x[r * cols..(r + 1) * cols]).unwrap());
-        assert_eq!(got, want, "row {r}");
+        assert_eq!(got, want, "row {r} of {rows}x{cols}");
     }
-    assert!(WeightView::from_bytes(TensorType::Q4K, 6, 256, &bytes).is_some());
-    assert!(WeightView::from_bytes(TensorType::Q4K, 12, 128, &bytes).is_none());
 }

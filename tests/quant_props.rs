@@ -306,7 +306,7 @@ proptest! {
     /// quants followed by its rows' scales.
     #[test]
     fn encoding_is_deterministic_and_row_major(x in blocks(6, 10)) {
-        // q4k needs rows of 256: tests/q4k_quant.rs checks its layout
+        // q4k has three planes: tests/q4k_quant.rs checks its layout
         for ty in TensorType::ALL.into_iter().filter(|&t| t != TensorType::Q4K) {
             let all = encode_matrix(ty, 64, &x).unwrap();
             prop_assert_eq!(&all, &encode_matrix(ty, 64, &x).unwrap());

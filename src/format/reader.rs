@@ -323,7 +323,8 @@ fn parse_directory(
                     "innermost dimension of {shape:?} is not a whole number of blocks"
                 ));
             }
-            if ty.byte_len(n) != Some(len) {
+            let cols = shape[ndim - 1];
+            if ty.byte_len(n / cols, cols) != Some(len) {
                 return bad(format!(
                     "length {len} does not match shape {shape:?} of type {ty}"
                 ));

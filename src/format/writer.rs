@@ -117,7 +117,8 @@ impl NblWriter {
             ));
         }
         let n = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
-        let expected = n.and_then(|n| ty.byte_len(n));
+        let cols = shape[shape.len() - 1];
+        let expected = n.and_then(|n| ty.byte_len(n / cols, cols));
         if expected != Some(data.len() as u64) {
             return bad(format!(
                 "{} bytes of data do not fit shape {shape:?} of type {ty}",

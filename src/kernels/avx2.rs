@@ -268,11 +268,41 @@ unsafe fn q4k_body<const R: usize, const T: usize>(
     nb: usize,
     out: &mut [f32; MAX_TILE],
 ) {
-    let ng = nb / 8;
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for g in 0..nb / 8 {
+        q4k_group(w, aq, ad, asum, nb, g, 8, &mut acc);
+    }
+    if !nb.is_multiple_of(8) {
+        q4k_group(w, aq, ad, asum, nb, nb / 8, nb % 8, &mut acc);
+    }
+    for r in 0..R {
+        for t in 0..T {
+            out[r * MAX_TILE_T + t] = hsum(acc[r][t]);
+        }
+    }
+}
+
+/// Group `g` (of `nk` sub-blocks: 8, or fewer for a row's last group) of
+/// [`q4k_body`]. A short group reads its activation scales and sums through
+/// zero-padded copies, so the lanes of missing sub-blocks add nothing.
+///
+/// Safety: as [`q4k_body`], with `8 * g + nk <= nb`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q4k_group<const R: usize, const T: usize>(
+    w: KRows,
+    aq: &[i8],
+    ad: &[f32],
+    asum: &[i32],
+    nb: usize,
+    g: usize,
+    nk: usize,
+    acc: &mut [[__m256; T]; R],
+) {
+    let ng = nb.div_ceil(8);
     let row_bytes = nb * 16;
     let mask = _mm256_set1_epi8(0x0f);
     let zero = _mm256_setzero_si256();
-    let mut acc = [[_mm256_setzero_ps(); T]; R];
     let mut prod = [[[0f32; 8]; T]; R];
     let (wp, dp, sp, ap) = (
         w.qs.as_ptr(),
@@ -280,46 +310,48 @@ unsafe fn q4k_body<const R: usize, const T: usize>(
         w.sc.as_ptr(),
         aq.as_ptr(),
     );
-    for g in 0..ng {
-        let mut adv = [_mm256_setzero_ps(); T];
-        let mut amin = [_mm256_setzero_ps(); T];
-        for t in 0..T {
-            adv[t] = _mm256_loadu_ps(ad.as_ptr().add(t * nb + 8 * g));
-            let s = _mm256_loadu_si256(asum.as_ptr().add(t * nb + 8 * g) as *const __m256i);
-            amin[t] = _mm256_mul_ps(adv[t], _mm256_cvtepi32_ps(s));
-        }
-        for r in 0..R {
-            let gi = r * ng + g;
-            // (d, dmin) in alternate lanes
-            let dd = _mm256_cvtph_ps(_mm_set1_epi32(dp.add(gi).read_unaligned()));
-            let (sc, m) = unpack_q4k_scales(sp.add(gi * 12));
-            let dsc = _mm256_mul_ps(_mm256_permute_ps(dd, 0b00_00_00_00), _mm256_cvtepi32_ps(sc));
-            let dm = _mm256_mul_ps(_mm256_permute_ps(dd, 0b01_01_01_01), _mm256_cvtepi32_ps(m));
-            for t in 0..T {
-                _mm256_storeu_ps(prod[r][t].as_mut_ptr(), _mm256_mul_ps(dsc, adv[t]));
-                acc[r][t] = _mm256_fnmadd_ps(dm, amin[t], acc[r][t]);
-            }
-        }
-        for k in 0..8 {
-            let blk = 8 * g + k;
-            let mut a = [_mm256_setzero_si256(); T];
-            for t in 0..T {
-                a[t] = _mm256_loadu_si256(ap.add((t * nb + blk) * BLOCK) as *const __m256i);
-            }
-            for r in 0..R {
-                let raw = _mm_loadu_si128(wp.add(r * row_bytes + blk * 16) as *const __m128i);
-                let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), mask);
-                for t in 0..T {
-                    let s = q4_dot(q, a[t], zero);
-                    let scale = _mm256_set1_ps(prod[r][t][k]);
-                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[r][t]);
-                }
-            }
-        }
+    let mut adv = [_mm256_setzero_ps(); T];
+    let mut amin = [_mm256_setzero_ps(); T];
+    for t in 0..T {
+        let i = t * nb + 8 * g;
+        let s = if nk == 8 {
+            adv[t] = _mm256_loadu_ps(ad.as_ptr().add(i));
+            _mm256_loadu_si256(asum.as_ptr().add(i) as *const __m256i)
+        } else {
+            let (mut dpad, mut spad) = ([0f32; 8], [0i32; 8]);
+            dpad[..nk].copy_from_slice(&ad[i..i + nk]);
+            spad[..nk].copy_from_slice(&asum[i..i + nk]);
+            adv[t] = _mm256_loadu_ps(dpad.as_ptr());
+            _mm256_loadu_si256(spad.as_ptr() as *const __m256i)
+        };
+        amin[t] = _mm256_mul_ps(adv[t], _mm256_cvtepi32_ps(s));
     }
     for r in 0..R {
+        let gi = r * ng + g;
+        // (d, dmin) in alternate lanes
+        let dd = _mm256_cvtph_ps(_mm_set1_epi32(dp.add(gi).read_unaligned()));
+        let (sc, m) = unpack_q4k_scales(sp.add(gi * 12));
+        let dsc = _mm256_mul_ps(_mm256_permute_ps(dd, 0b00_00_00_00), _mm256_cvtepi32_ps(sc));
+        let dm = _mm256_mul_ps(_mm256_permute_ps(dd, 0b01_01_01_01), _mm256_cvtepi32_ps(m));
         for t in 0..T {
-            out[r * MAX_TILE_T + t] = hsum(acc[r][t]);
+            _mm256_storeu_ps(prod[r][t].as_mut_ptr(), _mm256_mul_ps(dsc, adv[t]));
+            acc[r][t] = _mm256_fnmadd_ps(dm, amin[t], acc[r][t]);
+        }
+    }
+    for k in 0..nk {
+        let blk = 8 * g + k;
+        let mut a = [_mm256_setzero_si256(); T];
+        for t in 0..T {
+            a[t] = _mm256_loadu_si256(ap.add((t * nb + blk) * BLOCK) as *const __m256i);
+        }
+        for r in 0..R {
+            let raw = _mm_loadu_si128(wp.add(r * row_bytes + blk * 16) as *const __m128i);
+            let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), mask);
+            for t in 0..T {
+                let s = q4_dot(q, a[t], zero);
+                let scale = _mm256_set1_ps(prod[r][t][k]);
+                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[r][t]);
+            }
         }
     }
 }

@@ -70,8 +70,9 @@ pub(crate) type QTileFn<A = i8> = fn(
 /// A register-tiled kernel for q4k weights: like [`QTileFn`] with the three
 /// planes of `nr` consecutive rows in `w` and, besides the quantized
 /// activations, `asum[t * nb + b]`, the sum of token `t`'s quants in block `b`
-/// (from [`act_block_sums`]), for the `dmin * m` term. `nb` is a multiple of
-/// [`Q4K_SUBS`].
+/// (from [`act_block_sums`]), for the `dmin * m` term. A row of `nb`
+/// sub-blocks has `nb.div_ceil(Q4K_SUBS)` groups, the last one shorter when
+/// `nb` is not a multiple of [`Q4K_SUBS`].
 pub(crate) type Q4kTileFn = fn(
     w: KRows,
     aq: &[i8],
@@ -95,10 +96,9 @@ pub(crate) struct KRows<'a> {
 impl KRows<'_> {
     /// Checks that the planes hold `nr` rows of `nb` sub-blocks.
     pub fn check(&self, nb: usize, nr: usize) {
-        let ng = nb / Q4K_SUBS;
+        let ng = nb.div_ceil(Q4K_SUBS);
         assert!(
-            nb.is_multiple_of(Q4K_SUBS)
-                && self.qs.len() >= nr * nb * 16
+            self.qs.len() >= nr * nb * 16
                 && self.dm.len() >= nr * ng * 2
                 && self.sc.len() >= nr * ng * Q4K_SCALE_BYTES,
             "q4k tile: slices shorter than the tile"
@@ -495,14 +495,13 @@ impl Kernels {
         out[0]
     }
 
-    /// One row of q4k weights (`nb` a multiple of 8 sub-blocks: quants,
+    /// One row of q4k weights (`nb` sub-blocks in groups of up to 8: quants,
     /// `(d, dmin)` pairs, packed scales) against one quantized activation row.
     pub fn dot_q4k_q8(&self, wq: &[u8], dm: &[f16], sc: &[u8], aq: &[i8], ad: &[f32]) -> f32 {
         let nb = ad.len();
-        let ng = nb / Q4K_SUBS;
+        let ng = nb.div_ceil(Q4K_SUBS);
         assert!(
-            nb.is_multiple_of(Q4K_SUBS)
-                && wq.len() == nb * BLOCK / 2
+            wq.len() == nb * BLOCK / 2
                 && dm.len() == 2 * ng
                 && sc.len() == ng * Q4K_SCALE_BYTES
                 && aq.len() == nb * BLOCK

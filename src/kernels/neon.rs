@@ -381,68 +381,99 @@ unsafe fn q4k_body<D: BlockDot, const R: usize, const T: usize>(
     nb: usize,
     out: &mut [f32; MAX_TILE],
 ) {
-    let ng = nb / 8;
-    let row_bytes = nb * 16;
-    let mask = vdupq_n_u8(0x0f);
     let mut acc = [[vdupq_n_f32(0.0); T]; R];
-    let mut prod = [[[0f32; 8]; T]; R];
-    let (wp, ap) = (w.qs.as_ptr(), aq.as_ptr());
-    for g in 0..ng {
-        let mut adv = [[vdupq_n_f32(0.0); 2]; T];
-        let mut amin = [[vdupq_n_f32(0.0); 2]; T];
-        for t in 0..T {
-            for h in 0..2 {
-                let i = t * nb + 8 * g + 4 * h;
-                adv[t][h] = vld1q_f32(ad.as_ptr().add(i));
-                amin[t][h] = vmulq_f32(adv[t][h], vcvtq_f32_s32(vld1q_s32(asum.as_ptr().add(i))));
-            }
-        }
-        for r in 0..R {
-            let gi = r * ng + g;
-            let (d, dmin) = (w.dm[2 * gi].to_f32(), w.dm[2 * gi + 1].to_f32());
-            let (sc, m) = q4k_unpack_scales(&w.sc[gi * Q4K_SCALE_BYTES..]);
-            let to_f32 = |v: &[u8; 8], h: usize| {
-                let lanes = [
-                    v[4 * h] as f32,
-                    v[4 * h + 1] as f32,
-                    v[4 * h + 2] as f32,
-                    v[4 * h + 3] as f32,
-                ];
-                vld1q_f32(lanes.as_ptr())
-            };
-            for h in 0..2 {
-                let dsc = vmulq_n_f32(to_f32(&sc, h), d);
-                let dm = vmulq_n_f32(to_f32(&m, h), dmin);
-                for t in 0..T {
-                    vst1q_f32(
-                        prod[r][t].as_mut_ptr().add(4 * h),
-                        vmulq_f32(dsc, adv[t][h]),
-                    );
-                    acc[r][t] = vfmsq_f32(acc[r][t], dm, amin[t][h]);
-                }
-            }
-        }
-        for k in 0..8 {
-            let blk = 8 * g + k;
-            let mut a = [(vdupq_n_s8(0), vdupq_n_s8(0)); T];
-            for t in 0..T {
-                let p = ap.add((t * nb + blk) * BLOCK);
-                a[t] = (vld1q_s8(p), vld1q_s8(p.add(16)));
-            }
-            for r in 0..R {
-                let raw = vld1q_u8(wp.add(r * row_bytes + blk * 16));
-                let lo = vreinterpretq_s8_u8(vandq_u8(raw, mask));
-                let hi = vreinterpretq_s8_u8(vshrq_n_u8(raw, 4));
-                for t in 0..T {
-                    let s = D::dot2(lo, a[t].0, hi, a[t].1);
-                    acc[r][t] = vfmaq_n_f32(acc[r][t], vcvtq_f32_s32(s), prod[r][t][k]);
-                }
-            }
-        }
+    for g in 0..nb / 8 {
+        q4k_group::<D, R, T>(w, aq, ad, asum, nb, g, 8, &mut acc);
+    }
+    if !nb.is_multiple_of(8) {
+        q4k_group::<D, R, T>(w, aq, ad, asum, nb, nb / 8, nb % 8, &mut acc);
     }
     for r in 0..R {
         for t in 0..T {
             out[r * MAX_TILE_T + t] = vaddvq_f32(acc[r][t]);
+        }
+    }
+}
+
+/// Group `g` (of `nk` sub-blocks: 8, or fewer for a row's last group) of
+/// [`q4k_body`]. A short group reads its activation scales and sums through
+/// zero-padded copies, so the lanes of missing sub-blocks add nothing.
+///
+/// Safety: as [`q4k_body`], with `8 * g + nk <= nb`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q4k_group<D: BlockDot, const R: usize, const T: usize>(
+    w: KRows,
+    aq: &[i8],
+    ad: &[f32],
+    asum: &[i32],
+    nb: usize,
+    g: usize,
+    nk: usize,
+    acc: &mut [[float32x4_t; T]; R],
+) {
+    let ng = nb.div_ceil(8);
+    let row_bytes = nb * 16;
+    let mask = vdupq_n_u8(0x0f);
+    let mut prod = [[[0f32; 8]; T]; R];
+    let (wp, ap) = (w.qs.as_ptr(), aq.as_ptr());
+    let mut adv = [[vdupq_n_f32(0.0); 2]; T];
+    let mut amin = [[vdupq_n_f32(0.0); 2]; T];
+    for t in 0..T {
+        let i = t * nb + 8 * g;
+        let (mut dpad, mut spad) = ([0f32; 8], [0i32; 8]);
+        let (dptr, sptr) = if nk == 8 {
+            (ad.as_ptr().add(i), asum.as_ptr().add(i))
+        } else {
+            dpad[..nk].copy_from_slice(&ad[i..i + nk]);
+            spad[..nk].copy_from_slice(&asum[i..i + nk]);
+            (dpad.as_ptr(), spad.as_ptr())
+        };
+        for h in 0..2 {
+            adv[t][h] = vld1q_f32(dptr.add(4 * h));
+            amin[t][h] = vmulq_f32(adv[t][h], vcvtq_f32_s32(vld1q_s32(sptr.add(4 * h))));
+        }
+    }
+    for r in 0..R {
+        let gi = r * ng + g;
+        let (d, dmin) = (w.dm[2 * gi].to_f32(), w.dm[2 * gi + 1].to_f32());
+        let (sc, m) = q4k_unpack_scales(&w.sc[gi * Q4K_SCALE_BYTES..]);
+        let to_f32 = |v: &[u8; 8], h: usize| {
+            let lanes = [
+                v[4 * h] as f32,
+                v[4 * h + 1] as f32,
+                v[4 * h + 2] as f32,
+                v[4 * h + 3] as f32,
+            ];
+            vld1q_f32(lanes.as_ptr())
+        };
+        for h in 0..2 {
+            let dsc = vmulq_n_f32(to_f32(&sc, h), d);
+            let dm = vmulq_n_f32(to_f32(&m, h), dmin);
+            for t in 0..T {
+                vst1q_f32(
+                    prod[r][t].as_mut_ptr().add(4 * h),
+                    vmulq_f32(dsc, adv[t][h]),
+                );
+                acc[r][t] = vfmsq_f32(acc[r][t], dm, amin[t][h]);
+            }
+        }
+    }
+    for k in 0..nk {
+        let blk = 8 * g + k;
+        let mut a = [(vdupq_n_s8(0), vdupq_n_s8(0)); T];
+        for t in 0..T {
+            let p = ap.add((t * nb + blk) * BLOCK);
+            a[t] = (vld1q_s8(p), vld1q_s8(p.add(16)));
+        }
+        for r in 0..R {
+            let raw = vld1q_u8(wp.add(r * row_bytes + blk * 16));
+            let lo = vreinterpretq_s8_u8(vandq_u8(raw, mask));
+            let hi = vreinterpretq_s8_u8(vshrq_n_u8(raw, 4));
+            for t in 0..T {
+                let s = D::dot2(lo, a[t].0, hi, a[t].1);
+                acc[r][t] = vfmaq_n_f32(acc[r][t], vcvtq_f32_s32(s), prod[r][t][k]);
+            }
         }
     }
 }

@@ -125,11 +125,12 @@ pub fn dot_q4_q8(wq: &[u8], wd: &[f16], aq: &[i8], ad: &[f32]) -> f32 {
 /// integer parts and combine them in another float order.
 pub fn dot_q4k_q8(wq: &[u8], dm: &[f16], sc: &[u8], aq: &[i8], ad: &[f32], asum: &[i32]) -> f32 {
     let mut sum = 0f32;
-    for g in 0..ad.len() / Q4K_SUBS {
+    // a row's last group may hold fewer than Q4K_SUBS sub-blocks
+    for g in 0..ad.len().div_ceil(Q4K_SUBS) {
         let (d, dmin) = (dm[2 * g].to_f32(), dm[2 * g + 1].to_f32());
         let (s, m) = q4k_unpack_scales(&sc[g * Q4K_SCALE_BYTES..(g + 1) * Q4K_SCALE_BYTES]);
-        for k in 0..Q4K_SUBS {
-            let b = g * Q4K_SUBS + k;
+        for b in g * Q4K_SUBS..ad.len().min((g + 1) * Q4K_SUBS) {
+            let k = b - g * Q4K_SUBS;
             let w = &wq[b * 16..b * 16 + 16];
             let a = &aq[b * BLOCK..b * BLOCK + BLOCK];
             let mut isum = 0i32;

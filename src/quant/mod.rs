@@ -8,8 +8,9 @@
 //! [`TensorType::cols_multiple`]): planes, each row-major over the whole
 //! matrix. First all quant bytes of all rows (`rows * cols * bits / 8`
 //! bytes), then one f16 scale per block (q8, q4: `rows * cols / BLOCK`
-//! values), or for q4k one `(d, dmin)` f16 pair per 256 weights followed by
-//! 12 bytes of packed 6-bit sub-block scales per 256 weights. Keeping quants
+//! values), or for q4k one `(d, dmin)` f16 pair per group of up to 256
+//! weights of a row followed by 12 bytes of packed 6-bit sub-block scales per
+//! group. Keeping quants
 //! and scales apart lets a kernel stream a row's quants with aligned 32-byte
 //! loads and convert eight or sixteen scales with one instruction; it is the
 //! layout the kernels read straight from the mmap.
@@ -78,12 +79,13 @@ impl TensorType {
     }
 
     /// What the innermost dimension (`cols`) of a tensor of this type must be
-    /// a multiple of: 1 for f32/f16, [`BLOCK`] for q8/q4, [`Q4K_GROUP`] for q4k.
+    /// a multiple of: 1 for f32/f16, [`BLOCK`] for the quantized types (a q4k
+    /// row whose length is not a multiple of [`Q4K_GROUP`] ends in a shorter
+    /// group).
     pub fn cols_multiple(self) -> usize {
         match self {
             Self::F32 | Self::F16 => 1,
-            Self::Q8 | Self::Q4 => BLOCK,
-            Self::Q4K => Q4K_GROUP,
+            Self::Q8 | Self::Q4 | Self::Q4K => BLOCK,
         }
     }
 
@@ -97,44 +99,46 @@ impl TensorType {
             Self::F16 => [2 * cols, 0, 0],
             Self::Q8 => [cols, cols / BLOCK * 2, 0],
             Self::Q4 => [cols / 2, cols / BLOCK * 2, 0],
-            Self::Q4K => [
-                cols / 2,
-                cols / Q4K_GROUP * 4,
-                cols / Q4K_GROUP * Q4K_SCALE_BYTES,
-            ],
+            Self::Q4K => {
+                let groups = cols.div_ceil(Q4K_GROUP);
+                [cols / 2, groups * 4, groups * Q4K_SCALE_BYTES]
+            }
         }
     }
 
-    /// `(elements, bytes)` of the smallest whole unit of the type.
-    fn unit(self) -> (u64, u64) {
-        match self {
-            Self::F32 => (1, 4),
-            Self::F16 => (1, 2),
-            Self::Q8 => (BLOCK as u64, BLOCK as u64 + 2),
-            Self::Q4 => (BLOCK as u64, BLOCK as u64 / 2 + 2),
-            Self::Q4K => (
-                Q4K_GROUP as u64,
-                (Q4K_GROUP / 2 + 4 + Q4K_SCALE_BYTES) as u64,
-            ),
-        }
-    }
-
-    /// Bytes a tensor of `n` elements occupies, or `None` if `n` is not a whole
-    /// number of blocks (groups, for q4k) for a quantized type (or overflows).
-    /// Every plane's size is proportional to `n`, so the shape does not matter
-    /// beyond [`Self::cols_multiple`].
-    pub fn byte_len(self, n: u64) -> Option<u64> {
-        let (e, b) = self.unit();
-        if !n.is_multiple_of(e) {
+    /// Bytes one row of `cols` elements occupies (the sum of
+    /// [`Self::row_planes`]), or `None` if `cols` is not a multiple of
+    /// [`Self::cols_multiple`] or the size overflows.
+    fn row_bytes(self, cols: u64) -> Option<u64> {
+        if !cols.is_multiple_of(self.cols_multiple() as u64) {
             return None;
         }
-        (n / e).checked_mul(b)
+        let blocks = cols / BLOCK as u64;
+        match self {
+            Self::F32 => cols.checked_mul(4),
+            Self::F16 => cols.checked_mul(2),
+            Self::Q8 => cols.checked_add(blocks * 2),
+            Self::Q4 => Some(cols / 2 + blocks * 2),
+            Self::Q4K => {
+                let groups = cols.div_ceil(Q4K_GROUP as u64);
+                Some(cols / 2 + groups * (4 + Q4K_SCALE_BYTES as u64))
+            }
+        }
     }
 
-    /// Bits per weight including scales.
+    /// Bytes a `[rows, cols]` tensor occupies (`rows`: the product of all
+    /// outer dimensions), or `None` if `cols` is not a whole number of blocks
+    /// for a quantized type or the size overflows.
+    pub fn byte_len(self, rows: u64, cols: u64) -> Option<u64> {
+        self.row_bytes(cols)?.checked_mul(rows)
+    }
+
+    /// Bits per weight including scales, for rows of whole groups (a q4k row
+    /// ending in a shorter group spends more on that group's scales).
     pub fn bits_per_weight(self) -> f64 {
-        let (e, b) = self.unit();
-        (b * 8) as f64 / e as f64
+        let cols = (Q4K_GROUP * BLOCK) as u64;
+        let bytes = self.row_bytes(cols).expect("a multiple of every block");
+        (bytes * 8) as f64 / cols as f64
     }
 }
 
@@ -229,9 +233,9 @@ pub enum WeightView<'a> {
         rows: usize,
         cols: usize,
     },
-    /// `qs`: rows * cols / 2 bytes packed like q4; `dm`: `(d, dmin)` per 256
-    /// weights (`rows * cols / 128` values); `sc`: 12 bytes of packed 6-bit
-    /// `(sc, m)` per 256 weights (see [`q4k_unpack_scales`]).
+    /// `qs`: rows * cols / 2 bytes packed like q4; `dm`: `(d, dmin)` per group
+    /// (256 weights of a row, or fewer in a row's last group); `sc`: 12 bytes
+    /// of packed 6-bit `(sc, m)` per group (see [`q4k_unpack_scales`]).
     Q4K {
         qs: &'a [u8],
         dm: &'a [f16],
@@ -247,8 +251,7 @@ impl<'a> WeightView<'a> {
     /// alignment does not fit the type.
     pub fn from_bytes(ty: TensorType, rows: usize, cols: usize, bytes: &'a [u8]) -> Option<Self> {
         let n = rows.checked_mul(cols)?;
-        if ty.byte_len(n as u64)? != bytes.len() as u64 || !cols.is_multiple_of(ty.cols_multiple())
-        {
+        if ty.byte_len(rows as u64, cols as u64)? != bytes.len() as u64 {
             return None;
         }
         Some(match ty {
@@ -282,7 +285,7 @@ impl<'a> WeightView<'a> {
             }
             TensorType::Q4K => {
                 let (qs, rest) = bytes.split_at(n / 2);
-                let (dm, sc) = rest.split_at(n / Q4K_GROUP * 4);
+                let (dm, sc) = rest.split_at(rows * ty.row_planes(cols)[1]);
                 Self::Q4K {
                     qs,
                     dm: bytemuck::try_cast_slice(dm).ok()?,
@@ -524,20 +527,24 @@ mod tests {
 
     #[test]
     fn byte_lengths() {
-        assert_eq!(TensorType::Q4.byte_len(64), Some(32 + 4));
-        assert_eq!(TensorType::Q8.byte_len(64), Some(64 + 4));
-        assert_eq!(TensorType::Q8.byte_len(33), None);
-        assert_eq!(TensorType::F16.byte_len(3), Some(6));
-        assert_eq!(TensorType::F32.byte_len(u64::MAX), None);
-        assert_eq!(TensorType::Q4K.byte_len(512), Some(256 + 2 * (4 + 12)));
-        assert_eq!(TensorType::Q4K.byte_len(32), None);
+        assert_eq!(TensorType::Q4.byte_len(1, 64), Some(32 + 4));
+        assert_eq!(TensorType::Q8.byte_len(2, 32), Some(64 + 4));
+        assert_eq!(TensorType::Q8.byte_len(1, 33), None);
+        assert_eq!(TensorType::F16.byte_len(3, 1), Some(6));
+        assert_eq!(TensorType::F32.byte_len(1, u64::MAX), None);
+        assert_eq!(TensorType::F32.byte_len(u64::MAX, 1), None);
+        assert_eq!(TensorType::Q4K.byte_len(2, 256), Some(256 + 2 * (4 + 12)));
+        // 576 = 2 * 256 + 64: a third, shorter group with its own scales
+        assert_eq!(TensorType::Q4K.byte_len(1, 576), Some(288 + 3 * (4 + 12)));
+        assert_eq!(TensorType::Q4K.byte_len(1, 48), None);
         assert_eq!(TensorType::Q4K.bits_per_weight(), 4.5);
         assert_eq!(TensorType::Q4.bits_per_weight(), 4.5);
         assert_eq!(TensorType::Q8.bits_per_weight(), 8.5);
         for t in TensorType::ALL {
-            let cols = t.cols_multiple() * 3;
-            let per_row: usize = t.row_planes(cols).iter().sum();
-            assert_eq!(t.byte_len(2 * cols as u64), Some(2 * per_row as u64), "{t}");
+            for cols in [t.cols_multiple() * 3, 576, 1024] {
+                let per_row: usize = t.row_planes(cols).iter().sum();
+                assert_eq!(t.byte_len(2, cols as u64), Some(2 * per_row as u64), "{t}");
+            }
         }
     }
 }

@@ -1,8 +1,10 @@
 //! Affine 4-bit blocks with 6-bit sub-block scales ("q4k"):
 //! `x = d * sc * q - dmin * m`, `q` in 0..=15.
 //!
-//! A row is cut into groups of [`Q4K_GROUP`] = 256 weights, each group into
-//! [`Q4K_SUBS`] = 8 sub-blocks of [`BLOCK`] = 32. Every sub-block has its own
+//! A row is cut into groups of [`Q4K_GROUP`] = 256 weights (the last group of
+//! a row whose length is not a multiple of 256 is shorter: the remaining
+//! whole sub-blocks), each group into at most [`Q4K_SUBS`] = 8 sub-blocks of
+//! [`BLOCK`] = 32. Every sub-block has its own
 //! scale `sc` and minimum `m` (6-bit unsigned, 0..=63), every group an f16
 //! scale `d` for the `sc` and an f16 `dmin` for the `m`. The tensor is stored
 //! in three planes (see `format-spec/SPEC.md`, section 6):
@@ -173,7 +175,8 @@ pub fn fit_sub_block(x: &[f32; BLOCK], search: bool) -> (f32, f32) {
     best
 }
 
-/// One encoded group.
+/// One encoded group of `n` sub-blocks (8, or fewer for a row's last group);
+/// entries past `n` stay zero.
 struct Group {
     d: f16,
     dmin: f16,
@@ -185,19 +188,14 @@ struct Group {
     err: f32,
 }
 
-/// `f16(v)` for a non-negative group scale; +0 if it rounds to zero, an error
-/// naming the group's largest value if it overflows.
-fn group_scale(v: f32, x: &[f32]) -> Result<f16, QuantError> {
-    super::scale_to_f16(v, x)
-}
-
 /// The group stage: 6-bit `sc`, `m` against `d = f16(max s / 63)`, `dmin =
 /// f16(max o / 63)`, then the levels re-rounded against the stored values.
-fn encode_group(x: &[f32; Q4K_GROUP], fits: &[(f32, f32); Q4K_SUBS]) -> Result<Group, QuantError> {
+/// `x` holds `fits.len()` sub-blocks.
+fn encode_group(x: &[f32], fits: &[(f32, f32)]) -> Result<Group, QuantError> {
     let smax = fits.iter().fold(0f32, |a, f| a.max(f.0));
     let omax = fits.iter().fold(0f32, |a, f| a.max(f.1));
-    let d = group_scale(smax / SMAX, x)?;
-    let dmin = group_scale(omax / SMAX, x)?;
+    let d = super::scale_to_f16(smax / SMAX, x)?;
+    let dmin = super::scale_to_f16(omax / SMAX, x)?;
     let (df, dminf) = (d.to_f32(), dmin.to_f32());
     let mut g = Group {
         d,
@@ -207,14 +205,14 @@ fn encode_group(x: &[f32; Q4K_GROUP], fits: &[(f32, f32); Q4K_SUBS]) -> Result<G
         q: [0; Q4K_GROUP],
         err: 0.0,
     };
-    for k in 0..Q4K_SUBS {
+    for (k, fit) in fits.iter().enumerate() {
         let sc = if df > 0.0 {
-            round_clamp(fits[k].0 / df, SMAX)
+            round_clamp(fit.0 / df, SMAX)
         } else {
             0.0
         };
         let m = if dminf > 0.0 {
-            round_clamp(fits[k].1 / dminf, SMAX)
+            round_clamp(fit.1 / dminf, SMAX)
         } else {
             0.0
         };
@@ -239,22 +237,24 @@ fn encode_group(x: &[f32; Q4K_GROUP], fits: &[(f32, f32); Q4K_SUBS]) -> Result<G
     Ok(g)
 }
 
-/// Encodes one group, choosing between the min/max fit and the searched fit
-/// (`search == false`: min/max only).
-fn quantize_group(x: &[f32; Q4K_GROUP], search: bool) -> Result<Group, QuantError> {
+/// Encodes one group (a whole number of sub-blocks, at most 8), choosing
+/// between the min/max fit and the searched fit (`search == false`: min/max
+/// only).
+fn quantize_group(x: &[f32], search: bool) -> Result<Group, QuantError> {
+    let n = x.len() / BLOCK;
     let fit = |search: bool| -> [(f32, f32); Q4K_SUBS] {
-        std::array::from_fn(|k| {
-            let sub: &[f32; BLOCK] = x[k * BLOCK..(k + 1) * BLOCK]
-                .try_into()
-                .expect("a sub-block is BLOCK values");
-            fit_sub_block(sub, search)
-        })
+        let mut fits = [(0f32, 0f32); Q4K_SUBS];
+        for (f, sub) in fits.iter_mut().zip(x.chunks_exact(BLOCK)) {
+            let sub: &[f32; BLOCK] = sub.try_into().expect("a sub-block is BLOCK values");
+            *f = fit_sub_block(sub, search);
+        }
+        fits
     };
-    let plain = encode_group(x, &fit(false))?;
+    let plain = encode_group(x, &fit(false)[..n])?;
     if !search {
         return Ok(plain);
     }
-    let searched = encode_group(x, &fit(true))?;
+    let searched = encode_group(x, &fit(true)[..n])?;
     Ok(if searched.err < plain.err {
         searched
     } else {
@@ -262,9 +262,11 @@ fn quantize_group(x: &[f32; Q4K_GROUP], search: bool) -> Result<Group, QuantErro
     })
 }
 
-/// Quantizes one row (length a multiple of [`Q4K_GROUP`]) into its three
-/// planes: `qs` (`len / 2` bytes), `dm` (`(d, dmin)` per group) and `sc`
-/// (12 bytes per group). See the module documentation for the algorithm.
+/// Quantizes one row (length a multiple of [`BLOCK`]) into its three planes:
+/// `qs` (`len / 2` bytes), `dm` (`(d, dmin)` per group) and `sc` (12 bytes per
+/// group), where the row is cut into groups of [`Q4K_GROUP`] weights and a
+/// last, shorter group if the length is not a multiple of it. See the module
+/// documentation for the algorithm.
 pub fn quantize_q4k_row(
     x: &[f32],
     qs: &mut [u8],
@@ -292,8 +294,8 @@ fn quantize_rows(
     sc: &mut [u8],
     search: bool,
 ) -> Result<(), QuantError> {
-    let ng = x.len() / Q4K_GROUP;
-    if !x.len().is_multiple_of(Q4K_GROUP)
+    let ng = x.len().div_ceil(Q4K_GROUP);
+    if !x.len().is_multiple_of(BLOCK)
         || qs.len() * 2 != x.len()
         || dm.len() != 2 * ng
         || sc.len() != Q4K_SCALE_BYTES * ng
@@ -301,8 +303,8 @@ fn quantize_rows(
         return Err(QuantError::BadLength { len: x.len() });
     }
     check_finite(x)?;
-    for (gi, xg) in x.chunks_exact(Q4K_GROUP).enumerate() {
-        let xg: &[f32; Q4K_GROUP] = xg.try_into().expect("whole groups");
+    let groups = x.chunks(Q4K_GROUP).zip(qs.chunks_mut(Q4K_GROUP / 2));
+    for (gi, (xg, qg)) in groups.enumerate() {
         let g = quantize_group(xg, search).map_err(|e| match e {
             QuantError::TooLarge { index, value } => QuantError::TooLarge {
                 index: index + gi * Q4K_GROUP,
@@ -317,7 +319,6 @@ fn quantize_rows(
             &g.m,
             &mut sc[gi * Q4K_SCALE_BYTES..(gi + 1) * Q4K_SCALE_BYTES],
         );
-        let qg = &mut qs[gi * Q4K_GROUP / 2..(gi + 1) * Q4K_GROUP / 2];
         for (qb, lb) in qg.chunks_exact_mut(BLOCK / 2).zip(g.q.chunks_exact(BLOCK)) {
             for j in 0..BLOCK / 2 {
                 qb[j] = lb[j] | lb[j + BLOCK / 2] << 4;
@@ -331,10 +332,10 @@ fn quantize_rows(
 /// exact (at most 11 + 6 + 4 significant bits), so the only rounding is the
 /// subtraction's and every conforming decoder gives the same bits.
 pub fn dequantize_q4k_row(qs: &[u8], dm: &[f16], sc: &[u8], out: &mut [f32]) {
-    for (gi, og) in out.chunks_exact_mut(Q4K_GROUP).enumerate() {
+    let groups = out.chunks_mut(Q4K_GROUP).zip(qs.chunks(Q4K_GROUP / 2));
+    for (gi, (og, qg)) in groups.enumerate() {
         let (d, dmin) = (dm[2 * gi].to_f32(), dm[2 * gi + 1].to_f32());
         let (s, m) = q4k_unpack_scales(&sc[gi * Q4K_SCALE_BYTES..(gi + 1) * Q4K_SCALE_BYTES]);
-        let qg = &qs[gi * Q4K_GROUP / 2..(gi + 1) * Q4K_GROUP / 2];
         for (k, (ob, qb)) in og
             .chunks_exact_mut(BLOCK)
             .zip(qg.chunks_exact(BLOCK / 2))

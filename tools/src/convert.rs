@@ -113,9 +113,8 @@ impl QuantPolicy {
                 format!("matrices q4 (blocks of {BLOCK}, f16 scales), output projection q8")
             }
             Self::Q4K => format!(
-                "matrices q4k (affine, 6-bit scales and minimums per {BLOCK}, f16 per {}), \
-                 output projection q8; matrices whose columns are not a multiple of {} q8",
-                Q4K_GROUP, Q4K_GROUP
+                "matrices q4k (affine, 6-bit scales and minimums per {BLOCK}, f16 per {Q4K_GROUP}), \
+                 output projection q8"
             ),
         };
         format!(
@@ -528,7 +527,7 @@ fn encode_tensor(
     let n: usize = t.shape.iter().product();
     let rows = n / cols;
     let len = ty
-        .byte_len(n as u64)
+        .byte_len(rows as u64, cols as u64)
         .expect("the plan checked the block size") as usize;
     buf.clear();
     buf.resize(len.div_ceil(4), 0);

@@ -72,8 +72,7 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
         /// Weight type policy (norms always stay f32; under q4 and q4k the
-        /// output projection stays q8; q4k stores matrices whose columns are
-        /// not a multiple of 256 as q8).
+        /// output projection stays q8).
         #[arg(long, value_enum, default_value = "q4")]
         quant: Quant,
         /// Also print each matrix's quantization error (RMSE relative to the

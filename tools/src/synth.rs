@@ -25,8 +25,8 @@ pub enum Preset {
     Llama2_70b,
     /// A few-MB model for tests.
     Tiny,
-    /// A small model whose matrix widths are multiples of 256, so q4k (whole
-    /// 256-weight groups) quantizes every matrix but the output projection.
+    /// A small model whose matrix widths are multiples of 256, so every q4k
+    /// row is whole 256-weight groups.
     Tiny256,
 }
 

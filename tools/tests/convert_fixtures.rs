@@ -2,7 +2,9 @@
 //! source safetensors, tensor by tensor.
 
 use nibble::format::{keys, names, NblFile};
-use nibble::quant::{TensorType, WeightView, BLOCK};
+use nibble::quant::{
+    q4k_unpack_scales, TensorType, WeightView, BLOCK, Q4K_GROUP, Q4K_SCALE_BYTES, Q4K_SUBS,
+};
 use nibble_tools::convert::{convert, ConvertOptions, QuantPolicy};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::HashMap;
@@ -111,9 +113,22 @@ fn check_against_source(file: &NblFile, dir: &Path, expected_type: impl Fn(&str)
                         let actual = sse(&mut got.iter().copied());
                         assert!(actual <= baseline * (1.0 + 1e-6) + 1e-30, "{what}");
                     }
-                    // the tiny fixtures' widths (128, 352) are no multiple of
-                    // 256: q4k never applies (tools/tests/synth.rs covers it)
-                    WeightView::Q4K { .. } => panic!("{what}: unexpected q4k"),
+                    WeightView::Q4K { dm, sc, .. } => {
+                        // within half a step of the sub-block's stored grid,
+                        // or at its nearer end (tests/q4k_quant.rs)
+                        let ng = cols.div_ceil(Q4K_GROUP);
+                        let (gi, k) = (r * ng + b / Q4K_SUBS, b % Q4K_SUBS);
+                        let (scs, ms) = q4k_unpack_scales(
+                            &sc[gi * Q4K_SCALE_BYTES..(gi + 1) * Q4K_SCALE_BYTES],
+                        );
+                        let s = dm[2 * gi].to_f32() * scs[k] as f32;
+                        let o = dm[2 * gi + 1].to_f32() * ms[k] as f32;
+                        for (g, w) in got.iter().zip(want) {
+                            let bound = (s / 2.0).max(-o - w).max(w - (15.0 * s - o))
+                                + 1e-5 * (w.abs() + o + 15.0 * s);
+                            assert!((g - w).abs() <= bound, "{what}: {w} -> {g}");
+                        }
+                    }
                 }
             }
         }
@@ -211,15 +226,17 @@ fn bf16_gqa_converts_to_every_type() {
         check_against_source(&file, &dir, |name| {
             if name.ends_with("norm.weight") {
                 TensorType::F32
-            } else if name == names::OUTPUT && quant == QuantPolicy::Q4 {
+            } else if name == names::OUTPUT && matches!(quant, QuantPolicy::Q4 | QuantPolicy::Q4K) {
                 TensorType::Q8
             } else {
                 match quant {
                     QuantPolicy::F32 => TensorType::F32,
                     QuantPolicy::F16 => TensorType::F16,
-                    // widths 128 and 352: q4k falls back to q8 everywhere
-                    QuantPolicy::Q8 | QuantPolicy::Q4K => TensorType::Q8,
+                    QuantPolicy::Q8 => TensorType::Q8,
                     QuantPolicy::Q4 => TensorType::Q4,
+                    // widths 128 (4 sub-blocks) and 352 (8 + 3): every row
+                    // ends in a short group
+                    QuantPolicy::Q4K => TensorType::Q4K,
                 }
             }
         });
@@ -306,14 +323,14 @@ fn policy_falls_back_to_f16_for_odd_widths() {
         TensorType::Q8
     );
     assert_eq!(QuantPolicy::Q8.tensor_type(Role::Norm, 64), TensorType::F32);
-    // q4k: whole 256-weight groups, else q8, else f16
+    // q4k: whole sub-blocks (a row may end in a short group), else f16
     assert_eq!(
         QuantPolicy::Q4K.tensor_type(Role::Matrix, 512),
         TensorType::Q4K
     );
     assert_eq!(
         QuantPolicy::Q4K.tensor_type(Role::Matrix, 576),
-        TensorType::Q8
+        TensorType::Q4K
     );
     assert_eq!(
         QuantPolicy::Q4K.tensor_type(Role::Matrix, 48),

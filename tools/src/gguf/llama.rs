@@ -433,7 +433,9 @@ fn encode(
     out: &mut Vec<u8>,
     bar: &indicatif::ProgressBar,
 ) -> Result<(), String> {
-    let len = ty.byte_len((rows * cols) as u64).ok_or("size overflows")? as usize;
+    let len = ty
+        .byte_len(rows as u64, cols as u64)
+        .ok_or("size overflows")? as usize;
     out.clear();
     out.resize(len, 0);
     let mut planes = tensor_planes(ty, cols, rows, out);
