@@ -130,6 +130,39 @@ impl fmt::Display for QuantPolicy {
     }
 }
 
+/// `PATTERN=TYPE` (`--tensor-type`): matrices whose name contains `pattern`
+/// are stored as `ty`, whatever the policy says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TypeOverride {
+    pub pattern: String,
+    pub ty: TensorType,
+}
+
+impl std::str::FromStr for TypeOverride {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (pattern, ty) = s
+            .rsplit_once('=')
+            .filter(|(p, _)| !p.is_empty())
+            .ok_or_else(|| format!("'{s}' is not PATTERN=TYPE"))?;
+        let ty = TensorType::ALL
+            .into_iter()
+            .find(|t| t.name() == ty)
+            .ok_or_else(|| format!("'{ty}' is not a tensor type (f32, f16, q8, q4, q4k)"))?;
+        Ok(Self {
+            pattern: pattern.to_owned(),
+            ty,
+        })
+    }
+}
+
+impl fmt::Display for TypeOverride {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}", self.pattern, self.ty)
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct ConvertOptions {
     /// The HuggingFace checkpoint directory.
@@ -137,6 +170,9 @@ pub struct ConvertOptions {
     /// The `.nbl` file to create (replaced atomically if it exists).
     pub output: PathBuf,
     pub quant: QuantPolicy,
+    /// Per-tensor exceptions to the policy; the first whose pattern a
+    /// matrix's name contains applies. Norms always stay f32.
+    pub overrides: Vec<TypeOverride>,
     /// Draw a progress bar on stderr (only when stderr is a terminal).
     pub progress: bool,
 }
@@ -147,8 +183,63 @@ impl ConvertOptions {
             input: input.into(),
             output: output.into(),
             quant,
+            overrides: Vec::new(),
             progress: false,
         }
+    }
+
+    /// The stored type of each planned tensor, or an error naming the first
+    /// override that does not fit a tensor's width or matches no matrix.
+    pub(crate) fn tensor_types(&self, plan: &[Planned]) -> Result<Vec<TensorType>, String> {
+        let mut used = vec![false; self.overrides.len()];
+        let types = plan
+            .iter()
+            .map(|p| {
+                let cols = *p.shape.last().expect("planned shapes are non-empty");
+                let found = (p.role != Role::Norm)
+                    .then(|| {
+                        self.overrides
+                            .iter()
+                            .position(|o| p.name.contains(&o.pattern))
+                    })
+                    .flatten();
+                let Some(i) = found else {
+                    return Ok(self.quant.tensor_type(p.role, cols));
+                };
+                used[i] = true;
+                let ty = self.overrides[i].ty;
+                if !cols.is_multiple_of(ty.cols_multiple()) {
+                    return Err(format!(
+                        "--tensor-type {}: tensor '{}' has {cols} columns, not a multiple of {}",
+                        self.overrides[i],
+                        p.name,
+                        ty.cols_multiple()
+                    ));
+                }
+                Ok(ty)
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        if let Some(i) = used.iter().position(|u| !u) {
+            return Err(format!(
+                "--tensor-type {}: no matrix name contains '{}'",
+                self.overrides[i], self.overrides[i].pattern
+            ));
+        }
+        Ok(types)
+    }
+
+    /// The policy and its exceptions in words, as recorded in
+    /// `provenance.quantization`.
+    pub fn describe_quantization(&self) -> String {
+        let mut s = self.quant.describe();
+        if !self.overrides.is_empty() {
+            let list: Vec<String> = self.overrides.iter().map(|o| o.to_string()).collect();
+            s.push_str(&format!(
+                "; overrides (name contains pattern): {}",
+                list.join(", ")
+            ));
+        }
+        s
     }
 }
 
@@ -312,7 +403,10 @@ pub fn convert(options: &ConvertOptions) -> Result<ConvertSummary, ConvertError>
     let mut source_files = vec!["config.json".to_owned()];
     source_files.extend(tokenizer.source_files.iter().cloned());
     source_files.extend(source.file_names());
-    let metadata = metadata(&config, &tokenizer, options.quant, source_files);
+    let types = options
+        .tensor_types(&plan)
+        .map_err(|e| ToolError::new(dir, e))?;
+    let metadata = metadata(&config, &tokenizer, options, source_files);
 
     let total_bytes: u64 = plan
         .iter()
@@ -326,7 +420,7 @@ pub fn convert(options: &ConvertOptions) -> Result<ConvertSummary, ConvertError>
     let writer =
         NblWriter::create(&options.output).map_err(|e| output_error(&options.output, e))?;
     let (writer, matrix_weights, matrix_bytes) =
-        encode_and_write(&source, &plan, options, writer, &bar)?;
+        encode_and_write(&source, &plan, &types, options, writer, &bar)?;
     bar.finish_and_clear();
     let output_bytes = writer
         .finish(&metadata)
@@ -359,6 +453,7 @@ struct Encoded {
 fn encode_and_write(
     source: &Source,
     plan: &[Planned],
+    types: &[TensorType],
     options: &ConvertOptions,
     mut writer: NblWriter,
     bar: &ProgressBar,
@@ -382,10 +477,9 @@ fn encode_and_write(
         let mut matrix_weights = 0u64;
         let mut matrix_bytes = 0u64;
         let mut encode_error = None;
-        for p in plan {
+        for (p, &ty) in plan.iter().zip(types) {
             let t = &source.tensors()[&p.name];
             let cols = *p.shape.last().expect("planned shapes are non-empty");
-            let ty = options.quant.tensor_type(p.role, cols);
             bar.set_message(p.name.clone());
             let mut buf = recycled.try_recv().unwrap_or_default();
             let len = match encode_tensor(source, t, cols, ty, &mut buf, bar) {
@@ -458,7 +552,7 @@ pub(crate) fn progress_bar(enabled: bool, total: u64) -> ProgressBar {
 pub fn metadata(
     config: &LlamaConfig,
     tok: &TokenizerInfo,
-    quant: QuantPolicy,
+    options: &ConvertOptions,
     source_files: Vec<String>,
 ) -> Metadata {
     let mut m = Metadata::new();
@@ -507,7 +601,10 @@ pub fn metadata(
         keys::CONVERTER,
         Value::Str(format!("nibble-tools {}", env!("CARGO_PKG_VERSION"))),
     );
-    m.set(keys::QUANTIZATION, Value::Str(quant.describe()));
+    m.set(
+        keys::QUANTIZATION,
+        Value::Str(options.describe_quantization()),
+    );
     if let Some(d) = &config.dtype {
         m.set(keys::SOURCE_DTYPE, Value::Str(d.clone()));
     }
@@ -562,4 +659,30 @@ fn encode_tensor(
         row0 = row1;
     }
     Ok(len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An override whose type needs whole blocks is refused on a matrix
+    /// whose width is not a multiple of the block.
+    #[test]
+    fn override_must_fit_the_width() {
+        let plan = [Planned {
+            name: "model.layers.0.mlp.down_proj.weight".into(),
+            role: Role::Matrix,
+            shape: vec![64, 48],
+        }];
+        let mut options = ConvertOptions::new("in", "out.nbl", QuantPolicy::Q8);
+        assert_eq!(options.tensor_types(&plan), Ok(vec![TensorType::F16]));
+        options.overrides = vec!["down_proj=q4k".parse().unwrap()];
+        let err = options.tensor_types(&plan).unwrap_err();
+        assert!(
+            err.contains("has 48 columns, not a multiple of 32"),
+            "{err}"
+        );
+        options.overrides = vec!["down_proj=f32".parse().unwrap()];
+        assert_eq!(options.tensor_types(&plan), Ok(vec![TensorType::F32]));
+    }
 }

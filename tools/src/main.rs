@@ -1,7 +1,7 @@
 //! `nibble-tools`: the command line over the `nibble_tools` library.
 
 use clap::{Parser, Subcommand, ValueEnum};
-use nibble_tools::convert::{convert, ConvertOptions, QuantPolicy};
+use nibble_tools::convert::{convert, ConvertOptions, QuantPolicy, TypeOverride};
 use nibble_tools::inspect;
 use nibble_tools::synth::{synth, Preset, SynthDtype, SynthOptions};
 use nibble_tools::ToolError;
@@ -75,6 +75,11 @@ enum Command {
         /// output projection stays q8).
         #[arg(long, value_enum, default_value = "q4")]
         quant: Quant,
+        /// PATTERN=TYPE: store the matrices whose name contains PATTERN as
+        /// TYPE (f32, f16, q8, q4, q4k) instead; repeatable, the first
+        /// matching pattern wins, e.g. `--tensor-type embed_tokens=q8`.
+        #[arg(long = "tensor-type", value_name = "PATTERN=TYPE")]
+        tensor_types: Vec<TypeOverride>,
         /// Also print each matrix's quantization error (RMSE relative to the
         /// source tensor's RMS), measured against the source checkpoint.
         #[arg(long)]
@@ -142,10 +147,12 @@ fn run(cli: Cli) -> Result<(), ToolError> {
             input,
             output,
             quant,
+            tensor_types,
             report,
         } => {
             remove_partial_output_on_interrupt(&output)?;
             let mut options = ConvertOptions::new(&input, &output, quant.into());
+            options.overrides = tensor_types;
             options.progress = std::io::stderr().is_terminal();
             let summary = convert(&options)?;
             println!("wrote {}: {summary}", output.display());

@@ -436,3 +436,46 @@ fn verify_accepts_a_good_file() {
     assert!(out.status.success());
     assert!(String::from_utf8(out.stdout).unwrap().starts_with("OK: "));
 }
+
+/// `--tensor-type` patterns that match no matrix (norms never count: they
+/// always stay f32) are errors before anything is written.
+#[test]
+fn tensor_type_override_matching_no_matrix() {
+    let case = Case::new();
+    for pattern in ["no_such_tensor", "input_layernorm"] {
+        let mut options = ConvertOptions::new(&case.model, case.out(), QuantPolicy::Q4);
+        options.overrides = vec![format!("{pattern}=q8").parse().unwrap()];
+        let msg = convert(&options).unwrap_err().to_string();
+        assert!(
+            msg.contains(&format!("no matrix name contains '{pattern}'")),
+            "{msg}"
+        );
+        case.assert_no_output();
+    }
+    let out = case.out();
+    let msg = run_cli(&[
+        "convert",
+        case.model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--tensor-type",
+        "mlp=q8",
+        "--tensor-type",
+        "nothing=q4k",
+    ]);
+    assert!(msg.contains("--tensor-type nothing=q4k"), "{msg}");
+    case.assert_no_output();
+}
+
+#[test]
+fn tensor_type_override_syntax() {
+    use nibble_tools::convert::TypeOverride;
+    let o: TypeOverride = "mlp.down_proj=q8".parse().unwrap();
+    assert_eq!((o.pattern.as_str(), o.ty.name()), ("mlp.down_proj", "q8"));
+    // the type follows the last '='
+    let o: TypeOverride = "a=b=q4k".parse().unwrap();
+    assert_eq!((o.pattern.as_str(), o.ty.name()), ("a=b", "q4k"));
+    for bad in ["q8", "=q8", "mlp=q5", "mlp="] {
+        assert!(bad.parse::<TypeOverride>().is_err(), "{bad}");
+    }
+}

@@ -180,8 +180,12 @@ fn f32_conversion_is_exact_and_complete() {
     assert_eq!(m.get_str(keys::BOS_TOKEN).unwrap(), Some("<s>"));
     assert_eq!(m.get_str(keys::EOS_TOKEN).unwrap(), Some("</s>"));
     assert_eq!(m.get_bool(keys::ADD_BOS_TOKEN).unwrap(), Some(true));
+    // the same JSON, without the whitespace between tokens
     let tok = std::fs::read_to_string(dir.join("tokenizer.json")).unwrap();
-    assert_eq!(m.get_str(keys::TOKENIZER_JSON).unwrap(), Some(tok.as_str()));
+    let stored = m.get_str(keys::TOKENIZER_JSON).unwrap().unwrap();
+    assert!(stored.len() < tok.len() && !stored.contains('\n'));
+    let parse = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap();
+    assert_eq!(parse(stored), parse(&tok));
     assert!(m
         .get_str(keys::QUANTIZATION)
         .unwrap()
@@ -287,6 +291,43 @@ fn q4_and_q8_follow_the_policy_and_shrink_the_file() {
         .unwrap()
         .unwrap()
         .contains("output projection q8"));
+}
+
+/// `--tensor-type` overrides win over the policy, the first matching
+/// pattern first, and are recorded in the provenance.
+#[test]
+fn tensor_type_overrides_win_over_the_policy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fixture("tiny-gqa-small");
+    let out = tmp.path().join("o.nbl");
+    let mut options = ConvertOptions::new(&dir, &out, QuantPolicy::Q4);
+    options.overrides = ["layers.1.mlp=f16", "mlp.down_proj=q8", "lm_head=q4k"]
+        .iter()
+        .map(|o| o.parse().unwrap())
+        .collect();
+    convert(&options).unwrap();
+    let file = NblFile::open(&out).unwrap();
+    let ty = |n: &str| file.tensor(n).unwrap().info.tensor_type.unwrap();
+    assert_eq!(ty(names::OUTPUT), TensorType::Q4K);
+    assert_eq!(ty("model.layers.0.mlp.down_proj.weight"), TensorType::Q8);
+    assert_eq!(ty("model.layers.1.mlp.down_proj.weight"), TensorType::F16);
+    assert_eq!(ty("model.layers.1.mlp.up_proj.weight"), TensorType::F16);
+    assert_eq!(ty("model.layers.0.mlp.up_proj.weight"), TensorType::Q4);
+    assert_eq!(
+        ty("model.layers.1.post_attention_layernorm.weight"),
+        TensorType::F32
+    );
+    let q = file
+        .metadata()
+        .get_str(keys::QUANTIZATION)
+        .unwrap()
+        .unwrap();
+    assert!(
+        q.ends_with(
+            "overrides (name contains pattern): layers.1.mlp=f16, mlp.down_proj=q8, lm_head=q4k"
+        ),
+        "{q}"
+    );
 }
 
 #[test]

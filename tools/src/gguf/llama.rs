@@ -362,12 +362,10 @@ pub fn convert(options: &ConvertOptions) -> Result<ConvertSummary, ToolError> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| options.input.display().to_string());
-    let metadata = convert::metadata(
-        &model.config,
-        &model.tokenizer,
-        options.quant,
-        vec![file_name],
-    );
+    let types = options
+        .tensor_types(&plan)
+        .map_err(|e| ToolError::new(&options.input, e))?;
+    let metadata = convert::metadata(&model.config, &model.tokenizer, options, vec![file_name]);
 
     let total: u64 = plan
         .iter()
@@ -379,10 +377,9 @@ pub fn convert(options: &ConvertOptions) -> Result<ConvertSummary, ToolError> {
     let mut buf = Vec::new();
     let mut staging = Vec::new();
     let (mut matrix_weights, mut matrix_bytes) = (0u64, 0u64);
-    for p in &plan {
+    for (p, &ty) in plan.iter().zip(&types) {
         let cols = *p.shape.last().expect("planned shapes are non-empty");
         let rows = p.shape.iter().product::<usize>() / cols;
-        let ty = options.quant.tensor_type(p.role, cols);
         bar.set_message(p.name.clone());
         let t = model.gguf_tensor(&p.name).expect("checked at open");
         model.file.will_read(t);
