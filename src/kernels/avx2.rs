@@ -15,7 +15,7 @@
 // loops say that more plainly than zipped iterators.
 #![allow(clippy::needless_range_loop)]
 
-use super::{dispatch_tile, Isa, KRows, KernelSet, Q4Lanes, MAX_TILE, MAX_TILE_T};
+use super::{dispatch_tile, Isa, KRows, KernelSet, LanesKernel, Q4Lanes, MAX_TILE, MAX_TILE_T};
 use crate::quant::BLOCK;
 use half::f16;
 use std::arch::x86_64::*;
@@ -37,6 +37,7 @@ static ISA: Isa = Isa {
     q8_tile,
     q4k_tile,
     q4_lanes: Some(Q4_ROWS8),
+    q4k_lanes: None,
     dot_f32,
     dot_f16,
     axpy_f16,
@@ -231,7 +232,7 @@ super::tile_fn!(pub(super) q8_tile, q8_body, BLOCK, i16);
 /// The 8 sub-blocks' `(sc, m)` of the group whose 12 packed scale bytes are
 /// at `p`, as i32 lanes (sub-block `k` in lane `k`). Reads exactly 12 bytes.
 #[inline(always)]
-unsafe fn unpack_q4k_scales(p: *const u8) -> (__m256i, __m256i) {
+pub(super) unsafe fn unpack_q4k_scales(p: *const u8) -> (__m256i, __m256i) {
     let lo = _mm_loadl_epi64(p as *const __m128i);
     let v = _mm_insert_epi32(lo, (p.add(8) as *const i32).read_unaligned(), 2);
     let v = _mm256_broadcastsi128_si256(v);
@@ -384,7 +385,7 @@ const ROWS8_TOKENS: usize = 4;
 pub(super) const Q4_ROWS8: Q4Lanes = Q4Lanes {
     rows: 8,
     tokens: ROWS8_TOKENS,
-    kernel: q4_rows8,
+    kernel: LanesKernel::Q4(q4_rows8),
 };
 
 /// See [`super::Q4LanesFn`]: 8 rows.

@@ -14,7 +14,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::avx2;
-use super::{Isa, KernelSet, Q4Lanes, MAX_TILE, MAX_TILE_T};
+use super::{Isa, KRows, KernelSet, LanesKernel, Q4Lanes, MAX_TILE, MAX_TILE_T};
 use crate::quant::BLOCK;
 use half::f16;
 use std::arch::x86_64::*;
@@ -41,6 +41,7 @@ static ISA: Isa = Isa {
     q8_tile,
     q4k_tile: avx2::q4k_tile,
     q4_lanes: Some(Q4_ROWS16),
+    q4k_lanes: Some(Q4K_ROWS16),
     dot_f32: avx2::dot_f32,
     dot_f16: avx2::dot_f16,
     axpy_f16: avx2::axpy_f16,
@@ -126,7 +127,13 @@ const ROWS16_TOKENS: usize = 8;
 const Q4_ROWS16: Q4Lanes = Q4Lanes {
     rows: 16,
     tokens: ROWS16_TOKENS,
-    kernel: q4_rows16,
+    kernel: LanesKernel::Q4(q4_rows16),
+};
+
+const Q4K_ROWS16: Q4Lanes = Q4Lanes {
+    rows: 16,
+    tokens: ROWS16_TOKENS,
+    kernel: LanesKernel::Q4K(q4k_rows16),
 };
 
 /// See [`super::Q4LanesFn`]: 16 rows, one per i32 lane of a 512-bit vector.
@@ -188,7 +195,6 @@ unsafe fn q4_rows16_vnni<const T: usize>(
     asum: &[i32],
     out: &mut [f32; MAX_TILE],
 ) {
-    let mask = _mm512_set1_epi8(0x0f);
     let (wp, ap) = (w.as_ptr(), aq.as_ptr());
     let mut acc = [_mm512_setzero_ps(); T];
     let mut b = 0;
@@ -197,20 +203,7 @@ unsafe fn q4_rows16_vnni<const T: usize>(
         let dw = scales_16x8(wd.as_ptr(), nb, b, g);
         for (j, dwj) in dw.iter().enumerate().take(g) {
             let blk = b + j;
-            let row =
-                |r: usize| _mm_loadu_si128(wp.add(r * row_bytes + blk * 16) as *const __m128i);
-            let mut lo = [_mm512_setzero_si512(); 4];
-            let mut hi = [_mm512_setzero_si512(); 4];
-            for i in 0..4 {
-                let v = _mm512_castsi128_si512(row(i));
-                let v = _mm512_inserti32x4::<1>(v, row(4 + i));
-                let v = _mm512_inserti32x4::<2>(v, row(8 + i));
-                let v = _mm512_inserti32x4::<3>(v, row(12 + i));
-                lo[i] = _mm512_and_si512(v, mask);
-                hi[i] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask);
-            }
-            let (c0, c1) = (transpose4x4_epi32(&lo), transpose4x4_epi32(&hi));
-            let c = [c0[0], c0[1], c0[2], c0[3], c1[0], c1[1], c1[2], c1[3]];
+            let c = nibbles_16_rows(wp.add(blk * 16), row_bytes);
             for t in 0..T {
                 let a = ap.add((t * nb + blk) * BLOCK) as *const i32;
                 let mut s = _mm512_set1_epi32(-8 * asum[t * nb + blk]);
@@ -222,6 +215,135 @@ unsafe fn q4_rows16_vnni<const T: usize>(
             }
         }
         b += g;
+    }
+    for t in 0..T {
+        let mut lanes = [0f32; 16];
+        _mm512_storeu_ps(lanes.as_mut_ptr(), acc[t]);
+        for (r, &x) in lanes.iter().enumerate() {
+            out[r * MAX_TILE_T + t] = x;
+        }
+    }
+}
+
+/// The 32 nibbles of one block of 16 rows (`p`: row 0's 16 bytes, rows
+/// `row_bytes` apart) with the rows in lanes: four rows per register (row
+/// `4l + i` in 128-bit lane `l` of register `i`) transposed as 4-byte groups
+/// within each lane, so that `out[k]` holds weights `4k..4k+4` of all 16 rows
+/// in row order (low nibbles: weights 0..16, high: 16..32), as unsigned bytes.
+///
+/// Safety: the 16 rows' 16 bytes are readable.
+#[inline(always)]
+unsafe fn nibbles_16_rows(p: *const u8, row_bytes: usize) -> [__m512i; 8] {
+    let mask = _mm512_set1_epi8(0x0f);
+    let row = |r: usize| _mm_loadu_si128(p.add(r * row_bytes) as *const __m128i);
+    let mut lo = [_mm512_setzero_si512(); 4];
+    let mut hi = [_mm512_setzero_si512(); 4];
+    for i in 0..4 {
+        let v = _mm512_castsi128_si512(row(i));
+        let v = _mm512_inserti32x4::<1>(v, row(4 + i));
+        let v = _mm512_inserti32x4::<2>(v, row(8 + i));
+        let v = _mm512_inserti32x4::<3>(v, row(12 + i));
+        lo[i] = _mm512_and_si512(v, mask);
+        hi[i] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask);
+    }
+    let (c0, c1) = (transpose4x4_epi32(&lo), transpose4x4_epi32(&hi));
+    [c0[0], c0[1], c0[2], c0[3], c1[0], c1[1], c1[2], c1[3]]
+}
+
+/// See [`super::Q4kLanesFn`]: 16 rows, one per i32 lane of a 512-bit vector.
+#[allow(clippy::too_many_arguments)]
+fn q4k_rows16(
+    w: KRows,
+    nb: usize,
+    aq: &[i8],
+    ad: &[f32],
+    asum: &[i32],
+    nt: usize,
+    out: &mut [f32; MAX_TILE],
+) {
+    w.check(nb, 16);
+    assert!(
+        (1..=ROWS16_TOKENS).contains(&nt)
+            && aq.len() >= nt * nb * BLOCK
+            && ad.len() >= nt * nb
+            && asum.len() >= nt * nb,
+        "q4k_rows16: activations shorter than the tile"
+    );
+    // SAFETY: only reachable through `ISA`, handed out after every feature
+    // the body enables was detected; the slice lengths were checked above.
+    unsafe {
+        match nt {
+            1 => q4k_rows16_vnni::<1>(w, nb, aq, ad, asum, out),
+            2 => q4k_rows16_vnni::<2>(w, nb, aq, ad, asum, out),
+            3 => q4k_rows16_vnni::<3>(w, nb, aq, ad, asum, out),
+            4 => q4k_rows16_vnni::<4>(w, nb, aq, ad, asum, out),
+            5 => q4k_rows16_vnni::<5>(w, nb, aq, ad, asum, out),
+            6 => q4k_rows16_vnni::<6>(w, nb, aq, ad, asum, out),
+            7 => q4k_rows16_vnni::<7>(w, nb, aq, ad, asum, out),
+            _ => q4k_rows16_vnni::<8>(w, nb, aq, ad, asum, out),
+        }
+    }
+}
+
+/// 16 q4k rows × `T` tokens, rows in lanes: per sub-block the nibbles as in
+/// [`q4_rows16_vnni`] (`vpdpbusd` of the unsigned levels from zero, exact),
+/// scaled by the rows' `d * sc` times the token's scale; per sub-block and
+/// token the rows' `dmin * m` times `d_a * Σ a` subtracted. The rows' scales
+/// are unpacked once per group with the AVX2 helper and transposed.
+///
+/// Safety: the caller checks `w` with [`KRows::check`] for 16 rows and the
+/// activations for `T` tokens.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q4k_rows16_vnni<const T: usize>(
+    w: KRows,
+    nb: usize,
+    aq: &[i8],
+    ad: &[f32],
+    asum: &[i32],
+    out: &mut [f32; MAX_TILE],
+) {
+    let ng = nb.div_ceil(8);
+    let row_bytes = nb * 16;
+    let (wp, ap) = (w.qs.as_ptr(), aq.as_ptr());
+    let (dp, sp) = (w.dm.as_ptr() as *const i32, w.sc.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); T];
+    for g in 0..ng {
+        let nk = (nb - 8 * g).min(8);
+        // rows r and r + 8 share register r: (d * sc, dmin * m) per sub-block
+        let mut dsc = [_mm512_setzero_ps(); 8];
+        let mut dmn = [_mm512_setzero_ps(); 8];
+        for r in 0..8 {
+            let half = |r: usize| {
+                let gi = r * ng + g;
+                // (d, dmin) in alternate lanes
+                let dd = _mm256_cvtph_ps(_mm_set1_epi32(dp.add(gi).read_unaligned()));
+                let (sc, m) = avx2::unpack_q4k_scales(sp.add(gi * 12));
+                (
+                    _mm256_mul_ps(_mm256_permute_ps(dd, 0b00_00_00_00), _mm256_cvtepi32_ps(sc)),
+                    _mm256_mul_ps(_mm256_permute_ps(dd, 0b01_01_01_01), _mm256_cvtepi32_ps(m)),
+                )
+            };
+            let ((s0, m0), (s1, m1)) = (half(r), half(r + 8));
+            dsc[r] = _mm512_insertf32x8::<1>(_mm512_castps256_ps512(s0), s1);
+            dmn[r] = _mm512_insertf32x8::<1>(_mm512_castps256_ps512(m0), m1);
+        }
+        let (dsc, dmn) = (transpose_16x8(dsc), transpose_16x8(dmn));
+        for k in 0..nk {
+            let blk = 8 * g + k;
+            let c = nibbles_16_rows(wp.add(blk * 16), row_bytes);
+            for t in 0..T {
+                let a = ap.add((t * nb + blk) * BLOCK) as *const i32;
+                let mut s = _mm512_setzero_si512();
+                for (j, cj) in c.iter().enumerate() {
+                    s = _mm512_dpbusd_epi32(s, *cj, _mm512_set1_epi32(a.add(j).read_unaligned()));
+                }
+                let at = ad[t * nb + blk];
+                let scale = _mm512_mul_ps(dsc[k], _mm512_set1_ps(at));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[t]);
+                let amin = _mm512_set1_ps(at * asum[t * nb + blk] as f32);
+                acc[t] = _mm512_fnmadd_ps(dmn[k], amin, acc[t]);
+            }
+        }
     }
     for t in 0..T {
         let mut lanes = [0f32; 16];
@@ -256,8 +378,16 @@ unsafe fn transpose4x4_epi32(v: &[__m512i; 4]) -> [__m512i; 4] {
 unsafe fn scales_16x8(dp: *const f16, nb: usize, b: usize, g: usize) -> [__m512; 8] {
     let k: __mmask8 = (0xffu32 >> (8 - g)) as u8;
     let load = |r: usize| _mm_maskz_loadu_epi16(k, dp.add(r * nb + b) as *const i16);
-    let v: [__m512; 8] =
-        std::array::from_fn(|r| _mm512_cvtph_ps(_mm256_set_m128i(load(r + 8), load(r))));
+    transpose_16x8(std::array::from_fn(|r| {
+        _mm512_cvtph_ps(_mm256_set_m128i(load(r + 8), load(r)))
+    }))
+}
+
+/// A 16×8 transpose of f32 values: `v[r]` holds row `r`'s 8 values in its
+/// low 256 bits and row `r + 8`'s in its high 256 bits; `out[j]` lane `r`
+/// is row `r`'s value `j`. An 8×8 transpose in each 256-bit half.
+#[inline(always)]
+unsafe fn transpose_16x8(v: [__m512; 8]) -> [__m512; 8] {
     let t: [__m512; 8] = std::array::from_fn(|i| {
         let (x, y) = (v[i & !1], v[i | 1]);
         if i % 2 == 0 {

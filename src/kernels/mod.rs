@@ -230,14 +230,35 @@ pub(crate) type Q4LanesFn = fn(
     out: &mut [f32; MAX_TILE],
 );
 
-/// A [`Q4LanesFn`] and its shape.
+/// Prefill kernel for q4k weights with the rows in the vector lanes: like
+/// [`Q4LanesFn`], with the three planes of exactly [`Q4Lanes::rows`]
+/// consecutive rows in `w` (see [`KRows`]) and the `dmin * m` term taken
+/// from `asum`.
+pub(crate) type Q4kLanesFn = fn(
+    w: KRows,
+    nb: usize,
+    aq: &[i8],
+    ad: &[f32],
+    asum: &[i32],
+    nt: usize,
+    out: &mut [f32; MAX_TILE],
+);
+
+/// The rows-in-lanes kernel of a 4-bit type.
+#[derive(Clone, Copy)]
+pub(crate) enum LanesKernel {
+    Q4(Q4LanesFn),
+    Q4K(Q4kLanesFn),
+}
+
+/// A rows-in-lanes kernel and its shape.
 #[derive(Clone, Copy)]
 pub(crate) struct Q4Lanes {
     /// Weight rows per call (the vector's i32 lanes).
     pub rows: usize,
     /// Most tokens per call.
     pub tokens: usize,
-    pub kernel: Q4LanesFn,
+    pub kernel: LanesKernel,
 }
 
 /// The sum of each 32-value activation block, computed once per matmul for
@@ -267,6 +288,8 @@ pub(crate) struct Isa {
     pub q4k_tile: Q4kTileFn,
     /// Optional prefill kernel for 4-bit weights, see [`Q4LanesFn`].
     pub q4_lanes: Option<Q4Lanes>,
+    /// The same for q4k, where a set has one.
+    pub q4k_lanes: Option<Q4Lanes>,
     pub dot_f32: fn(&[f32], &[f32]) -> f32,
     pub dot_f16: fn(&[f16], &[f32]) -> f32,
     pub axpy_f16: fn(&mut [f32], f32, &[f16]),
@@ -798,7 +821,7 @@ fn q4_rows<'a>(isa: &Isa, w: &WeightView<'a>) -> Option<QRows<'a, i8>> {
                 sc,
                 sc_row,
                 tile: Tile::K(isa.q4k_tile),
-                lanes: None,
+                lanes: isa.q4k_lanes,
             })
         }
         _ => None,
@@ -1025,21 +1048,26 @@ fn q4_lanes_range<A>(
     let n = lanes.rows;
     while r0 + n <= range.end {
         let wq = &w.qs[r0 * w.row_bytes..(r0 + n) * w.row_bytes];
-        let wd = &w.d[r0 * nb..(r0 + n) * nb];
+        let wd = &w.d[r0 * w.d_row..(r0 + n) * w.d_row];
         let mut t0 = 0;
         while t0 < n_tokens {
             let nt = lanes.tokens.min(n_tokens - t0);
-            (lanes.kernel)(
-                wq,
-                w.row_bytes,
-                wd,
-                nb,
+            let (aq, ad) = (
                 &act.qs[t0 * cols..(t0 + nt) * cols],
                 &act.d[t0 * nb..(t0 + nt) * nb],
-                &asum[t0 * nb..(t0 + nt) * nb],
-                nt,
-                &mut tile,
             );
+            let asum = &asum[t0 * nb..(t0 + nt) * nb];
+            match lanes.kernel {
+                LanesKernel::Q4(f) => f(wq, w.row_bytes, wd, nb, aq, ad, asum, nt, &mut tile),
+                LanesKernel::Q4K(f) => {
+                    let k = KRows {
+                        qs: wq,
+                        dm: wd,
+                        sc: &w.sc[r0 * w.sc_row..(r0 + n) * w.sc_row],
+                    };
+                    f(k, nb, aq, ad, asum, nt, &mut tile)
+                }
+            }
             for t in 0..nt {
                 for r in 0..n {
                     // SAFETY: as in `quant_rows`: in bounds, and row r0 + r

@@ -252,6 +252,7 @@ pub(crate) static ISA: Isa = Isa {
     q8_tile,
     q4k_tile,
     q4_lanes: None,
+    q4k_lanes: None,
     dot_f32,
     dot_f16,
     axpy_f16,
