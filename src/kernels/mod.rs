@@ -244,8 +244,9 @@ pub(crate) type Q4kLanesFn = fn(
     out: &mut [f32; MAX_TILE],
 );
 
-/// The rows-in-lanes kernel of a 4-bit type.
+/// The rows-in-lanes kernel of a 4-bit type (only the x86 sets have them).
 #[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) enum LanesKernel {
     Q4(Q4LanesFn),
     Q4K(Q4kLanesFn),
