@@ -127,6 +127,7 @@ fn refit(sl: f32, sll: f32, slx: f32, sx: f32) -> Option<(f32, f32)> {
 /// [`Q4K_DELTAS`], [`Q4K_REFITS`] least-squares refits starting from the
 /// levels `round((x - min) * (15 + δ) / (max - min))` (a later candidate must
 /// be strictly better).
+#[inline(always)]
 pub fn fit_sub_block(x: &[f32; BLOCK], search: bool) -> (f32, f32) {
     let min = x.iter().fold(0f32, |a, &v| a.min(v));
     let max = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
@@ -191,12 +192,13 @@ struct Group {
 /// The group stage: 6-bit `sc`, `m` against `d = f16(max s / 63)`, `dmin =
 /// f16(max o / 63)`, then the levels re-rounded against the stored values.
 /// `x` holds `fits.len()` sub-blocks.
+#[inline(always)]
 fn encode_group(x: &[f32], fits: &[(f32, f32)]) -> Result<Group, QuantError> {
     let smax = fits.iter().fold(0f32, |a, f| a.max(f.0));
     let omax = fits.iter().fold(0f32, |a, f| a.max(f.1));
     let d = super::scale_to_f16(smax / SMAX, x)?;
     let dmin = super::scale_to_f16(omax / SMAX, x)?;
-    let (df, dminf) = (d.to_f32(), dmin.to_f32());
+    let (df, dminf) = (d.to_f32_const(), dmin.to_f32_const());
     let mut g = Group {
         d,
         dmin,
@@ -237,24 +239,29 @@ fn encode_group(x: &[f32], fits: &[(f32, f32)]) -> Result<Group, QuantError> {
     Ok(g)
 }
 
+/// [`fit_sub_block`] of each sub-block of a group (unused entries zero). A
+/// function, not a closure, so that it inlines into the AVX2 entry point.
+#[inline(always)]
+fn fit_group(x: &[f32], search: bool) -> [(f32, f32); Q4K_SUBS] {
+    let mut fits = [(0f32, 0f32); Q4K_SUBS];
+    for (f, sub) in fits.iter_mut().zip(x.chunks_exact(BLOCK)) {
+        let sub: &[f32; BLOCK] = sub.try_into().expect("a sub-block is BLOCK values");
+        *f = fit_sub_block(sub, search);
+    }
+    fits
+}
+
 /// Encodes one group (a whole number of sub-blocks, at most 8), choosing
 /// between the min/max fit and the searched fit (`search == false`: min/max
 /// only).
+#[inline(always)]
 fn quantize_group(x: &[f32], search: bool) -> Result<Group, QuantError> {
     let n = x.len() / BLOCK;
-    let fit = |search: bool| -> [(f32, f32); Q4K_SUBS] {
-        let mut fits = [(0f32, 0f32); Q4K_SUBS];
-        for (f, sub) in fits.iter_mut().zip(x.chunks_exact(BLOCK)) {
-            let sub: &[f32; BLOCK] = sub.try_into().expect("a sub-block is BLOCK values");
-            *f = fit_sub_block(sub, search);
-        }
-        fits
-    };
-    let plain = encode_group(x, &fit(false)[..n])?;
+    let plain = encode_group(x, &fit_group(x, false)[..n])?;
     if !search {
         return Ok(plain);
     }
-    let searched = encode_group(x, &fit(true)[..n])?;
+    let searched = encode_group(x, &fit_group(x, true)[..n])?;
     Ok(if searched.err < plain.err {
         searched
     } else {
@@ -288,6 +295,38 @@ pub fn quantize_q4k_row_minmax(
 }
 
 fn quantize_rows(
+    x: &[f32],
+    qs: &mut [u8],
+    dm: &mut [f16],
+    sc: &mut [u8],
+    search: bool,
+) -> Result<(), QuantError> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 was just detected.
+        return unsafe { quantize_rows_avx2(x, qs, dm, sc, search) };
+    }
+    quantize_rows_any(x, qs, dm, sc, search)
+}
+
+/// The same code compiled for AVX2, where the compiler vectorizes the
+/// sub-block fits 8 lanes wide. Bytes are identical: the encoder uses only
+/// IEEE operations that round the same at any vector width, and Rust never
+/// fuses them into FMAs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_rows_avx2(
+    x: &[f32],
+    qs: &mut [u8],
+    dm: &mut [f16],
+    sc: &mut [u8],
+    search: bool,
+) -> Result<(), QuantError> {
+    quantize_rows_any(x, qs, dm, sc, search)
+}
+
+#[inline(always)]
+fn quantize_rows_any(
     x: &[f32],
     qs: &mut [u8],
     dm: &mut [f16],
