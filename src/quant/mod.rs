@@ -480,6 +480,13 @@ pub fn encode_row(ty: TensorType, x: &[f32], planes: [&mut [u8]; 3]) -> Result<(
 
 /// Checks a block for values that cannot be quantized.
 fn check_finite(xs: &[f32]) -> Result<(), QuantError> {
+    // A branch-free maximum of the magnitude bits vectorizes (an early-exit
+    // search does not, and cost a sixth of q4 encoding); the position is
+    // looked up only for the error.
+    let largest_bits = xs.iter().map(|x| x.to_bits() & 0x7fff_ffff).max();
+    if largest_bits.is_none_or(|b| b < f32::INFINITY.to_bits()) {
+        return Ok(());
+    }
     match xs.iter().position(|x| !x.is_finite()) {
         Some(index) => Err(QuantError::NonFinite {
             index,
