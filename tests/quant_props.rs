@@ -420,6 +420,20 @@ fn scales_beyond_f16_are_refused() {
         })
     );
 
+    // The error names the weight's place in the row, past the first block.
+    for ty in [TensorType::Q8, TensorType::Q4] {
+        let mut x = vec![1.0f32; 3 * BLOCK];
+        x[BLOCK + 9] = -1e7;
+        assert_eq!(
+            encode_matrix(ty, 3 * BLOCK, &x),
+            Err(QuantError::TooLarge {
+                index: BLOCK + 9,
+                value: -1e7
+            }),
+            "{ty:?}"
+        );
+    }
+
     // f16 tensors: 65519 rounds to the f16 max, 65520 would be infinite.
     let (_, y) = round_trip(TensorType::F16, &[65519.0, -65519.0]);
     assert_eq!(y, [65504.0, -65504.0]);

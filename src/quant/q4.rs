@@ -23,8 +23,8 @@ pub const Q4_CANDIDATE_DIVISORS: [f32; 2] = [7.5, 9.0];
 /// So the block's squared error is never larger than max scaling's.
 pub fn quantize_q4_row(x: &[f32], qs: &mut [u8], d: &mut [f16]) -> Result<(), QuantError> {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 was just detected.
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c") {
+        // SAFETY: AVX2 and F16C were just detected.
         return unsafe { avx2::quantize_q4_row(x, qs, d) };
     }
     quantize_q4_row_portable(x, qs, d)
@@ -35,9 +35,7 @@ fn quantize_q4_row_portable(x: &[f32], qs: &mut [u8], d: &mut [f16]) -> Result<(
     quantize_blocks(x, qs, d, PortableBlock)
 }
 
-/// The row loop shared by every implementation: checks, then per block the
-/// scale search ([`choose_scale`]) and the packing, through `load`'s view of
-/// the block.
+/// The portable row loop: checks, then [`encode_blocks`].
 #[inline(always)]
 fn quantize_blocks<'a, B: Block>(
     x: &'a [f32],
@@ -45,18 +43,38 @@ fn quantize_blocks<'a, B: Block>(
     d: &mut [f16],
     load: impl Fn(&'a [f32; BLOCK]) -> B,
 ) -> Result<(), QuantError> {
+    check_row(x, qs, d)?;
+    encode_blocks(x, qs, d, load)
+}
+
+/// A row every encoder accepts: whole blocks, matching output lengths, and
+/// finite values.
+fn check_row(x: &[f32], qs: &[u8], d: &[f16]) -> Result<(), QuantError> {
     if !x.len().is_multiple_of(BLOCK) || qs.len() * 2 != x.len() || d.len() != x.len() / BLOCK {
         return Err(QuantError::BadLength { len: x.len() });
     }
-    check_finite(x)?;
-    for ((xb, qb), db) in x
+    check_finite(x)
+}
+
+/// Per block of a checked row, the scale search ([`choose_scale`]) and the
+/// packing, through `load`'s view of the block. Error indices count from
+/// the start of `x`.
+#[inline(always)]
+fn encode_blocks<'a, B: Block>(
+    x: &'a [f32],
+    qs: &mut [u8],
+    d: &mut [f16],
+    load: impl Fn(&'a [f32; BLOCK]) -> B,
+) -> Result<(), QuantError> {
+    for (i, ((xb, qb), db)) in x
         .chunks_exact(BLOCK)
         .zip(qs.chunks_exact_mut(BLOCK / 2))
         .zip(d)
+        .enumerate()
     {
         let xb: &[f32; BLOCK] = xb.try_into().expect("chunks_exact gives whole blocks");
         let block = load(xb);
-        let scale = choose_scale(&block, xb)?;
+        let scale = choose_scale(&block, xb).map_err(|e| e.offset(i * BLOCK))?;
         *db = scale;
         let qb: &mut [u8; BLOCK / 2] = qb.try_into().expect("chunks_exact gives whole blocks");
         block.pack(scale.to_f32_const(), qb);
@@ -220,28 +238,280 @@ pub fn dequantize_q4_row(qs: &[u8], d: &[f16], out: &mut [f32]) {
     }
 }
 
-/// The encoder with the per-block work in explicit AVX2 (the compiler's own
-/// vectorization of the portable code used 4-wide vectors and shuffles, and
-/// the q4 search dominated conversion time). Every operation is the IEEE
-/// operation of the portable code, in the same order per lane, so the bytes
-/// are identical; the tests below check it.
+/// The encoder in explicit AVX2 and F16C. The compiler's own vectorization of
+/// the portable code used 4-wide vectors and shuffles, and one block's
+/// search is a long serial chain of divisions, horizontal sums and scalar
+/// f16 roundings; so blocks go eight at a time, one per lane, with every
+/// step vertical. Every operation is the IEEE operation of the portable code,
+/// in the same order per lane, so the bytes are identical; the tests below
+/// check it.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{quantize_blocks, Block, QuantError, BLOCK};
+    use super::{check_row, encode_blocks, Block, QuantError, BLOCK, Q4_CANDIDATE_DIVISORS};
     use half::f16;
     use std::arch::x86_64::*;
 
+    /// Blocks per lane-parallel group: one per 32-bit lane of a vector.
+    const LANES: usize = 8;
+
     /// # Safety
-    /// The CPU must support AVX2.
-    #[target_feature(enable = "avx2")]
+    /// The CPU must support AVX2 and F16C.
+    #[target_feature(enable = "avx2,f16c")]
     pub(super) unsafe fn quantize_q4_row(
         x: &[f32],
         qs: &mut [u8],
         d: &mut [f16],
     ) -> Result<(), QuantError> {
+        check_row(x, qs, d)?;
         // SAFETY: AVX2 is enabled for this function, which the caller
         // guarantees the CPU has.
-        quantize_blocks(x, qs, d, |xb| unsafe { Avx2Block::load(xb) })
+        let load = |xb| unsafe { Avx2Block::load(xb) };
+        let mut xs = x.chunks_exact(LANES * BLOCK);
+        let mut qss = qs.chunks_exact_mut(LANES * BLOCK / 2);
+        let mut ds = d.chunks_exact_mut(LANES);
+        for (g, ((xg, qg), dg)) in (&mut xs).zip(&mut qss).zip(&mut ds).enumerate() {
+            // SAFETY: AVX2 and F16C, as above.
+            let done = unsafe {
+                encode_lanes(
+                    xg.try_into().expect("whole groups"),
+                    qg.try_into().expect("whole groups"),
+                    dg.try_into().expect("whole groups"),
+                )
+            };
+            if !done {
+                // A scale overflows f16: the block-by-block loop finds it and
+                // reports the weight.
+                encode_blocks(xg, qg, dg, load).map_err(|e| e.offset(g * LANES * BLOCK))?;
+            }
+        }
+        let tail = x.len() - xs.remainder().len();
+        encode_blocks(
+            xs.remainder(),
+            qss.into_remainder(),
+            ds.into_remainder(),
+            load,
+        )
+        .map_err(|e| e.offset(tail))
+    }
+
+    /// Encodes eight blocks, block `b` in lane `b`, exactly as `choose_scale`
+    /// and `pack` would one by one. Returns false, leaving the output
+    /// unspecified, when a block's max-scaling scale overflows f16.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and F16C.
+    #[inline(always)]
+    unsafe fn encode_lanes(
+        x: &[f32; LANES * BLOCK],
+        qs: &mut [u8; LANES * BLOCK / 2],
+        d: &mut [f16; LANES],
+    ) -> bool {
+        // SAFETY (all intrinsics here): AVX2 and F16C are available (the
+        // caller's contract); every load reads inside `x`, every store
+        // writes inside `d`'s eight halves.
+        unsafe {
+            let zero = _mm256_setzero_ps();
+            let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+            // xs[j], lane b = weight j of block b
+            let mut xs = [zero; BLOCK];
+            for c in 0..BLOCK / 8 {
+                let mut rows = [zero; 8];
+                for (b, r) in rows.iter_mut().enumerate() {
+                    *r = _mm256_loadu_ps(x.as_ptr().add(b * BLOCK + 8 * c));
+                }
+                xs[8 * c..8 * c + 8].copy_from_slice(&transpose8(rows));
+            }
+
+            // `largest`: the first weight of maximal magnitude, +0 if all are 0
+            let mut mag = zero;
+            for &v in &xs {
+                mag = _mm256_max_ps(mag, _mm256_and_ps(v, abs_mask));
+            }
+            let mut m = zero;
+            for &v in xs.iter().rev() {
+                m = _mm256_blendv_ps(
+                    m,
+                    v,
+                    _mm256_cmp_ps(_mm256_and_ps(v, abs_mask), mag, _CMP_EQ_OQ),
+                );
+            }
+            m = _mm256_blendv_ps(m, zero, _mm256_cmp_ps(mag, zero, _CMP_EQ_OQ));
+
+            let plain_h = to_f16(_mm256_div_ps(m, _mm256_set1_ps(-8.0)));
+            let plain_mag = _mm_and_si128(plain_h, _mm_set1_epi16(0x7fff));
+            if _mm_movemask_epi8(_mm_cmpeq_epi16(plain_mag, _mm_set1_epi16(0x7c00))) != 0 {
+                return false;
+            }
+            let plain = _mm256_cvtph_ps(plain_h);
+            // Lanes whose block gets a scale; the others are zero blocks.
+            let live = _mm256_cmp_ps(plain, zero, _CMP_NEQ_OQ);
+
+            let mut search = LaneSearch {
+                xs: &xs,
+                plain,
+                best_h: plain_h,
+                best_e: _mm256_set1_ps(f32::INFINITY),
+            };
+            let (fit, ok) = search.consider(plain_h, live);
+            search.consider(fit, ok);
+            for t in Q4_CANDIDATE_DIVISORS {
+                let cand = to_f16(_mm256_div_ps(m, _mm256_set1_ps(-t)));
+                let (fit, ok) = search.consider(cand, live);
+                search.consider(fit, ok);
+            }
+            let best_h = search.best_h;
+
+            // zero blocks store +0, whatever the sign of their plain scale
+            let mut bits = [0u16; LANES];
+            _mm_storeu_si128(
+                bits.as_mut_ptr().cast(),
+                _mm_and_si128(best_h, narrow_mask(live)),
+            );
+            for (b, (db, &h)) in d.iter_mut().zip(&bits).enumerate() {
+                *db = f16::from_bits(h);
+                let xb = x[b * BLOCK..][..BLOCK].try_into().expect("whole blocks");
+                let qb = (&mut qs[b * BLOCK / 2..][..BLOCK / 2])
+                    .try_into()
+                    .expect("whole blocks");
+                Avx2Block::load(xb).pack(db.to_f32_const(), qb);
+            }
+            true
+        }
+    }
+
+    /// `choose_scale`'s state, one block per lane. (Methods, not closures:
+    /// closures do not inherit the enclosing function's target features and
+    /// would call every intrinsic out of line.)
+    struct LaneSearch<'a> {
+        xs: &'a [__m256; BLOCK],
+        plain: __m256,
+        /// the best candidate so far, as f16 bits, and its squared error
+        best_h: __m128i,
+        best_e: __m256,
+    }
+
+    impl LaneSearch<'_> {
+        /// `consider` in every lane where `ok` is set: keeps the candidate
+        /// where it is usable and strictly better; returns its refit and the
+        /// lanes where it was usable (those where the refit exists).
+        ///
+        /// # Safety
+        /// The CPU must support AVX2 and F16C.
+        #[inline(always)]
+        unsafe fn consider(&mut self, cand_h: __m128i, ok: __m256) -> (__m128i, __m256) {
+            // SAFETY (all intrinsics here): the caller's AVX2/F16C contract.
+            unsafe {
+                let zero = _mm256_setzero_ps();
+                let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+                let c = _mm256_cvtph_ps(cand_h);
+                let finite = _mm256_cmp_ps(
+                    _mm256_and_ps(c, abs_mask),
+                    _mm256_set1_ps(f32::INFINITY),
+                    _CMP_LT_OQ,
+                );
+                let nonzero = _mm256_cmp_ps(c, zero, _CMP_NEQ_OQ);
+                let same_sign = _mm256_cmp_ps(
+                    _mm256_and_ps(_mm256_xor_ps(c, self.plain), _mm256_set1_ps(-0.0)),
+                    zero,
+                    _CMP_EQ_OQ,
+                );
+                let usable =
+                    _mm256_and_ps(_mm256_and_ps(ok, finite), _mm256_and_ps(nonzero, same_sign));
+                let (e, xl, ll) = lane_errors(self.xs, c);
+                let better = _mm256_and_ps(usable, _mm256_cmp_ps(e, self.best_e, _CMP_LT_OQ));
+                self.best_e = _mm256_blendv_ps(self.best_e, e, better);
+                self.best_h = _mm_blendv_epi8(self.best_h, cand_h, narrow_mask(better));
+                // `refit`: Σ x l / Σ l² where Σ l² > 0, else 0
+                let fit = _mm256_and_ps(_mm256_div_ps(xl, ll), _mm256_cmp_ps(ll, zero, _CMP_GT_OQ));
+                (to_f16(fit), usable)
+            }
+        }
+    }
+
+    /// Rounds eight floats to f16 bits, to nearest even like `from_f32_const`.
+    ///
+    /// # Safety
+    /// The CPU must support F16C.
+    #[inline(always)]
+    unsafe fn to_f16(v: __m256) -> __m128i {
+        // SAFETY: the caller's F16C contract.
+        unsafe { _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v) }
+    }
+
+    /// A 32-bit lane mask as a 16-bit lane mask, lanes in order.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[inline(always)]
+    unsafe fn narrow_mask(m: __m256) -> __m128i {
+        // SAFETY: the caller's AVX2 contract.
+        unsafe {
+            let m = _mm256_castps_si256(m);
+            _mm_packs_epi32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1))
+        }
+    }
+
+    /// `block_error` of every lane's block under that lane's scale in `s`:
+    /// per-lane sums in the portable order (eight running sums over the
+    /// four chunks, then the fixed pairwise tree).
+    #[inline(always)]
+    unsafe fn lane_errors(xs: &[__m256; BLOCK], s: __m256) -> (__m256, __m256, __m256) {
+        // SAFETY (all intrinsics here): the caller's AVX2 contract.
+        unsafe {
+            let zero = _mm256_setzero_ps();
+            let (mut err, mut xl, mut ll) = ([zero; 8], [zero; 8], [zero; 8]);
+            for c in xs.chunks_exact(8) {
+                for k in 0..8 {
+                    let x = c[k];
+                    let l = levels(x, s);
+                    let e = _mm256_sub_ps(x, _mm256_mul_ps(s, l));
+                    err[k] = _mm256_add_ps(err[k], _mm256_mul_ps(e, e));
+                    xl[k] = _mm256_add_ps(xl[k], _mm256_mul_ps(x, l));
+                    ll[k] = _mm256_add_ps(ll[k], _mm256_mul_ps(l, l));
+                }
+            }
+            let sum = |a: [__m256; 8]| {
+                _mm256_add_ps(
+                    _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])),
+                    _mm256_add_ps(_mm256_add_ps(a[4], a[5]), _mm256_add_ps(a[6], a[7])),
+                )
+            };
+            (sum(err), sum(xl), sum(ll))
+        }
+    }
+
+    /// Rows become columns: output `k`, lane `b` is input `b`, lane `k`.
+    #[inline(always)]
+    unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        // SAFETY (all intrinsics here): the caller's AVX2 contract.
+        unsafe {
+            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            let u0 = _mm256_shuffle_ps(t0, t2, 0x44);
+            let u1 = _mm256_shuffle_ps(t0, t2, 0xee);
+            let u2 = _mm256_shuffle_ps(t1, t3, 0x44);
+            let u3 = _mm256_shuffle_ps(t1, t3, 0xee);
+            let u4 = _mm256_shuffle_ps(t4, t6, 0x44);
+            let u5 = _mm256_shuffle_ps(t4, t6, 0xee);
+            let u6 = _mm256_shuffle_ps(t5, t7, 0x44);
+            let u7 = _mm256_shuffle_ps(t5, t7, 0xee);
+            [
+                _mm256_permute2f128_ps(u0, u4, 0x20),
+                _mm256_permute2f128_ps(u1, u5, 0x20),
+                _mm256_permute2f128_ps(u2, u6, 0x20),
+                _mm256_permute2f128_ps(u3, u7, 0x20),
+                _mm256_permute2f128_ps(u0, u4, 0x31),
+                _mm256_permute2f128_ps(u1, u5, 0x31),
+                _mm256_permute2f128_ps(u2, u6, 0x31),
+                _mm256_permute2f128_ps(u3, u7, 0x31),
+            ]
+        }
     }
 
     /// A block in four vectors (`j = 8c + lane`). Constructed only through
@@ -381,19 +651,22 @@ mod tests {
     /// with the portable one; both results, bytes and scales.
     type Encoder = fn(&[f32], &mut [u8], &mut [f16]) -> Result<(), QuantError>;
 
-    fn both(x: &[f32]) -> [(Vec<u8>, Vec<u16>); 2] {
+    type Encoded = Result<(Vec<u8>, Vec<u16>), QuantError>;
+
+    fn both(x: &[f32]) -> [Encoded; 2] {
         let run = |f: Encoder| {
             let mut qs = vec![0u8; x.len() / 2];
             let mut d = vec![f16::ZERO; x.len() / BLOCK];
-            f(x, &mut qs, &mut d).unwrap();
-            (qs, d.iter().map(|h| h.to_bits()).collect())
+            f(x, &mut qs, &mut d)?;
+            Ok((qs, d.iter().map(|h| h.to_bits()).collect()))
         };
         [run(quantize_q4_row), run(quantize_q4_row_portable)]
     }
 
-    /// Blocks of mixed magnitude (down to f16-subnormal scales), with exact
-    /// ties of the largest magnitude, zeros, negative zeros and constants.
-    fn awkward_rows() -> impl Strategy<Value = Vec<f32>> {
+    /// One block of mixed magnitude (down to f16-subnormal scales), with
+    /// exact ties of the largest magnitude, zeros, negative zeros and
+    /// constants.
+    fn awkward_block() -> impl Strategy<Value = Vec<f32>> {
         let value = prop_oneof![
             4 => -1.0f32..1.0,
             1 => Just(0.0f32),
@@ -401,10 +674,16 @@ mod tests {
             1 => Just(0.75f32),
             1 => Just(-0.75f32),
         ];
-        (prop::collection::vec(value, 4 * BLOCK), -30i32..16).prop_map(|(v, e)| {
+        (prop::collection::vec(value, BLOCK), -30i32..16).prop_map(|(v, e)| {
             let k = 2f32.powi(e);
             v.into_iter().map(|x| x * k).collect()
         })
+    }
+
+    /// Rows of 1 to 20 such blocks, each at its own scale, so the SIMD
+    /// encoder's groups of eight and its leftover blocks are both covered.
+    fn awkward_rows() -> impl Strategy<Value = Vec<f32>> {
+        prop::collection::vec(awkward_block(), 1..=20).prop_map(|b| b.concat())
     }
 
     proptest! {
@@ -413,6 +692,22 @@ mod tests {
         #[test]
         fn simd_encoder_equals_portable(x in awkward_rows()) {
             let [simd, portable] = both(&x);
+            prop_assert!(simd.is_ok());
+            prop_assert_eq!(simd, portable);
+        }
+
+        /// A weight whose block scale overflows f16 is reported at its place
+        /// in the row by both encoders.
+        #[test]
+        fn simd_encoder_reports_overflow_like_portable(
+            x in awkward_rows(),
+            pick in any::<prop::sample::Index>(),
+        ) {
+            let mut x = x;
+            let i = pick.index(x.len());
+            x[i] = -6e5;
+            let [simd, portable] = both(&x);
+            prop_assert_eq!(&simd, &Err(QuantError::TooLarge { index: i, value: -6e5 }));
             prop_assert_eq!(simd, portable);
         }
     }
@@ -435,9 +730,14 @@ mod tests {
                 .map(|j| if j == 31 { -1e-3 } else { 0.0 })
                 .collect(),
         );
-        for x in rows {
-            let [simd, portable] = both(&x);
+        for x in &rows {
+            let [simd, portable] = both(x);
             assert_eq!(simd, portable, "{x:?}");
         }
+        // the same blocks side by side in lane groups, twice over
+        let row = [rows.concat(), rows.concat()].concat();
+        let [simd, portable] = both(&row);
+        assert!(simd.is_ok());
+        assert_eq!(simd, portable);
     }
 }

@@ -13,9 +13,10 @@ pub fn quantize_q8_row(x: &[f32], qs: &mut [i8], d: &mut [f16]) -> Result<(), Qu
         return Err(QuantError::BadLength { len: x.len() });
     }
     check_finite(x)?;
-    for ((xb, qb), db) in x.chunks_exact(BLOCK).zip(qs.chunks_exact_mut(BLOCK)).zip(d) {
+    let blocks = x.chunks_exact(BLOCK).zip(qs.chunks_exact_mut(BLOCK)).zip(d);
+    for (i, ((xb, qb), db)) in blocks.enumerate() {
         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let scale = scale_to_f16(amax / 127.0, xb)?;
+        let scale = scale_to_f16(amax / 127.0, xb).map_err(|e| e.offset(i * BLOCK))?;
         *db = scale;
         let s = scale.to_f32();
         for (q, &v) in qb.iter_mut().zip(xb) {
