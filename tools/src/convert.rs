@@ -51,6 +51,10 @@ use std::time::Instant;
 /// small enough that resident memory stays low.
 pub const BATCH_BYTES: usize = 16 << 20;
 
+/// Batches the reader thread may have in memory ahead of the one being
+/// quantized: enough to ride out the disk's hiccups, few next to memory.
+const READ_AHEAD_BATCHES: usize = 4;
+
 /// What `--quant` asks for; see the module documentation for the full policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum QuantPolicy {
@@ -479,12 +483,29 @@ fn encode_and_write(
         let mut matrix_weights = 0u64;
         let mut matrix_bytes = 0u64;
         let mut encode_error = None;
+        let (batch_read, read_batches) = std::sync::mpsc::sync_channel::<()>(READ_AHEAD_BATCHES);
+        // Reads the source batch by batch in the order the loop below
+        // quantizes it, staying at most READ_AHEAD_BATCHES ahead, so the
+        // disk works while the cores quantize. Stops when the loop does
+        // (its receiver is gone).
+        scope.spawn(move || {
+            for p in plan {
+                let t = &source.tensors()[&p.name];
+                let row_src = row_bytes(t, &p.shape);
+                source.will_read(t);
+                for rows in batches(t, &p.shape) {
+                    source.populate(t, rows.start * row_src, rows.end * row_src);
+                    if batch_read.send(()).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
         for (p, &ty) in plan.iter().zip(types) {
             let t = &source.tensors()[&p.name];
-            let cols = *p.shape.last().expect("planned shapes are non-empty");
             bar.set_message(p.name.clone());
             let mut buf = recycled.try_recv().unwrap_or_default();
-            let len = match encode_tensor(source, t, cols, ty, &mut buf, bar) {
+            let len = match encode_tensor(source, t, &p.shape, &read_batches, ty, &mut buf, bar) {
                 Ok(len) => len,
                 Err(e) => {
                     encode_error = Some(ToolError::new(
@@ -512,6 +533,7 @@ fn encode_and_write(
             }
         }
         drop(to_writer);
+        drop(read_batches);
         let writer = write_thread
             .join()
             .expect("the writer thread does not panic")?;
@@ -613,18 +635,37 @@ pub fn metadata(
     m
 }
 
-/// Converts tensor `t` (viewed as rows of `cols`) to `ty`, leaving its
-/// on-disk bytes at the start of `buf` and returning their length.
+/// Bytes of one row of `t` in the source, rows being `shape`'s last
+/// dimension.
+fn row_bytes(t: &SourceTensor, shape: &[usize]) -> usize {
+    shape.last().expect("planned shapes are non-empty") * t.dtype.size()
+}
+
+/// The row ranges of `t` processed together, about [`BATCH_BYTES`] of source
+/// each (at least one row).
+fn batches(t: &SourceTensor, shape: &[usize]) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let rows = shape.iter().product::<usize>() / shape.last().expect("non-empty shape");
+    let per_batch = (BATCH_BYTES / row_bytes(t, shape)).max(1);
+    (0..rows)
+        .step_by(per_batch)
+        .map(move |r| r..(r + per_batch).min(rows))
+}
+
+/// Converts tensor `t` of shape `shape` to `ty`, leaving its on-disk bytes at
+/// the start of `buf` and returning their length. Each batch is taken once
+/// `batch_read` says the reader thread has brought it into memory (if that
+/// thread is gone, the batch is simply read on access).
 fn encode_tensor(
     source: &Source,
     t: &SourceTensor,
-    cols: usize,
+    shape: &[usize],
+    batch_read: &std::sync::mpsc::Receiver<()>,
     ty: TensorType,
     buf: &mut Vec<u32>,
     bar: &ProgressBar,
 ) -> Result<usize, QuantError> {
-    let n: usize = t.shape.iter().product();
-    let rows = n / cols;
+    let cols = *shape.last().expect("planned shapes are non-empty");
+    let rows = shape.iter().product::<usize>() / cols;
     let len = ty
         .byte_len(rows as u64, cols as u64)
         .expect("the plan checked the block size") as usize;
@@ -634,16 +675,11 @@ fn encode_tensor(
     let mut planes = tensor_planes(ty, cols, rows, out);
 
     let src = source.bytes(t);
-    let esize = t.dtype.size();
-    let row_src = cols * esize;
-    let rows_per_batch = (BATCH_BYTES / row_src).max(1);
-    source.will_read(t);
-
-    let mut row0 = 0;
-    while row0 < rows {
-        let row1 = (row0 + rows_per_batch).min(rows);
+    let row_src = row_bytes(t, shape);
+    for rows in batches(t, shape) {
+        let _ = batch_read.recv();
+        let (row0, row1) = (rows.start, rows.end);
         let src_b = &src[row0 * row_src..row1 * row_src];
-        source.populate(t, row0 * row_src, row1 * row_src);
         let batch = take_rows(ty, cols, &mut planes, row1 - row0);
         src_b
             .par_chunks(row_src)
@@ -658,7 +694,6 @@ fn encode_tensor(
             )?;
         source.release(t, row0 * row_src, row1 * row_src);
         bar.inc(src_b.len() as u64);
-        row0 = row1;
     }
     Ok(len)
 }
