@@ -28,8 +28,9 @@
 //! Tensors are converted one at a time, in row batches of about
 //! [`BATCH_BYTES`] of source data: each batch is decoded and quantized on all
 //! cores straight from the mmapped safetensors, then its source pages are
-//! released. Resident memory is one output tensor plus a few batches, not
-//! the model. Output goes through [`NblWriter`] (temporary file, renamed at
+//! released. A reader thread brings the batches into memory a few ahead of
+//! the quantizer, so the disk and the cores work at the same time. Resident
+//! memory is two output tensors plus a few batches, not the model. Output goes through [`NblWriter`] (temporary file, renamed at
 //! the end), so a failure never leaves a partial `.nbl`.
 
 use crate::hf::{read_json, LlamaConfig, RopeScaling, TokenizerInfo};
