@@ -18,6 +18,8 @@
 mod q4;
 mod q4k;
 mod q8;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 pub use q4::{dequantize_q4_row, q4_max_scale, quantize_q4_row, Q4_CANDIDATE_DIVISORS};
 pub use q4k::{

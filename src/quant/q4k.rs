@@ -251,17 +251,33 @@ fn fit_group(x: &[f32], search: bool) -> [(f32, f32); Q4K_SUBS] {
     fits
 }
 
+/// Where a group's searched sub-block fits come from: the same numbers by
+/// every implementation.
+trait Fitter {
+    /// `fit_group(x, true)`.
+    fn searched_fits(x: &[f32]) -> [(f32, f32); Q4K_SUBS];
+}
+
+struct PortableFits;
+
+impl Fitter for PortableFits {
+    #[inline(always)]
+    fn searched_fits(x: &[f32]) -> [(f32, f32); Q4K_SUBS] {
+        fit_group(x, true)
+    }
+}
+
 /// Encodes one group (a whole number of sub-blocks, at most 8), choosing
 /// between the min/max fit and the searched fit (`search == false`: min/max
 /// only).
 #[inline(always)]
-fn quantize_group(x: &[f32], search: bool) -> Result<Group, QuantError> {
+fn quantize_group<F: Fitter>(x: &[f32], search: bool) -> Result<Group, QuantError> {
     let n = x.len() / BLOCK;
     let plain = encode_group(x, &fit_group(x, false)[..n])?;
     if !search {
         return Ok(plain);
     }
-    let searched = encode_group(x, &fit_group(x, true)[..n])?;
+    let searched = encode_group(x, &F::searched_fits(x)[..n])?;
     Ok(if searched.err < plain.err {
         searched
     } else {
@@ -306,13 +322,14 @@ fn quantize_rows(
         // SAFETY: AVX2 was just detected.
         return unsafe { quantize_rows_avx2(x, qs, dm, sc, search) };
     }
-    quantize_rows_any(x, qs, dm, sc, search)
+    quantize_rows_any::<PortableFits>(x, qs, dm, sc, search)
 }
 
-/// The same code compiled for AVX2, where the compiler vectorizes the
-/// sub-block fits 8 lanes wide. Bytes are identical: the encoder uses only
-/// IEEE operations that round the same at any vector width, and Rust never
-/// fuses them into FMAs.
+/// The same code compiled for AVX2, with the searched fits of a whole group
+/// computed eight sub-blocks at a time, one per lane ([`avx2::LaneFits`]).
+/// Bytes are identical: every operation is the portable code's IEEE
+/// operation in the same order per lane, and Rust never fuses them into
+/// FMAs; the tests below compare the two.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn quantize_rows_avx2(
@@ -322,11 +339,222 @@ unsafe fn quantize_rows_avx2(
     sc: &mut [u8],
     search: bool,
 ) -> Result<(), QuantError> {
-    quantize_rows_any(x, qs, dm, sc, search)
+    quantize_rows_any::<avx2::LaneFits>(x, qs, dm, sc, search)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{fit_group, Fitter, BLOCK, Q4K_DELTAS, Q4K_GROUP, Q4K_REFITS, Q4K_SUBS, QMAX};
+    use crate::quant::x86::transpose8;
+    use std::arch::x86_64::*;
+
+    /// Used only inside `quantize_rows_avx2`, whose contract is that the CPU
+    /// has AVX2: that makes the intrinsics below sound.
+    pub(super) struct LaneFits;
+
+    impl Fitter for LaneFits {
+        #[inline(always)]
+        fn searched_fits(x: &[f32]) -> [(f32, f32); Q4K_SUBS] {
+            match <&[f32; Q4K_GROUP]>::try_from(x) {
+                // SAFETY: AVX2 is available (see `LaneFits`).
+                Ok(g) => unsafe { fit_lanes(g) },
+                // a row's short last group
+                Err(_) => fit_group(x, true),
+            }
+        }
+    }
+
+    /// `fit_sub_block(.., true)` of the eight sub-blocks, sub-block `b` in
+    /// lane `b`: the same candidates in the same order, each lane keeping
+    /// its own best and dropping out of a δ's refits where the portable
+    /// loop breaks.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[inline(always)]
+    unsafe fn fit_lanes(x: &[f32; Q4K_GROUP]) -> [(f32, f32); Q4K_SUBS] {
+        // SAFETY (all intrinsics here): AVX2 is available (the caller's
+        // contract); every load reads inside `x`.
+        unsafe {
+            let zero = _mm256_setzero_ps();
+            let mut xs = [zero; BLOCK];
+            for c in 0..BLOCK / 8 {
+                let mut rows = [zero; 8];
+                for (b, r) in rows.iter_mut().enumerate() {
+                    *r = _mm256_loadu_ps(x.as_ptr().add(b * BLOCK + 8 * c));
+                }
+                xs[8 * c..8 * c + 8].copy_from_slice(&transpose8(rows));
+            }
+            let (mut min, mut max) = (zero, _mm256_set1_ps(f32::NEG_INFINITY));
+            for &v in &xs {
+                min = _mm256_min_ps(min, v);
+                max = _mm256_max_ps(max, v);
+            }
+            let neg_min = neg(min);
+            // lanes with values above their minimum (else: offset only)
+            let spread = _mm256_cmp_ps(max, min, _CMP_GT_OQ);
+            let range = _mm256_sub_ps(max, min);
+            let s0 = _mm256_div_ps(range, _mm256_set1_ps(QMAX));
+            let searching = _mm256_and_ps(
+                spread,
+                _mm256_and_ps(finite(s0), _mm256_cmp_ps(s0, zero, _CMP_NEQ_OQ)),
+            );
+            let mut best_s = _mm256_blendv_ps(zero, s0, spread);
+            let mut best_o = neg_min;
+            let (mut best_err, ..) = sub_errors(&xs, s0, neg_min);
+            let mut sxl = [zero; 8];
+            for c in xs.chunks_exact(8) {
+                for k in 0..8 {
+                    sxl[k] = _mm256_add_ps(sxl[k], c[k]);
+                }
+            }
+            let sx = lanes_sum(sxl);
+            for delta in Q4K_DELTAS {
+                let iscale = _mm256_div_ps(_mm256_set1_ps(QMAX + delta), range);
+                let (mut sl, mut sll, mut slx) = ([zero; 8], [zero; 8], [zero; 8]);
+                for c in xs.chunks_exact(8) {
+                    for k in 0..8 {
+                        let l = round_clamp(_mm256_mul_ps(_mm256_sub_ps(c[k], min), iscale));
+                        sl[k] = _mm256_add_ps(sl[k], l);
+                        sll[k] = _mm256_add_ps(sll[k], _mm256_mul_ps(l, l));
+                        slx[k] = _mm256_add_ps(slx[k], _mm256_mul_ps(l, c[k]));
+                    }
+                }
+                let (mut sl, mut sll, mut slx) = (lanes_sum(sl), lanes_sum(sll), lanes_sum(slx));
+                let mut alive = searching;
+                for _ in 0..Q4K_REFITS {
+                    let (s, o, ok) = refit(sl, sll, slx, sx);
+                    alive = _mm256_and_ps(alive, ok);
+                    if _mm256_movemask_ps(alive) == 0 {
+                        break;
+                    }
+                    let (e, a, b, c) = sub_errors(&xs, s, o);
+                    let better = _mm256_and_ps(alive, _mm256_cmp_ps(e, best_err, _CMP_LT_OQ));
+                    best_s = _mm256_blendv_ps(best_s, s, better);
+                    best_o = _mm256_blendv_ps(best_o, o, better);
+                    best_err = _mm256_blendv_ps(best_err, e, better);
+                    (sl, sll, slx) = (a, b, c);
+                }
+            }
+            let (mut s, mut o) = ([0f32; 8], [0f32; 8]);
+            _mm256_storeu_ps(s.as_mut_ptr(), best_s);
+            _mm256_storeu_ps(o.as_mut_ptr(), best_o);
+            std::array::from_fn(|b| (s[b], o[b]))
+        }
+    }
+
+    /// `refit` per lane: `(s, o, usable)`, where `usable` is the portable
+    /// `Some`.
+    #[inline(always)]
+    unsafe fn refit(sl: __m256, sll: __m256, slx: __m256, sx: __m256) -> (__m256, __m256, __m256) {
+        // SAFETY (all intrinsics here): the caller's AVX2 contract.
+        unsafe {
+            let zero = _mm256_setzero_ps();
+            let n = _mm256_set1_ps(BLOCK as f32);
+            let det = _mm256_sub_ps(_mm256_mul_ps(n, sll), _mm256_mul_ps(sl, sl));
+            let s_line = _mm256_div_ps(
+                _mm256_sub_ps(_mm256_mul_ps(n, slx), _mm256_mul_ps(sl, sx)),
+                det,
+            );
+            let b = _mm256_div_ps(
+                _mm256_sub_ps(_mm256_mul_ps(sll, sx), _mm256_mul_ps(sl, slx)),
+                det,
+            );
+            let through_zero = _mm256_cmp_ps(b, zero, _CMP_GT_OQ);
+            let s = _mm256_blendv_ps(s_line, _mm256_div_ps(slx, sll), through_zero);
+            let o = _mm256_blendv_ps(neg(b), zero, through_zero);
+            let ok = _mm256_and_ps(
+                _mm256_and_ps(
+                    _mm256_cmp_ps(det, zero, _CMP_GT_OQ),
+                    _mm256_cmp_ps(s, zero, _CMP_GT_OQ),
+                ),
+                _mm256_and_ps(finite(s), finite(o)),
+            );
+            (s, o, ok)
+        }
+    }
+
+    /// `sub_error` per lane under that lane's `s` and `o`.
+    #[inline(always)]
+    unsafe fn sub_errors(
+        xs: &[__m256; BLOCK],
+        s: __m256,
+        o: __m256,
+    ) -> (__m256, __m256, __m256, __m256) {
+        // SAFETY (all intrinsics here): the caller's AVX2 contract.
+        unsafe {
+            let zero = _mm256_setzero_ps();
+            let (mut e2, mut sl, mut sll, mut slx) = ([zero; 8], [zero; 8], [zero; 8], [zero; 8]);
+            for c in xs.chunks_exact(8) {
+                for k in 0..8 {
+                    let l = round_clamp(_mm256_div_ps(_mm256_add_ps(c[k], o), s));
+                    let e = _mm256_sub_ps(c[k], _mm256_sub_ps(_mm256_mul_ps(s, l), o));
+                    e2[k] = _mm256_add_ps(e2[k], _mm256_mul_ps(e, e));
+                    sl[k] = _mm256_add_ps(sl[k], l);
+                    sll[k] = _mm256_add_ps(sll[k], _mm256_mul_ps(l, l));
+                    slx[k] = _mm256_add_ps(slx[k], _mm256_mul_ps(l, c[k]));
+                }
+            }
+            (lanes_sum(e2), lanes_sum(sl), lanes_sum(sll), lanes_sum(slx))
+        }
+    }
+
+    /// `round_clamp(v, QMAX)` per lane.
+    #[inline(always)]
+    unsafe fn round_clamp(v: __m256) -> __m256 {
+        // SAFETY (all intrinsics here): the caller's AVX2 contract.
+        unsafe {
+            let half = _mm256_or_ps(
+                _mm256_and_ps(v, _mm256_set1_ps(-0.0)),
+                _mm256_set1_ps(0.499_999_97),
+            );
+            let t = _mm256_add_ps(v, half);
+            let t = _mm256_min_ps(_mm256_max_ps(t, _mm256_setzero_ps()), _mm256_set1_ps(QMAX));
+            _mm256_cvtepi32_ps(_mm256_cvttps_epi32(t))
+        }
+    }
+
+    /// `lanes_sum` per lane.
+    #[inline(always)]
+    unsafe fn lanes_sum(a: [__m256; 8]) -> __m256 {
+        // SAFETY (all intrinsics here): the caller's AVX2 contract.
+        unsafe {
+            _mm256_add_ps(
+                _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])),
+                _mm256_add_ps(_mm256_add_ps(a[4], a[5]), _mm256_add_ps(a[6], a[7])),
+            )
+        }
+    }
+
+    /// Lanes holding a finite value.
+    #[inline(always)]
+    unsafe fn finite(v: __m256) -> __m256 {
+        // SAFETY: the caller's AVX2 contract.
+        unsafe {
+            _mm256_cmp_ps(
+                _mm256_and_ps(v, abs_mask()),
+                _mm256_set1_ps(f32::INFINITY),
+                _CMP_LT_OQ,
+            )
+        }
+    }
+
+    /// `-v` per lane (a sign flip, as Rust's negation).
+    #[inline(always)]
+    unsafe fn neg(v: __m256) -> __m256 {
+        // SAFETY: the caller's AVX2 contract.
+        unsafe { _mm256_xor_ps(v, _mm256_set1_ps(-0.0)) }
+    }
+
+    #[inline(always)]
+    unsafe fn abs_mask() -> __m256 {
+        // SAFETY: the caller's AVX2 contract.
+        unsafe { _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff)) }
+    }
 }
 
 #[inline(always)]
-fn quantize_rows_any(
+fn quantize_rows_any<F: Fitter>(
     x: &[f32],
     qs: &mut [u8],
     dm: &mut [f16],
@@ -344,7 +572,7 @@ fn quantize_rows_any(
     check_finite(x)?;
     let groups = x.chunks(Q4K_GROUP).zip(qs.chunks_mut(Q4K_GROUP / 2));
     for (gi, (xg, qg)) in groups.enumerate() {
-        let g = quantize_group(xg, search).map_err(|e| match e {
+        let g = quantize_group::<F>(xg, search).map_err(|e| match e {
             QuantError::TooLarge { index, value } => QuantError::TooLarge {
                 index: index + gi * Q4K_GROUP,
                 value,
@@ -392,6 +620,66 @@ pub fn dequantize_q4k_row(qs: &[u8], dm: &[f16], sc: &[u8], out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    type Encoded = Result<(Vec<u8>, Vec<u16>, Vec<u8>), QuantError>;
+
+    /// The row through the dispatching encoder and through the portable one.
+    fn both(x: &[f32]) -> [Encoded; 2] {
+        let run = |simd: bool| {
+            let ng = x.len().div_ceil(Q4K_GROUP);
+            let (mut qs, mut dm, mut sc) = (
+                vec![0u8; x.len() / 2],
+                vec![f16::ZERO; 2 * ng],
+                vec![0u8; Q4K_SCALE_BYTES * ng],
+            );
+            if simd {
+                quantize_q4k_row(x, &mut qs, &mut dm, &mut sc)?;
+            } else {
+                quantize_rows_any::<PortableFits>(x, &mut qs, &mut dm, &mut sc, true)?;
+            }
+            Ok((qs, dm.iter().map(|h| h.to_bits()).collect(), sc))
+        };
+        [run(true), run(false)]
+    }
+
+    /// Sub-blocks of mixed magnitude and sign balance, with zeros, negative
+    /// zeros, constants and all-positive or all-negative runs, each at its
+    /// own scale.
+    fn awkward_sub_block() -> impl Strategy<Value = Vec<f32>> {
+        let value = prop_oneof![
+            4 => -1.0f32..1.0,
+            1 => 0.0f32..1.0,
+            1 => Just(0.0f32),
+            1 => Just(-0.0f32),
+            1 => Just(-0.5f32),
+        ];
+        (
+            prop::collection::vec(value, BLOCK),
+            -30i32..12,
+            any::<bool>(),
+        )
+            .prop_map(|(v, e, flip)| {
+                let k = 2f32.powi(e) * if flip { -1.0 } else { 1.0 };
+                v.into_iter().map(|x| x * k).collect()
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        /// One to three groups' worth of sub-blocks: whole groups take the
+        /// lane-parallel search, a short last group the portable one.
+        #[test]
+        fn simd_encoder_equals_portable(
+            subs in prop::collection::vec(awkward_sub_block(), 1..=3 * Q4K_SUBS),
+        ) {
+            let x = subs.concat();
+            let [simd, portable] = both(&x);
+            prop_assert!(simd.is_ok());
+            prop_assert_eq!(simd, portable);
+        }
+    }
 
     #[test]
     fn scales_pack_round_trip() {
