@@ -32,19 +32,8 @@ pub fn quantize_q4_row(x: &[f32], qs: &mut [u8], d: &mut [f16]) -> Result<(), Qu
 
 /// The reference the AVX2 encoder must equal byte for byte (see its tests).
 fn quantize_q4_row_portable(x: &[f32], qs: &mut [u8], d: &mut [f16]) -> Result<(), QuantError> {
-    quantize_blocks(x, qs, d, PortableBlock)
-}
-
-/// The portable row loop: checks, then [`encode_blocks`].
-#[inline(always)]
-fn quantize_blocks<'a, B: Block>(
-    x: &'a [f32],
-    qs: &mut [u8],
-    d: &mut [f16],
-    load: impl Fn(&'a [f32; BLOCK]) -> B,
-) -> Result<(), QuantError> {
     check_row(x, qs, d)?;
-    encode_blocks(x, qs, d, load)
+    encode_blocks(x, qs, d)
 }
 
 /// A row every encoder accepts: whole blocks, matching output lengths, and
@@ -57,15 +46,8 @@ fn check_row(x: &[f32], qs: &[u8], d: &[f16]) -> Result<(), QuantError> {
 }
 
 /// Per block of a checked row, the scale search ([`choose_scale`]) and the
-/// packing, through `load`'s view of the block. Error indices count from
-/// the start of `x`.
-#[inline(always)]
-fn encode_blocks<'a, B: Block>(
-    x: &'a [f32],
-    qs: &mut [u8],
-    d: &mut [f16],
-    load: impl Fn(&'a [f32; BLOCK]) -> B,
-) -> Result<(), QuantError> {
+/// packing. Error indices count from the start of `x`.
+fn encode_blocks(x: &[f32], qs: &mut [u8], d: &mut [f16]) -> Result<(), QuantError> {
     for (i, ((xb, qb), db)) in x
         .chunks_exact(BLOCK)
         .zip(qs.chunks_exact_mut(BLOCK / 2))
@@ -73,43 +55,9 @@ fn encode_blocks<'a, B: Block>(
         .enumerate()
     {
         let xb: &[f32; BLOCK] = xb.try_into().expect("chunks_exact gives whole blocks");
-        let block = load(xb);
-        let scale = choose_scale(&block, xb).map_err(|e| e.offset(i * BLOCK))?;
+        let scale = choose_scale(xb).map_err(|e| e.offset(i * BLOCK))?;
         *db = scale;
-        let qb: &mut [u8; BLOCK / 2] = qb.try_into().expect("chunks_exact gives whole blocks");
-        block.pack(scale.to_f32_const(), qb);
-    }
-    Ok(())
-}
-
-/// The three per-block computations of the encoder, so the scale search is
-/// written once and each instruction set supplies only these.
-trait Block {
-    /// The value of largest magnitude, the first one on ties (0 if all are 0).
-    fn largest(&self) -> f32;
-    /// [`block_error`] under a non-zero scale `s`.
-    fn error(&self, s: f32) -> (f32, f32, f32);
-    /// Writes the levels `clamp(round(x / s), -8, 7) + 8` (all 8 if `s` is
-    /// 0): weight `j` in the low nibble of byte `j`, `j + 16` in the high one.
-    fn pack(&self, s: f32, qb: &mut [u8; BLOCK / 2]);
-}
-
-struct PortableBlock<'a>(&'a [f32; BLOCK]);
-
-impl Block for PortableBlock<'_> {
-    #[inline(always)]
-    fn largest(&self) -> f32 {
-        largest(self.0)
-    }
-
-    #[inline(always)]
-    fn error(&self, s: f32) -> (f32, f32, f32) {
-        block_error(self.0, s)
-    }
-
-    #[inline(always)]
-    fn pack(&self, s: f32, qb: &mut [u8; BLOCK / 2]) {
-        let xb = self.0;
+        let s = scale.to_f32_const();
         let q = |x: f32| {
             if s == 0.0 {
                 8
@@ -121,6 +69,7 @@ impl Block for PortableBlock<'_> {
             qb[j] = q(xb[j]) | (q(xb[j + BLOCK / 2]) << 4);
         }
     }
+    Ok(())
 }
 
 /// The plain max-scaling rule (the first candidate of [`quantize_q4_row`]):
@@ -175,19 +124,19 @@ fn block_error(xb: &[f32; BLOCK], s: f32) -> (f32, f32, f32) {
 
 /// The block's scale: the least-squared-error candidate (see [`quantize_q4_row`]).
 #[inline(always)]
-fn choose_scale(block: &impl Block, xb: &[f32; BLOCK]) -> Result<f16, QuantError> {
-    let m = block.largest();
+fn choose_scale(xb: &[f32; BLOCK]) -> Result<f16, QuantError> {
+    let m = largest(xb);
     let plain = scale_to_f16(m / -8.0, xb)?;
     if plain == f16::ZERO {
         return Ok(plain);
     }
     let mut best = (plain, f32::INFINITY);
-    let (a, b) = consider(block, plain, plain, &mut best).expect("the plain scale is usable");
-    consider(block, refit(a, b), plain, &mut best);
+    let (a, b) = consider(xb, plain, plain, &mut best).expect("the plain scale is usable");
+    consider(xb, refit(a, b), plain, &mut best);
     for t in Q4_CANDIDATE_DIVISORS {
         // `_const`: see `refit`
-        if let Some((a, b)) = consider(block, f16::from_f32_const(m / -t), plain, &mut best) {
-            consider(block, refit(a, b), plain, &mut best);
+        if let Some((a, b)) = consider(xb, f16::from_f32_const(m / -t), plain, &mut best) {
+            consider(xb, refit(a, b), plain, &mut best);
         }
     }
     Ok(best.0)
@@ -197,17 +146,12 @@ fn choose_scale(block: &impl Block, xb: &[f32; BLOCK]) -> Result<f16, QuantError
 /// other sign than `plain`): keeps it in `best` (scale, squared error) if its
 /// error is smaller, and returns its `Σ x l`, `Σ l²` for a refit.
 #[inline(always)]
-fn consider(
-    block: &impl Block,
-    cand: f16,
-    plain: f16,
-    best: &mut (f16, f32),
-) -> Option<(f32, f32)> {
+fn consider(xb: &[f32; BLOCK], cand: f16, plain: f16, best: &mut (f16, f32)) -> Option<(f32, f32)> {
     if !cand.is_finite() || cand == f16::ZERO || cand.is_sign_negative() != plain.is_sign_negative()
     {
         return None;
     }
-    let (e, a, b) = block.error(cand.to_f32_const());
+    let (e, a, b) = block_error(xb, cand.to_f32_const());
     if e < best.1 {
         *best = (cand, e);
     }
@@ -238,17 +182,15 @@ pub fn dequantize_q4_row(qs: &[u8], d: &[f16], out: &mut [f32]) {
     }
 }
 
-/// The encoder in explicit AVX2 and F16C. The compiler's own vectorization of
-/// the portable code used 4-wide vectors and shuffles, and one block's
-/// search is a long serial chain of divisions, horizontal sums and scalar
-/// f16 roundings; so blocks go eight at a time, one per lane, with every
-/// step vertical. Every operation is the IEEE operation of the portable code,
-/// in the same order per lane, so the bytes are identical; the tests below
-/// check it.
+/// The encoder in explicit AVX2 and F16C. One block's search is a long
+/// serial chain of divisions, horizontal sums and scalar f16 roundings, so
+/// blocks go eight at a time, one per lane, with every step vertical. Every
+/// operation is the IEEE operation of the portable code, in the same order
+/// per lane, so the bytes are identical; the tests below check it.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{check_row, encode_blocks, Block, QuantError, BLOCK, Q4_CANDIDATE_DIVISORS};
-    use crate::quant::x86::transpose8;
+    use super::{check_row, encode_blocks, QuantError, BLOCK, Q4_CANDIDATE_DIVISORS};
+    use crate::quant::x86::{abs, blocks_in_lanes, finite, pairwise_sum8, round_clamp};
     use half::f16;
     use std::arch::x86_64::*;
 
@@ -264,39 +206,50 @@ mod avx2 {
         d: &mut [f16],
     ) -> Result<(), QuantError> {
         check_row(x, qs, d)?;
-        // SAFETY: AVX2 is enabled for this function, which the caller
-        // guarantees the CPU has.
-        let load = |xb| unsafe { Avx2Block::load(xb) };
-        let mut xs = x.chunks_exact(LANES * BLOCK);
-        let mut qss = qs.chunks_exact_mut(LANES * BLOCK / 2);
-        let mut ds = d.chunks_exact_mut(LANES);
-        for (g, ((xg, qg), dg)) in (&mut xs).zip(&mut qss).zip(&mut ds).enumerate() {
-            // SAFETY: AVX2 and F16C, as above.
-            let done = unsafe {
-                encode_lanes(
-                    xg.try_into().expect("whole groups"),
-                    qg.try_into().expect("whole groups"),
-                    dg.try_into().expect("whole groups"),
-                )
-            };
-            if !done {
-                // A scale overflows f16: the block-by-block loop finds it and
-                // reports the weight.
-                encode_blocks(xg, qg, dg, load).map_err(|e| e.offset(g * LANES * BLOCK))?;
+        let groups = x
+            .chunks(LANES * BLOCK)
+            .zip(qs.chunks_mut(LANES * BLOCK / 2))
+            .zip(d.chunks_mut(LANES));
+        for (g, ((xg, qg), dg)) in groups.enumerate() {
+            // SAFETY: AVX2 and F16C, this function's contract.
+            if !unsafe { encode_group(xg, qg, dg) } {
+                // A scale overflows f16: the portable loop finds the weight
+                // and reports it.
+                encode_blocks(xg, qg, dg).map_err(|e| e.offset(g * LANES * BLOCK))?;
             }
         }
-        let tail = x.len() - xs.remainder().len();
-        encode_blocks(
-            xs.remainder(),
-            qss.into_remainder(),
-            ds.into_remainder(),
-            load,
-        )
-        .map_err(|e| e.offset(tail))
+        Ok(())
+    }
+
+    /// [`encode_lanes`] of up to eight blocks: a short group is padded with
+    /// zero blocks, which only get a zero scale in their own lanes.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and F16C.
+    #[inline(always)]
+    unsafe fn encode_group(x: &[f32], qs: &mut [u8], d: &mut [f16]) -> bool {
+        if d.len() == LANES {
+            // SAFETY: the caller's contract.
+            return unsafe {
+                encode_lanes(
+                    x.try_into().expect("a whole group"),
+                    qs.try_into().expect("a whole group"),
+                    d.try_into().expect("a whole group"),
+                )
+            };
+        }
+        let mut xp = [0f32; LANES * BLOCK];
+        xp[..x.len()].copy_from_slice(x);
+        let (mut qp, mut dp) = ([0u8; LANES * BLOCK / 2], [f16::ZERO; LANES]);
+        // SAFETY: the caller's contract.
+        let done = unsafe { encode_lanes(&xp, &mut qp, &mut dp) };
+        qs.copy_from_slice(&qp[..qs.len()]);
+        d.copy_from_slice(&dp[..d.len()]);
+        done
     }
 
     /// Encodes eight blocks, block `b` in lane `b`, exactly as `choose_scale`
-    /// and `pack` would one by one. Returns false, leaving the output
+    /// and the packing would one by one. Returns false, leaving the output
     /// unspecified, when a block's max-scaling scale overflows f16.
     ///
     /// # Safety
@@ -308,33 +261,19 @@ mod avx2 {
         d: &mut [f16; LANES],
     ) -> bool {
         // SAFETY (all intrinsics here): AVX2 and F16C are available (the
-        // caller's contract); every load reads inside `x`, every store
-        // writes inside `d`'s eight halves.
+        // caller's contract); the one store writes `bits`' 16 bytes.
         unsafe {
             let zero = _mm256_setzero_ps();
-            let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
-            // xs[j], lane b = weight j of block b
-            let mut xs = [zero; BLOCK];
-            for c in 0..BLOCK / 8 {
-                let mut rows = [zero; 8];
-                for (b, r) in rows.iter_mut().enumerate() {
-                    *r = _mm256_loadu_ps(x.as_ptr().add(b * BLOCK + 8 * c));
-                }
-                xs[8 * c..8 * c + 8].copy_from_slice(&transpose8(rows));
-            }
+            let xs = blocks_in_lanes(x);
 
             // `largest`: the first weight of maximal magnitude, +0 if all are 0
             let mut mag = zero;
             for &v in &xs {
-                mag = _mm256_max_ps(mag, _mm256_and_ps(v, abs_mask));
+                mag = _mm256_max_ps(mag, abs(v));
             }
             let mut m = zero;
             for &v in xs.iter().rev() {
-                m = _mm256_blendv_ps(
-                    m,
-                    v,
-                    _mm256_cmp_ps(_mm256_and_ps(v, abs_mask), mag, _CMP_EQ_OQ),
-                );
+                m = _mm256_blendv_ps(m, v, _mm256_cmp_ps(abs(v), mag, _CMP_EQ_OQ));
             }
             m = _mm256_blendv_ps(m, zero, _mm256_cmp_ps(mag, zero, _CMP_EQ_OQ));
 
@@ -360,13 +299,12 @@ mod avx2 {
                 let (fit, ok) = search.consider(cand, live);
                 search.consider(fit, ok);
             }
-            let best_h = search.best_h;
 
             // zero blocks store +0, whatever the sign of their plain scale
             let mut bits = [0u16; LANES];
             _mm_storeu_si128(
                 bits.as_mut_ptr().cast(),
-                _mm_and_si128(best_h, narrow_mask(live)),
+                _mm_and_si128(search.best_h, narrow_mask(live)),
             );
             for (b, (db, &h)) in d.iter_mut().zip(&bits).enumerate() {
                 *db = f16::from_bits(h);
@@ -374,7 +312,7 @@ mod avx2 {
                 let qb = (&mut qs[b * BLOCK / 2..][..BLOCK / 2])
                     .try_into()
                     .expect("whole blocks");
-                Avx2Block::load(xb).pack(db.to_f32_const(), qb);
+                pack(xb, db.to_f32_const(), qb);
             }
             true
         }
@@ -403,21 +341,17 @@ mod avx2 {
             // SAFETY (all intrinsics here): the caller's AVX2/F16C contract.
             unsafe {
                 let zero = _mm256_setzero_ps();
-                let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
                 let c = _mm256_cvtph_ps(cand_h);
-                let finite = _mm256_cmp_ps(
-                    _mm256_and_ps(c, abs_mask),
-                    _mm256_set1_ps(f32::INFINITY),
-                    _CMP_LT_OQ,
-                );
                 let nonzero = _mm256_cmp_ps(c, zero, _CMP_NEQ_OQ);
                 let same_sign = _mm256_cmp_ps(
                     _mm256_and_ps(_mm256_xor_ps(c, self.plain), _mm256_set1_ps(-0.0)),
                     zero,
                     _CMP_EQ_OQ,
                 );
-                let usable =
-                    _mm256_and_ps(_mm256_and_ps(ok, finite), _mm256_and_ps(nonzero, same_sign));
+                let usable = _mm256_and_ps(
+                    _mm256_and_ps(ok, finite(c)),
+                    _mm256_and_ps(nonzero, same_sign),
+                );
                 let (e, xl, ll) = lane_errors(self.xs, c);
                 let better = _mm256_and_ps(usable, _mm256_cmp_ps(e, self.best_e, _CMP_LT_OQ));
                 self.best_e = _mm256_blendv_ps(self.best_e, e, better);
@@ -453,8 +387,10 @@ mod avx2 {
     }
 
     /// `block_error` of every lane's block under that lane's scale in `s`:
-    /// per-lane sums in the portable order (eight running sums over the
-    /// four chunks, then the fixed pairwise tree).
+    /// per-lane sums in the portable order.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
     #[inline(always)]
     unsafe fn lane_errors(xs: &[__m256; BLOCK], s: __m256) -> (__m256, __m256, __m256) {
         // SAFETY (all intrinsics here): the caller's AVX2 contract.
@@ -471,141 +407,52 @@ mod avx2 {
                     ll[k] = _mm256_add_ps(ll[k], _mm256_mul_ps(l, l));
                 }
             }
-            let sum = |a: [__m256; 8]| {
-                _mm256_add_ps(
-                    _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])),
-                    _mm256_add_ps(_mm256_add_ps(a[4], a[5]), _mm256_add_ps(a[6], a[7])),
-                )
-            };
-            (sum(err), sum(xl), sum(ll))
+            (pairwise_sum8(err), pairwise_sum8(xl), pairwise_sum8(ll))
         }
     }
 
-    /// A block in four vectors (`j = 8c + lane`). Constructed only through
-    /// [`Avx2Block::load`], whose contract is that AVX2 is available, which
-    /// makes the intrinsics in the methods sound.
-    struct Avx2Block<'a> {
-        v: [__m256; 4],
-        xb: &'a [f32; BLOCK],
-    }
-
-    impl<'a> Avx2Block<'a> {
-        /// # Safety
-        /// The CPU must support AVX2.
-        #[inline(always)]
-        unsafe fn load(xb: &'a [f32; BLOCK]) -> Self {
+    /// Packs one block under its chosen scale `s` as the portable loop does:
+    /// levels `clamp(round(x / s), -8, 7) + 8` (all 8 if `s` is 0), weight
+    /// `j` in the low nibble of byte `j`, `j + 16` in the high one.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[inline(always)]
+    unsafe fn pack(xb: &[f32; BLOCK], s: f32, qb: &mut [u8; BLOCK / 2]) {
+        if s == 0.0 {
+            qb.fill(0x88);
+            return;
+        }
+        // SAFETY (all intrinsics here): the caller's AVX2 contract; the four
+        // loads read `xb`'s 32 floats, the store writes `qb`'s 16 bytes.
+        unsafe {
             let p = xb.as_ptr();
-            // SAFETY: `xb` holds 32 floats, so the four 8-float loads stay
-            // inside it; unaligned loads have no alignment requirement.
-            let v = unsafe {
-                [
-                    _mm256_loadu_ps(p),
-                    _mm256_loadu_ps(p.add(8)),
-                    _mm256_loadu_ps(p.add(16)),
-                    _mm256_loadu_ps(p.add(24)),
-                ]
-            };
-            Self { v, xb }
-        }
-    }
-
-    impl Block for Avx2Block<'_> {
-        #[inline(always)]
-        fn largest(&self) -> f32 {
-            // SAFETY (all intrinsics here): AVX2 is available, see `load`.
-            unsafe {
-                let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
-                let a = [
-                    _mm256_and_ps(self.v[0], abs_mask),
-                    _mm256_and_ps(self.v[1], abs_mask),
-                    _mm256_and_ps(self.v[2], abs_mask),
-                    _mm256_and_ps(self.v[3], abs_mask),
-                ];
-                let m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
-                let m = _mm256_max_ps(m, _mm256_permute2f128_ps(m, m, 1));
-                let m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0b01_00_11_10));
-                let m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0b10_11_00_01));
-                if _mm256_cvtss_f32(m) == 0.0 {
-                    // the portable fold's starting value
-                    return 0.0;
-                }
-                // The first weight whose magnitude is the maximum, as the
-                // portable fold (strictly greater replaces) picks it.
-                let mut hits = 0u32;
-                for (c, &ac) in a.iter().enumerate() {
-                    let eq = _mm256_cmp_ps(ac, m, _CMP_EQ_OQ);
-                    hits |= (_mm256_movemask_ps(eq) as u32) << (8 * c);
-                }
-                self.xb[hits.trailing_zeros() as usize]
+            let sv = _mm256_set1_ps(s);
+            let eight = _mm256_set1_epi32(8);
+            let mut q = [_mm256_setzero_si256(); 4];
+            for (c, qc) in q.iter_mut().enumerate() {
+                let l = levels(_mm256_loadu_ps(p.add(8 * c)), sv);
+                *qc = _mm256_add_epi32(_mm256_cvttps_epi32(l), eight);
             }
-        }
-
-        #[inline(always)]
-        fn error(&self, s: f32) -> (f32, f32, f32) {
-            // SAFETY (all intrinsics here): AVX2 is available, see `load`.
-            unsafe {
-                let sv = _mm256_set1_ps(s);
-                let zero = _mm256_setzero_ps();
-                let (mut err, mut xl, mut ll) = (zero, zero, zero);
-                for &x in &self.v {
-                    let l = levels(x, sv);
-                    let e = _mm256_sub_ps(x, _mm256_mul_ps(sv, l));
-                    err = _mm256_add_ps(err, _mm256_mul_ps(e, e));
-                    xl = _mm256_add_ps(xl, _mm256_mul_ps(x, l));
-                    ll = _mm256_add_ps(ll, _mm256_mul_ps(l, l));
-                }
-                // Pairwise sums within each 128-bit half give, for each
-                // accumulator, (a0 + a1) + (a2 + a3) and (a4 + a5) + (a6 + a7);
-                // adding the halves finishes the portable summation tree.
-                let h = _mm256_hadd_ps(_mm256_hadd_ps(err, xl), _mm256_hadd_ps(ll, ll));
-                let t = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-                let mut out = [0f32; 4];
-                _mm_storeu_ps(out.as_mut_ptr(), t);
-                (out[0], out[1], out[2])
-            }
-        }
-
-        #[inline(always)]
-        fn pack(&self, s: f32, qb: &mut [u8; BLOCK / 2]) {
-            if s == 0.0 {
-                qb.fill(0x88);
-                return;
-            }
-            // SAFETY (all intrinsics here): AVX2 is available, see `load`;
-            // the store writes exactly `qb`'s 16 bytes.
-            unsafe {
-                let sv = _mm256_set1_ps(s);
-                let eight = _mm256_set1_epi32(8);
-                let [q0, q1, q2, q3] = self.v;
-                let q = [
-                    _mm256_add_epi32(_mm256_cvttps_epi32(levels(q0, sv)), eight),
-                    _mm256_add_epi32(_mm256_cvttps_epi32(levels(q1, sv)), eight),
-                    _mm256_add_epi32(_mm256_cvttps_epi32(levels(q2, sv)), eight),
-                    _mm256_add_epi32(_mm256_cvttps_epi32(levels(q3, sv)), eight),
-                ];
-                // bytes 0..8 and 8..16: weight j low, weight j + 16 high
-                let lo = _mm256_or_si256(q[0], _mm256_slli_epi32(q[2], 4));
-                let hi = _mm256_or_si256(q[1], _mm256_slli_epi32(q[3], 4));
-                // packus works within 128-bit halves; the permute restores j order
-                let w = _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0b11_01_10_00);
-                let b = _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
-                _mm_storeu_si128(qb.as_mut_ptr().cast(), b);
-            }
+            // bytes 0..8 and 8..16: weight j low, weight j + 16 high
+            let lo = _mm256_or_si256(q[0], _mm256_slli_epi32(q[2], 4));
+            let hi = _mm256_or_si256(q[1], _mm256_slli_epi32(q[3], 4));
+            // packus works within 128-bit halves; the permute restores j order
+            let w = _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0b11_01_10_00);
+            let b = _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+            _mm_storeu_si128(qb.as_mut_ptr().cast(), b);
         }
     }
 
     /// `clamp(round(x / s), -8, 7)` as floats, exactly as the portable
-    /// `level`: divide, add ±0.49999997 by the sign, clamp, truncate.
+    /// `level`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX.
     #[inline(always)]
-    unsafe fn levels(x: __m256, sv: __m256) -> __m256 {
-        let v = _mm256_div_ps(x, sv);
-        let half = _mm256_or_ps(
-            _mm256_and_ps(v, _mm256_set1_ps(-0.0)),
-            _mm256_set1_ps(0.499_999_97),
-        );
-        let t = _mm256_add_ps(v, half);
-        let t = _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-8.0)), _mm256_set1_ps(7.0));
-        _mm256_cvtepi32_ps(_mm256_cvttps_epi32(t))
+    unsafe fn levels(x: __m256, s: __m256) -> __m256 {
+        // SAFETY: the caller's AVX contract.
+        unsafe { round_clamp(_mm256_div_ps(x, s), -8.0, 7.0) }
     }
 }
 

@@ -81,7 +81,7 @@ fn round_clamp(v: f32, hi: f32) -> f32 {
 /// Sums in 8 lanes (`j mod 8`, ascending `j`), combined pairwise: a fixed
 /// order the compiler vectorizes.
 #[inline(always)]
-fn lanes_sum(a: [f32; 8]) -> f32 {
+fn pairwise_sum8(a: [f32; 8]) -> f32 {
     ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
 }
 
@@ -101,7 +101,12 @@ fn sub_error(x: &[f32; BLOCK], s: f32, o: f32) -> (f32, f32, f32, f32) {
             slx[k] += l * c[k];
         }
     }
-    (lanes_sum(e2), lanes_sum(sl), lanes_sum(sll), lanes_sum(slx))
+    (
+        pairwise_sum8(e2),
+        pairwise_sum8(sl),
+        pairwise_sum8(sll),
+        pairwise_sum8(slx),
+    )
 }
 
 /// Least-squares `(s, o)` for fixed levels: the line `x = s * l + b` through
@@ -148,7 +153,7 @@ pub fn fit_sub_block(x: &[f32; BLOCK], search: bool) -> (f32, f32) {
             sxl[k] += c[k];
         }
     }
-    let sx = lanes_sum(sxl);
+    let sx = pairwise_sum8(sxl);
     for delta in Q4K_DELTAS {
         let iscale = (QMAX + delta) / range;
         let (mut sl, mut sll, mut slx) = ([0f32; 8], [0f32; 8], [0f32; 8]);
@@ -160,7 +165,8 @@ pub fn fit_sub_block(x: &[f32; BLOCK], search: bool) -> (f32, f32) {
                 slx[k] += l * c[k];
             }
         }
-        let (mut sl, mut sll, mut slx) = (lanes_sum(sl), lanes_sum(sll), lanes_sum(slx));
+        let (mut sl, mut sll, mut slx) =
+            (pairwise_sum8(sl), pairwise_sum8(sll), pairwise_sum8(slx));
         for _ in 0..Q4K_REFITS {
             let Some((s, o)) = refit(sl, sll, slx, sx) else {
                 break;
@@ -234,7 +240,7 @@ fn encode_group(x: &[f32], fits: &[(f32, f32)]) -> Result<Group, QuantError> {
             let e = v - (s * l - o);
             e2[j % 8] += e * e;
         }
-        g.err += lanes_sum(e2);
+        g.err += pairwise_sum8(e2);
     }
     Ok(g)
 }
@@ -345,7 +351,7 @@ unsafe fn quantize_rows_avx2(
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{fit_group, Fitter, BLOCK, Q4K_DELTAS, Q4K_GROUP, Q4K_REFITS, Q4K_SUBS, QMAX};
-    use crate::quant::x86::transpose8;
+    use crate::quant::x86::{blocks_in_lanes, finite, pairwise_sum8, round_clamp};
     use std::arch::x86_64::*;
 
     /// Used only inside `quantize_rows_avx2`, whose contract is that the CPU
@@ -374,17 +380,10 @@ mod avx2 {
     #[inline(always)]
     unsafe fn fit_lanes(x: &[f32; Q4K_GROUP]) -> [(f32, f32); Q4K_SUBS] {
         // SAFETY (all intrinsics here): AVX2 is available (the caller's
-        // contract); every load reads inside `x`.
+        // contract); the one store writes `s` and `o`'s 8 floats each.
         unsafe {
             let zero = _mm256_setzero_ps();
-            let mut xs = [zero; BLOCK];
-            for c in 0..BLOCK / 8 {
-                let mut rows = [zero; 8];
-                for (b, r) in rows.iter_mut().enumerate() {
-                    *r = _mm256_loadu_ps(x.as_ptr().add(b * BLOCK + 8 * c));
-                }
-                xs[8 * c..8 * c + 8].copy_from_slice(&transpose8(rows));
-            }
+            let xs = blocks_in_lanes(x);
             let (mut min, mut max) = (zero, _mm256_set1_ps(f32::NEG_INFINITY));
             for &v in &xs {
                 min = _mm256_min_ps(min, v);
@@ -408,19 +407,21 @@ mod avx2 {
                     sxl[k] = _mm256_add_ps(sxl[k], c[k]);
                 }
             }
-            let sx = lanes_sum(sxl);
+            let sx = pairwise_sum8(sxl);
             for delta in Q4K_DELTAS {
                 let iscale = _mm256_div_ps(_mm256_set1_ps(QMAX + delta), range);
                 let (mut sl, mut sll, mut slx) = ([zero; 8], [zero; 8], [zero; 8]);
                 for c in xs.chunks_exact(8) {
                     for k in 0..8 {
-                        let l = round_clamp(_mm256_mul_ps(_mm256_sub_ps(c[k], min), iscale));
+                        let l =
+                            round_clamp(_mm256_mul_ps(_mm256_sub_ps(c[k], min), iscale), 0.0, QMAX);
                         sl[k] = _mm256_add_ps(sl[k], l);
                         sll[k] = _mm256_add_ps(sll[k], _mm256_mul_ps(l, l));
                         slx[k] = _mm256_add_ps(slx[k], _mm256_mul_ps(l, c[k]));
                     }
                 }
-                let (mut sl, mut sll, mut slx) = (lanes_sum(sl), lanes_sum(sll), lanes_sum(slx));
+                let (mut sl, mut sll, mut slx) =
+                    (pairwise_sum8(sl), pairwise_sum8(sll), pairwise_sum8(slx));
                 let mut alive = searching;
                 for _ in 0..Q4K_REFITS {
                     let (s, o, ok) = refit(sl, sll, slx, sx);
@@ -487,7 +488,7 @@ mod avx2 {
             let (mut e2, mut sl, mut sll, mut slx) = ([zero; 8], [zero; 8], [zero; 8], [zero; 8]);
             for c in xs.chunks_exact(8) {
                 for k in 0..8 {
-                    let l = round_clamp(_mm256_div_ps(_mm256_add_ps(c[k], o), s));
+                    let l = round_clamp(_mm256_div_ps(_mm256_add_ps(c[k], o), s), 0.0, QMAX);
                     let e = _mm256_sub_ps(c[k], _mm256_sub_ps(_mm256_mul_ps(s, l), o));
                     e2[k] = _mm256_add_ps(e2[k], _mm256_mul_ps(e, e));
                     sl[k] = _mm256_add_ps(sl[k], l);
@@ -495,46 +496,11 @@ mod avx2 {
                     slx[k] = _mm256_add_ps(slx[k], _mm256_mul_ps(l, c[k]));
                 }
             }
-            (lanes_sum(e2), lanes_sum(sl), lanes_sum(sll), lanes_sum(slx))
-        }
-    }
-
-    /// `round_clamp(v, QMAX)` per lane.
-    #[inline(always)]
-    unsafe fn round_clamp(v: __m256) -> __m256 {
-        // SAFETY (all intrinsics here): the caller's AVX2 contract.
-        unsafe {
-            let half = _mm256_or_ps(
-                _mm256_and_ps(v, _mm256_set1_ps(-0.0)),
-                _mm256_set1_ps(0.499_999_97),
-            );
-            let t = _mm256_add_ps(v, half);
-            let t = _mm256_min_ps(_mm256_max_ps(t, _mm256_setzero_ps()), _mm256_set1_ps(QMAX));
-            _mm256_cvtepi32_ps(_mm256_cvttps_epi32(t))
-        }
-    }
-
-    /// `lanes_sum` per lane.
-    #[inline(always)]
-    unsafe fn lanes_sum(a: [__m256; 8]) -> __m256 {
-        // SAFETY (all intrinsics here): the caller's AVX2 contract.
-        unsafe {
-            _mm256_add_ps(
-                _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])),
-                _mm256_add_ps(_mm256_add_ps(a[4], a[5]), _mm256_add_ps(a[6], a[7])),
-            )
-        }
-    }
-
-    /// Lanes holding a finite value.
-    #[inline(always)]
-    unsafe fn finite(v: __m256) -> __m256 {
-        // SAFETY: the caller's AVX2 contract.
-        unsafe {
-            _mm256_cmp_ps(
-                _mm256_and_ps(v, abs_mask()),
-                _mm256_set1_ps(f32::INFINITY),
-                _CMP_LT_OQ,
+            (
+                pairwise_sum8(e2),
+                pairwise_sum8(sl),
+                pairwise_sum8(sll),
+                pairwise_sum8(slx),
             )
         }
     }
@@ -544,12 +510,6 @@ mod avx2 {
     unsafe fn neg(v: __m256) -> __m256 {
         // SAFETY: the caller's AVX2 contract.
         unsafe { _mm256_xor_ps(v, _mm256_set1_ps(-0.0)) }
-    }
-
-    #[inline(always)]
-    unsafe fn abs_mask() -> __m256 {
-        // SAFETY: the caller's AVX2 contract.
-        unsafe { _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff)) }
     }
 }
 

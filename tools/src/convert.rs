@@ -30,8 +30,9 @@
 //! cores straight from the mmapped safetensors, then its source pages are
 //! released. A reader thread brings the batches into memory a few ahead of
 //! the quantizer, so the disk and the cores work at the same time. Resident
-//! memory is two output tensors plus a few batches, not the model. Output goes through [`NblWriter`] (temporary file, renamed at
-//! the end), so a failure never leaves a partial `.nbl`.
+//! memory is two output tensors plus a few batches, not the model. Output
+//! goes through [`NblWriter`] (temporary file, renamed at the end), so a
+//! failure never leaves a partial `.nbl`.
 
 use crate::hf::{read_json, LlamaConfig, RopeScaling, TokenizerInfo};
 use crate::source::{Source, SourceTensor};

@@ -320,6 +320,26 @@ fn non_finite_weight_leaves_no_partial_output() {
     );
 }
 
+/// A failure in the first tensor, while the reader thread is still ahead
+/// with every other tensor to read: the conversion stops (no hang) with the
+/// error and no output.
+#[test]
+fn failure_in_the_first_tensor_stops_the_reader() {
+    let c = Case::new();
+    c.edit_tensors(|ts| {
+        let t = ts
+            .iter_mut()
+            .find(|t| t.0 == "model.embed_tokens.weight")
+            .unwrap();
+        t.3[0..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    });
+    let m = c.cli_error();
+    assert!(
+        m.contains("tensor 'model.embed_tokens.weight': weight 0 is NaN"),
+        "{m}"
+    );
+}
+
 #[test]
 fn failed_conversion_keeps_an_existing_output() {
     let c = Case::new();
