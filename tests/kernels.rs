@@ -108,6 +108,12 @@ fn tolerance(
         for (i, v) in xa.iter_mut().enumerate() {
             *v = q.qs[i] as f32 * q.d[i / BLOCK];
         }
+    } else if w.tensor_type() == TensorType::Q4K {
+        let mut q = QuantAct::default();
+        scalar::quantize_act_grouped(xt, cols, &mut q);
+        for (i, v) in xa.iter_mut().enumerate() {
+            *v = q.qs[i] as f32 * q.d[i / (BLOCK * Q4K_SUBS)];
+        }
     } else if quantized {
         let mut q = QuantAct::default();
         scalar::quantize_act(xt, &mut q);
@@ -203,6 +209,17 @@ proptest! {
             k.quantize_act(&x, &mut got);
             prop_assert_eq!(&got.qs, &want.qs, "{} q", k.set());
             prop_assert_eq!(bits(&got.d), bits(&want.d), "{} d", k.set());
+            // rows of one block, of 3 and of 9 (a group and a 1-block tail)
+            // blocks, or one row of all
+            let widths = [BLOCK, 3 * BLOCK, 9 * BLOCK, x.len()];
+            for cols in widths.into_iter().filter(|c| x.len().is_multiple_of(*c)) {
+                let mut want_g = QuantAct::default();
+                scalar::quantize_act_grouped(&x, cols, &mut want_g);
+                let mut got_g = QuantAct::default();
+                k.quantize_act_grouped(&x, cols, &mut got_g);
+                prop_assert_eq!(&got_g.qs, &want_g.qs, "{} grouped q", k.set());
+                prop_assert_eq!(bits(&got_g.d), bits(&want_g.d), "{} grouped d", k.set());
+            }
             let mut got16 = QuantAct16::default();
             k.quantize_act16(&x, &mut got16);
             prop_assert_eq!(&got16.qs, &want16.qs, "{} q16", k.set());
@@ -323,7 +340,7 @@ proptest! {
             q4k_pack_scales(&s, &m, &mut sc[g * 12..(g + 1) * 12]);
         }
         let dm = vec![f16::ONE; 2 * ng];
-        let ad = vec![1f32; nb];
+        let ad = vec![1f32; ng];
         let exact = |a: &[i8]| -> i64 {
             let mut total = 0i64;
             for b in 0..nb {

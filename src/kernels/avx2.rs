@@ -49,10 +49,10 @@ static ISA: Isa = Isa {
 // same features besides its own. Each one checks the slice lengths the unsafe
 // body relies on.
 
-pub(super) fn quantize_act(x: &[f32], qs: &mut [i8], d: &mut [f32]) {
-    assert!(x.len().is_multiple_of(BLOCK) && qs.len() == x.len() && d.len() == x.len() / BLOCK);
+pub(super) fn quantize_act(x: &[f32], qs: &mut [i8], d: &mut [f32], blocks: usize) {
+    assert!(qs.len() == x.len() && x.len() == d.len() * blocks * BLOCK);
     // SAFETY: features detected (see above); lengths checked.
-    unsafe { quantize_act_avx2(x, qs, d) }
+    unsafe { quantize_act_avx2(x, qs, d, blocks) }
 }
 
 pub(super) fn quantize_act16(x: &[f32], qs: &mut [i16], d: &mut [f32]) {
@@ -122,6 +122,23 @@ unsafe fn q8_dot(w: [__m256i; 2], a: [__m256i; 2]) -> __m256i {
     _mm256_add_epi32(_mm256_madd_epi16(w[0], a[0]), _mm256_madd_epi16(w[1], a[1]))
 }
 
+/// Prefetches the cache line at `offset` of row `r + R`: the same place in
+/// the next tile's rows. The hardware prefetchers lose each row's stream when
+/// a tile ends (the next rows start a whole tile further on, and a 4096-wide
+/// q4 row is only 32 cache lines), so without this every tile began with a
+/// cache miss per row (7B q4k decode: 5.7 t/s with it, 4.5 without;
+/// `benches/RESULTS.md`). Past the matrix's last row the address may name
+/// memory that does not exist, which a prefetch allows (it never faults).
+#[inline(always)]
+unsafe fn prefetch_next_tile<const R: usize>(
+    w: *const u8,
+    r: usize,
+    row_bytes: usize,
+    offset: usize,
+) {
+    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((r + R) * row_bytes + offset) as *const i8);
+}
+
 /// `R` rows of 4-bit blocks × `T` quantized activation rows.
 ///
 /// Safety: the caller checks `w.len() >= R * nb * 16`, `wd.len() >= R * nb`,
@@ -154,6 +171,9 @@ unsafe fn q4_body<const R: usize, const T: usize>(
             }
             for r in 0..R {
                 let raw = _mm_loadu_si128(wp.add(r * row_bytes + blk * 16) as *const __m128i);
+                if blk % 4 == 0 {
+                    prefetch_next_tile::<R>(wp, r, row_bytes, blk * 16);
+                }
                 let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), mask);
                 for t in 0..T {
                     let s = q4_dot(q, a[t], c[t]);
@@ -206,6 +226,9 @@ unsafe fn q8_body<const R: usize, const T: usize>(
             }
             for r in 0..R {
                 let p = wp.add(r * row_bytes + blk * BLOCK);
+                if blk % 2 == 0 {
+                    prefetch_next_tile::<R>(wp, r, row_bytes, blk * BLOCK);
+                }
                 let q = [
                     _mm256_cvtepi8_epi16(_mm_loadu_si128(p as *const __m128i)),
                     _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(16) as *const __m128i)),
@@ -252,11 +275,17 @@ pub(super) unsafe fn unpack_q4k_scales(p: *const u8) -> (__m256i, __m256i) {
     )
 }
 
-/// `R` rows of q4k weights × `T` 8-bit activation rows. Per sub-block and
-/// row: the nibbles unpacked unsigned and `Σ q a` formed by [`q4_dot`] with
-/// no offset (exact), converted and multiplied by `d * sc * d_a`. Per group
-/// and row: `dmin * m * d_a * Σ a` for the 8 sub-blocks in one vector,
-/// subtracted from the same accumulator.
+/// `R` rows of q4k weights × `T` 8-bit activation rows with one scale per
+/// group. A group's `Σ_k sc_k Σ q a` is summed in integers and converted
+/// once: per pair of sub-blocks and row, one 32-byte load holds both
+/// sub-blocks' nibbles, the low nibbles meet each sub-block's first 16
+/// activations and the high nibbles its last 16 (`vpmaddubsw`, at most
+/// `2 * 15 * 127` per i16), the two add (at most 7620) and `vpmaddwd`
+/// multiplies them by the sub-blocks' 6-bit scales (`sc_k` in the low 128-bit
+/// lane, `sc_{k+1}` in the high one). Each i32 lane gathers at most
+/// `4 * 2 * 7620 * 63 < 2^22` per group, so its conversion is exact. Per group
+/// and row: `d` times that, minus `dmin * m_k * Σ a` of the 8 sub-blocks in
+/// one vector, times the token's group scale.
 ///
 /// Safety: the caller checks the slices with [`KRows::check`] for `R` rows
 /// and `aq`, `ad`, `asum` for `T` tokens.
@@ -284,8 +313,8 @@ unsafe fn q4k_body<const R: usize, const T: usize>(
 }
 
 /// Group `g` (of `nk` sub-blocks: 8, or fewer for a row's last group) of
-/// [`q4k_body`]. A short group reads its activation scales and sums through
-/// zero-padded copies, so the lanes of missing sub-blocks add nothing.
+/// [`q4k_body`]. A short group reads its activation block sums through a
+/// zero-padded copy, so the lanes of missing sub-blocks add nothing.
 ///
 /// Safety: as [`q4k_body`], with `8 * g + nk <= nb`.
 #[inline(always)]
@@ -303,56 +332,94 @@ unsafe fn q4k_group<const R: usize, const T: usize>(
     let ng = nb.div_ceil(8);
     let row_bytes = nb * 16;
     let mask = _mm256_set1_epi8(0x0f);
-    let zero = _mm256_setzero_si256();
-    let mut prod = [[[0f32; 8]; T]; R];
     let (wp, dp, sp, ap) = (
         w.qs.as_ptr(),
         w.dm.as_ptr() as *const i32,
         w.sc.as_ptr(),
         aq.as_ptr(),
     );
-    let mut adv = [_mm256_setzero_ps(); T];
-    let mut amin = [_mm256_setzero_ps(); T];
-    for t in 0..T {
-        let i = t * nb + 8 * g;
-        let s = if nk == 8 {
-            adv[t] = _mm256_loadu_ps(ad.as_ptr().add(i));
-            _mm256_loadu_si256(asum.as_ptr().add(i) as *const __m256i)
-        } else {
-            let (mut dpad, mut spad) = ([0f32; 8], [0i32; 8]);
-            dpad[..nk].copy_from_slice(&ad[i..i + nk]);
-            spad[..nk].copy_from_slice(&asum[i..i + nk]);
-            adv[t] = _mm256_loadu_ps(dpad.as_ptr());
-            _mm256_loadu_si256(spad.as_ptr() as *const __m256i)
-        };
-        amin[t] = _mm256_mul_ps(adv[t], _mm256_cvtepi32_ps(s));
-    }
+    // each row's 6-bit scales, twice per i32 lane: the i16 multipliers of
+    // `vpmaddwd` after a `vpermd`
+    let mut sc2 = [_mm256_setzero_si256(); R];
     for r in 0..R {
-        let gi = r * ng + g;
-        // (d, dmin) in alternate lanes
-        let dd = _mm256_cvtph_ps(_mm_set1_epi32(dp.add(gi).read_unaligned()));
-        let (sc, m) = unpack_q4k_scales(sp.add(gi * 12));
-        let dsc = _mm256_mul_ps(_mm256_permute_ps(dd, 0b00_00_00_00), _mm256_cvtepi32_ps(sc));
-        let dm = _mm256_mul_ps(_mm256_permute_ps(dd, 0b01_01_01_01), _mm256_cvtepi32_ps(m));
-        for t in 0..T {
-            _mm256_storeu_ps(prod[r][t].as_mut_ptr(), _mm256_mul_ps(dsc, adv[t]));
-            acc[r][t] = _mm256_fnmadd_ps(dm, amin[t], acc[r][t]);
-        }
+        let (sc, _) = unpack_q4k_scales(sp.add((r * ng + g) * 12));
+        sc2[r] = _mm256_or_si256(sc, _mm256_slli_epi32(sc, 16));
     }
-    for k in 0..nk {
+    let mut isum = [[_mm256_setzero_si256(); T]; R];
+    let mut k = 0;
+    while k + 2 <= nk {
+        let blk = 8 * g + k;
+        let mut alo = [_mm256_setzero_si256(); T];
+        let mut ahi = [_mm256_setzero_si256(); T];
+        for t in 0..T {
+            let p = ap.add((t * nb + blk) * BLOCK);
+            let a0 = _mm256_loadu_si256(p as *const __m256i);
+            let a1 = _mm256_loadu_si256(p.add(BLOCK) as *const __m256i);
+            alo[t] = _mm256_permute2x128_si256(a0, a1, 0x20);
+            ahi[t] = _mm256_permute2x128_si256(a0, a1, 0x31);
+        }
+        let (k0, k1) = (k as i32, k as i32 + 1);
+        let pick = _mm256_setr_epi32(k0, k0, k0, k0, k1, k1, k1, k1);
+        for r in 0..R {
+            let v = _mm256_loadu_si256(wp.add(r * row_bytes + blk * 16) as *const __m256i);
+            if k % 4 == 0 {
+                prefetch_next_tile::<R>(wp, r, row_bytes, blk * 16);
+            }
+            let lo = _mm256_and_si256(v, mask);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+            let s = _mm256_permutevar8x32_epi32(sc2[r], pick);
+            for t in 0..T {
+                let p = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(lo, alo[t]),
+                    _mm256_maddubs_epi16(hi, ahi[t]),
+                );
+                isum[r][t] = _mm256_add_epi32(isum[r][t], _mm256_madd_epi16(p, s));
+            }
+        }
+        k += 2;
+    }
+    if k < nk {
+        // a short group's odd last sub-block: its 32 weights in one register
         let blk = 8 * g + k;
         let mut a = [_mm256_setzero_si256(); T];
         for t in 0..T {
             a[t] = _mm256_loadu_si256(ap.add((t * nb + blk) * BLOCK) as *const __m256i);
         }
+        let pick = _mm256_set1_epi32(k as i32);
         for r in 0..R {
             let raw = _mm_loadu_si128(wp.add(r * row_bytes + blk * 16) as *const __m128i);
             let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), mask);
+            let s = _mm256_permutevar8x32_epi32(sc2[r], pick);
             for t in 0..T {
-                let s = q4_dot(q, a[t], zero);
-                let scale = _mm256_set1_ps(prod[r][t][k]);
-                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[r][t]);
+                let p = _mm256_maddubs_epi16(q, a[t]);
+                isum[r][t] = _mm256_add_epi32(isum[r][t], _mm256_madd_epi16(p, s));
             }
+        }
+    }
+    let mut adg = [_mm256_setzero_ps(); T];
+    let mut asf = [_mm256_setzero_ps(); T];
+    for t in 0..T {
+        let i = t * nb + 8 * g;
+        let s = if nk == 8 {
+            _mm256_loadu_si256(asum.as_ptr().add(i) as *const __m256i)
+        } else {
+            let mut spad = [0i32; 8];
+            spad[..nk].copy_from_slice(&asum[i..i + nk]);
+            _mm256_loadu_si256(spad.as_ptr() as *const __m256i)
+        };
+        asf[t] = _mm256_cvtepi32_ps(s);
+        adg[t] = _mm256_set1_ps(*ad.get_unchecked(t * ng + g));
+    }
+    for r in 0..R {
+        let gi = r * ng + g;
+        // (d, dmin) in alternate lanes
+        let dd = _mm256_cvtph_ps(_mm_set1_epi32(dp.add(gi).read_unaligned()));
+        let (_, m) = unpack_q4k_scales(sp.add(gi * 12));
+        let d = _mm256_permute_ps(dd, 0b00_00_00_00);
+        let dm = _mm256_mul_ps(_mm256_permute_ps(dd, 0b01_01_01_01), _mm256_cvtepi32_ps(m));
+        for t in 0..T {
+            let f = _mm256_fmsub_ps(d, _mm256_cvtepi32_ps(isum[r][t]), _mm256_mul_ps(dm, asf[t]));
+            acc[r][t] = _mm256_fmadd_ps(f, adg[t], acc[r][t]);
         }
     }
 }
@@ -371,7 +438,7 @@ pub(super) fn q4k_tile(
 ) {
     w.check(nb, nr);
     assert!(
-        aq.len() >= nt * nb * BLOCK && ad.len() >= nt * nb && asum.len() >= nt * nb,
+        aq.len() >= nt * nb * BLOCK && ad.len() >= nt * nb.div_ceil(8) && asum.len() >= nt * nb,
         "q4k tile: activations shorter than the tile"
     );
     // SAFETY: only reachable through a table handed out after AVX2, FMA and
@@ -568,10 +635,10 @@ unsafe fn round_away(v: __m256) -> __m256 {
     _mm256_add_ps(t, _mm256_and_ps(big, one_signed))
 }
 
-/// The 32 values of the block at `xp` and their largest magnitude (exact:
-/// max does not round), shared by the 8- and 16-bit activation quantizers.
+/// The 32 values of the block at `xp` and the lane-wise maximum of their
+/// magnitudes.
 #[inline(always)]
-unsafe fn load_block_absmax(xp: *const f32) -> ([__m256; 4], f32) {
+unsafe fn load_block_abs(xp: *const f32) -> ([__m256; 4], __m256) {
     let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
     let v = [
         _mm256_loadu_ps(xp),
@@ -583,35 +650,60 @@ unsafe fn load_block_absmax(xp: *const f32) -> ([__m256; 4], f32) {
         _mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
         _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)),
     );
+    (v, m)
+}
+
+/// The largest of the eight lanes.
+#[inline(always)]
+unsafe fn hmax(m: __m256) -> f32 {
     let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
     let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
     let m = _mm_max_ss(m, _mm_movehdup_ps(m));
-    (v, _mm_cvtss_f32(m))
+    _mm_cvtss_f32(m)
 }
 
-/// Quantizes whole blocks; bit-identical to `scalar::quantize_act` (max is
-/// exact in any order, the scale and inverse are the same scalar divisions,
-/// `v * inv` is one IEEE multiply, and [`round_away`] is exact).
+/// The 32 values of the block at `xp` and their largest magnitude (exact:
+/// max does not round).
+#[inline(always)]
+unsafe fn load_block_absmax(xp: *const f32) -> ([__m256; 4], f32) {
+    let (v, m) = load_block_abs(xp);
+    (v, hmax(m))
+}
+
+/// Quantizes whole blocks, one scale per run of `blocks` blocks;
+/// bit-identical to `scalar::quantize_act` (max is exact in any order, the
+/// scale and inverse are the same scalar divisions, `v * inv` is one IEEE
+/// multiply, and [`round_away`] is exact).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn quantize_act_avx2(x: &[f32], qs: &mut [i8], d: &mut [f32]) {
+unsafe fn quantize_act_avx2(x: &[f32], qs: &mut [i8], d: &mut [f32], blocks: usize) {
     let perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    for (blk, db) in d.iter_mut().enumerate() {
-        let (v, amax) = load_block_absmax(x.as_ptr().add(blk * BLOCK));
+    let xp = x.as_ptr();
+    for (run, db) in d.iter_mut().enumerate() {
+        let first = run * blocks;
+        let mut m = _mm256_setzero_ps();
+        for blk in first..first + blocks {
+            m = _mm256_max_ps(m, load_block_abs(xp.add(blk * BLOCK)).1);
+        }
+        let amax = hmax(m);
         *db = amax / 127.0;
         let inv = _mm256_set1_ps(super::scalar::act_inverse_scale(amax));
-        let i = [
-            _mm256_cvtps_epi32(round_away(_mm256_mul_ps(v[0], inv))),
-            _mm256_cvtps_epi32(round_away(_mm256_mul_ps(v[1], inv))),
-            _mm256_cvtps_epi32(round_away(_mm256_mul_ps(v[2], inv))),
-            _mm256_cvtps_epi32(round_away(_mm256_mul_ps(v[3], inv))),
-        ];
-        // the packs work per 128-bit lane; the permute restores element order
-        let p = _mm256_packs_epi16(
-            _mm256_packs_epi32(i[0], i[1]),
-            _mm256_packs_epi32(i[2], i[3]),
-        );
-        let p = _mm256_permutevar8x32_epi32(p, perm);
-        _mm256_storeu_si256(qs.as_mut_ptr().add(blk * BLOCK) as *mut __m256i, p);
+        for blk in first..first + blocks {
+            // reloaded: eight blocks' values do not fit in the registers
+            let v = load_block_abs(xp.add(blk * BLOCK)).0;
+            let i = [
+                _mm256_cvtps_epi32(round_away(_mm256_mul_ps(v[0], inv))),
+                _mm256_cvtps_epi32(round_away(_mm256_mul_ps(v[1], inv))),
+                _mm256_cvtps_epi32(round_away(_mm256_mul_ps(v[2], inv))),
+                _mm256_cvtps_epi32(round_away(_mm256_mul_ps(v[3], inv))),
+            ];
+            // the packs work per 128-bit lane; the permute restores element order
+            let p = _mm256_packs_epi16(
+                _mm256_packs_epi32(i[0], i[1]),
+                _mm256_packs_epi32(i[2], i[3]),
+            );
+            let p = _mm256_permutevar8x32_epi32(p, perm);
+            _mm256_storeu_si256(qs.as_mut_ptr().add(blk * BLOCK) as *mut __m256i, p);
+        }
     }
 }
 

@@ -265,7 +265,7 @@ fn q4k_rows16(
     assert!(
         (1..=ROWS16_TOKENS).contains(&nt)
             && aq.len() >= nt * nb * BLOCK
-            && ad.len() >= nt * nb
+            && ad.len() >= nt * nb.div_ceil(8)
             && asum.len() >= nt * nb,
         "q4k_rows16: activations shorter than the tile"
     );
@@ -287,7 +287,7 @@ fn q4k_rows16(
 
 /// 16 q4k rows × `T` tokens, rows in lanes: per sub-block the nibbles as in
 /// [`q4_rows16_vnni`] (`vpdpbusd` of the unsigned levels from zero, exact),
-/// scaled by the rows' `d * sc` times the token's scale; per sub-block and
+/// scaled by the rows' `d * sc` times the token's group scale; per sub-block and
 /// token the rows' `dmin * m` times `d_a * Σ a` subtracted. The rows' scales
 /// are unpacked once per group with the AVX2 helper and transposed.
 ///
@@ -337,7 +337,7 @@ unsafe fn q4k_rows16_vnni<const T: usize>(
                 for (j, cj) in c.iter().enumerate() {
                     s = _mm512_dpbusd_epi32(s, *cj, _mm512_set1_epi32(a.add(j).read_unaligned()));
                 }
-                let at = ad[t * nb + blk];
+                let at = ad[t * ng + g];
                 let scale = _mm512_mul_ps(dsc[k], _mm512_set1_ps(at));
                 acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[t]);
                 let amin = _mm512_set1_ps(at * asum[t * nb + blk] as f32);

@@ -18,11 +18,12 @@
 //! error), bit-identical in every set; each weight block is multiplied with its
 //! activation block in exact integer arithmetic, and the integer block sum is
 //! scaled by `d_weight * d_act` and accumulated in f32. Only the order of that
-//! f32 accumulation differs between sets. q4k weights (8-bit activations)
-//! split each 32-weight sub-block's sum in two exact integer parts,
-//! `sum_j x_j a_j = d_a * (d * sc * Σ q_j a_j - dmin * m * Σ a_j)`, with the
-//! activation block sums `Σ a_j` computed once per matmul
-//! ([`act_block_sums`]); see [`scalar::dot_q4k_q8`].
+//! f32 accumulation differs between sets. q4k weights meet 8-bit activations
+//! with one scale per q4k group of 256 ([`scalar::quantize_act_grouped`]), so
+//! a whole group's sum splits in two exact integer parts,
+//! `Σ x a = d_a * (d * Σ_k sc_k Σ q a - dmin * Σ_k m_k Σ a)`, with the
+//! activation block sums `Σ a` computed once per matmul ([`act_block_sums`]);
+//! see [`scalar::dot_q4k_q8`].
 
 pub mod scalar;
 
@@ -33,7 +34,7 @@ mod avx512;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 
-use crate::quant::{WeightView, BLOCK, Q4K_SCALE_BYTES, Q4K_SUBS};
+use crate::quant::{WeightView, BLOCK, Q4K_GROUP, Q4K_SCALE_BYTES, Q4K_SUBS};
 use half::f16;
 use std::cell::RefCell;
 use std::fmt;
@@ -68,11 +69,11 @@ pub(crate) type QTileFn<A = i8> = fn(
 );
 
 /// A register-tiled kernel for q4k weights: like [`QTileFn`] with the three
-/// planes of `nr` consecutive rows in `w` and, besides the quantized
-/// activations, `asum[t * nb + b]`, the sum of token `t`'s quants in block `b`
-/// (from [`act_block_sums`]), for the `dmin * m` term. A row of `nb`
-/// sub-blocks has `nb.div_ceil(Q4K_SUBS)` groups, the last one shorter when
-/// `nb` is not a multiple of [`Q4K_SUBS`].
+/// planes of `nr` consecutive rows in `w`, activations with one scale per
+/// group (`ad[t * ng + g]`, `ng = nb.div_ceil(Q4K_SUBS)`) and, besides them,
+/// `asum[t * nb + b]`, the sum of token `t`'s quants in block `b` (from
+/// [`act_block_sums`]), for the `dmin * m` term. A row's last group is
+/// shorter when `nb` is not a multiple of [`Q4K_SUBS`].
 pub(crate) type Q4kTileFn = fn(
     w: KRows,
     aq: &[i8],
@@ -194,7 +195,9 @@ macro_rules! q4k_tile_fn {
         ) {
             w.check(nb, nr);
             assert!(
-                aq.len() >= nt * nb * BLOCK && ad.len() >= nt * nb && asum.len() >= nt * nb,
+                aq.len() >= nt * nb * BLOCK
+                    && ad.len() >= nt * nb.div_ceil($crate::quant::Q4K_SUBS)
+                    && asum.len() >= nt * nb,
                 "q4k tile: activations shorter than the tile"
             );
             // SAFETY: only reachable through a table handed out after the
@@ -232,8 +235,8 @@ pub(crate) type Q4LanesFn = fn(
 
 /// Prefill kernel for q4k weights with the rows in the vector lanes: like
 /// [`Q4LanesFn`], with the three planes of exactly [`Q4Lanes::rows`]
-/// consecutive rows in `w` (see [`KRows`]) and the `dmin * m` term taken
-/// from `asum`.
+/// consecutive rows in `w` (see [`KRows`]), one activation scale per group
+/// (as [`Q4kTileFn`]) and the `dmin * m` term taken from `asum`.
 pub(crate) type Q4kLanesFn = fn(
     w: KRows,
     nb: usize,
@@ -273,6 +276,45 @@ pub fn act_block_sums(aq: &[i8], out: &mut Vec<i32>) {
     );
 }
 
+/// See [`Isa::quantize_act`].
+pub(crate) type QuantizeActFn = fn(x: &[f32], qs: &mut [i8], d: &mut [f32], blocks: usize);
+
+/// Quantizes rows of `cols` activations with `quantize` (an
+/// [`Isa::quantize_act`]), one scale per `group` blocks of each row and one
+/// for the row's shorter remainder: `d` holds `nb.div_ceil(group)` scales per
+/// row of `nb` blocks.
+pub(crate) fn quantize_act_rows(
+    quantize: QuantizeActFn,
+    x: &[f32],
+    cols: usize,
+    group: usize,
+    qs: &mut [i8],
+    d: &mut [f32],
+) {
+    let nb = cols / BLOCK;
+    let per_row = nb.div_ceil(group);
+    assert!(
+        cols.is_multiple_of(BLOCK)
+            && x.len().is_multiple_of(cols)
+            && qs.len() == x.len()
+            && d.len() == x.len() / cols * per_row,
+        "quantize_act_rows: shapes"
+    );
+    if nb.is_multiple_of(group) {
+        return quantize(x, qs, d, group);
+    }
+    let whole = nb / group * group * BLOCK;
+    for ((xr, qr), dr) in x
+        .chunks_exact(cols)
+        .zip(qs.chunks_exact_mut(cols))
+        .zip(d.chunks_exact_mut(per_row))
+    {
+        let (dw, dt) = dr.split_at_mut(per_row - 1);
+        quantize(&xr[..whole], &mut qr[..whole], dw, group);
+        quantize(&xr[whole..], &mut qr[whole..], dt, nb % group);
+    }
+}
+
 /// The function table of one kernel set.
 pub(crate) struct Isa {
     pub set: KernelSet,
@@ -280,8 +322,9 @@ pub(crate) struct Isa {
     pub tile_rows: usize,
     /// Activation rows (tokens) per register tile in prefill.
     pub tile_tokens: usize,
-    /// Quantizes whole blocks: `qs.len() == x.len()`, `d.len() == x.len() / BLOCK`.
-    pub quantize_act: fn(x: &[f32], qs: &mut [i8], d: &mut [f32]),
+    /// Quantizes whole blocks with one scale per run of `blocks` blocks:
+    /// `qs.len() == x.len() == d.len() * blocks * BLOCK`.
+    pub quantize_act: QuantizeActFn,
     /// The same in 16-bit blocks (for 8-bit weights).
     pub quantize_act16: fn(x: &[f32], qs: &mut [i16], d: &mut [f32]),
     pub q4_tile: QTileFn,
@@ -496,7 +539,22 @@ impl Kernels {
         assert!(x.len().is_multiple_of(BLOCK), "quantize_act: partial block");
         out.qs.resize(x.len(), 0);
         out.d.resize(x.len() / BLOCK, 0.0);
-        (self.isa.quantize_act)(x, &mut out.qs, &mut out.d)
+        (self.isa.quantize_act)(x, &mut out.qs, &mut out.d, 1)
+    }
+
+    /// Quantizes rows of `cols` activations like
+    /// [`scalar::quantize_act_grouped`] (for q4k weights).
+    pub fn quantize_act_grouped(&self, x: &[f32], cols: usize, out: &mut QuantAct) {
+        out.qs.resize(x.len(), 0);
+        out.d.resize(x.len() / cols * cols.div_ceil(Q4K_GROUP), 0.0);
+        quantize_act_rows(
+            self.isa.quantize_act,
+            x,
+            cols,
+            Q4K_SUBS,
+            &mut out.qs,
+            &mut out.d,
+        )
     }
 
     /// Quantizes `x` (a whole number of blocks) like [`scalar::quantize_act16`].
@@ -520,15 +578,17 @@ impl Kernels {
     }
 
     /// One row of q4k weights (`nb` sub-blocks in groups of up to 8: quants,
-    /// `(d, dmin)` pairs, packed scales) against one quantized activation row.
+    /// `(d, dmin)` pairs, packed scales) against one activation row quantized
+    /// with one scale per group (see [`Kernels::quantize_act_grouped`]).
     pub fn dot_q4k_q8(&self, wq: &[u8], dm: &[f16], sc: &[u8], aq: &[i8], ad: &[f32]) -> f32 {
-        let nb = ad.len();
+        let nb = aq.len() / BLOCK;
         let ng = nb.div_ceil(Q4K_SUBS);
         assert!(
             wq.len() == nb * BLOCK / 2
                 && dm.len() == 2 * ng
                 && sc.len() == ng * Q4K_SCALE_BYTES
                 && aq.len() == nb * BLOCK
+                && ad.len() == ng
         );
         let mut asum = Vec::new();
         act_block_sums(aq, &mut asum);
@@ -654,15 +714,21 @@ thread_local! {
 /// An activation block element of the quantized matmul: its quantizer in a
 /// kernel set and its scratch buffer.
 trait ActElem: Copy + Default + Sync + 'static {
-    fn quantize(isa: &Isa) -> fn(&[f32], &mut [Self], &mut [f32]);
+    /// Quantizes rows of `cols` values into `out`, one scale per block, or
+    /// per q4k group when `grouped`.
+    fn quantize(isa: &Isa, x: &[f32], cols: usize, grouped: bool, out: &mut QuantBlocks<Self>);
     fn scratch() -> &'static LocalKey<RefCell<QuantBlocks<Self>>>;
     /// The activations as 8-bit blocks, for the 4-bit-only [`Q4LanesFn`].
     fn as_act8(act: &QuantBlocks<Self>) -> Option<&QuantAct>;
 }
 
 impl ActElem for i8 {
-    fn quantize(isa: &Isa) -> fn(&[f32], &mut [i8], &mut [f32]) {
-        isa.quantize_act
+    fn quantize(isa: &Isa, x: &[f32], cols: usize, grouped: bool, out: &mut QuantAct) {
+        let group = if grouped { Q4K_SUBS } else { 1 };
+        out.qs.resize(x.len(), 0);
+        out.d
+            .resize(x.len() / cols * (cols / BLOCK).div_ceil(group), 0.0);
+        quantize_act_rows(isa.quantize_act, x, cols, group, &mut out.qs, &mut out.d)
     }
     fn scratch() -> &'static LocalKey<RefCell<QuantAct>> {
         &ACT_SCRATCH
@@ -673,8 +739,11 @@ impl ActElem for i8 {
 }
 
 impl ActElem for i16 {
-    fn quantize(isa: &Isa) -> fn(&[f32], &mut [i16], &mut [f32]) {
-        isa.quantize_act16
+    fn quantize(isa: &Isa, x: &[f32], _cols: usize, grouped: bool, out: &mut QuantAct16) {
+        assert!(!grouped, "16-bit activations have one scale per block");
+        out.qs.resize(x.len(), 0);
+        out.d.resize(x.len() / BLOCK, 0.0);
+        (isa.quantize_act16)(x, &mut out.qs, &mut out.d)
     }
     fn scratch() -> &'static LocalKey<RefCell<QuantAct16>> {
         &ACT16_SCRATCH
@@ -917,13 +986,12 @@ fn quant_matmul<A: ActElem>(
         assert_eq!(y.len(), w.rows * n_tokens, "matmul: output shape");
     }
     let mut act = A::scratch().with(|s| std::mem::take(&mut *s.borrow_mut()));
-    act.qs.resize(n_tokens * cols, A::default());
-    act.d.resize(n_tokens * nb, 0.0);
-    (A::quantize(isa))(x, &mut act.qs, &mut act.d);
+    let q4k = matches!(ws[0].tile, Tile::K(_));
+    A::quantize(isa, x, cols, q4k, &mut act);
 
     let lanes = ws[0].lanes.filter(|_| n_tokens > 1).zip(A::as_act8(&act));
     let mut asum = OFFSET_SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    if lanes.is_some() || matches!(ws[0].tile, Tile::K(_)) {
+    if lanes.is_some() || q4k {
         let act8 = A::as_act8(&act).expect("block sums are of 8-bit activations");
         act_block_sums(&act8.qs, &mut asum);
     }
@@ -996,7 +1064,9 @@ fn quant_rows<A: ActElem>(
         let mut t0 = 0;
         while t0 < n_tokens {
             let nt = tt.min(n_tokens - t0);
-            let ad = &act.d[t0 * nb..(t0 + nt) * nb];
+            // one scale per block, or per group for q4k
+            let ds = act.d.len() / n_tokens;
+            let ad = &act.d[t0 * ds..(t0 + nt) * ds];
             match w.tile {
                 Tile::Block(f) => {
                     let aq = &act.qs[t0 * cols..(t0 + nt) * cols];
@@ -1053,9 +1123,10 @@ fn q4_lanes_range<A>(
         let mut t0 = 0;
         while t0 < n_tokens {
             let nt = lanes.tokens.min(n_tokens - t0);
+            let ds = act.d.len() / n_tokens;
             let (aq, ad) = (
                 &act.qs[t0 * cols..(t0 + nt) * cols],
-                &act.d[t0 * nb..(t0 + nt) * nb],
+                &act.d[t0 * ds..(t0 + nt) * ds],
             );
             let asum = &asum[t0 * nb..(t0 + nt) * nb];
             match lanes.kernel {

@@ -72,10 +72,10 @@ static ISA_DOT: Isa = Isa {
 // out after detecting the features their bodies use. Each checks the slice
 // lengths its unsafe body relies on.
 
-fn quantize_act(x: &[f32], qs: &mut [i8], d: &mut [f32]) {
-    assert!(x.len().is_multiple_of(BLOCK) && qs.len() == x.len() && d.len() == x.len() / BLOCK);
+fn quantize_act(x: &[f32], qs: &mut [i8], d: &mut [f32], blocks: usize) {
+    assert!(qs.len() == x.len() && x.len() == d.len() * blocks * BLOCK);
     // SAFETY: NEON detected; lengths checked.
-    unsafe { quantize_act_neon(x, qs, d) }
+    unsafe { quantize_act_neon(x, qs, d, blocks) }
 }
 
 fn quantize_act16(x: &[f32], qs: &mut [i16], d: &mut [f32]) {
@@ -370,10 +370,12 @@ macro_rules! tile_fn {
     };
 }
 
-/// `R` rows of q4k weights × `T` 8-bit activation rows: per sub-block the
-/// unsigned nibbles (0..=15, valid as i8) dotted with the activations by
-/// `D::dot2` and scaled by `d * sc * d_a`; per group `dmin * m * d_a * Σ a`
-/// of the 8 sub-blocks in two vectors, subtracted from the same accumulator.
+/// `R` rows of q4k weights × `T` 8-bit activation rows with one scale per
+/// group: per sub-block the unsigned nibbles (0..=15, valid as i8) dotted with
+/// the activations by `D::dot2` and multiplied by the 6-bit `sc` in integers
+/// (each lane gathers at most `8 * 63 * 8 * 15 * 127 < 2^23` per group, so
+/// its conversion is exact); per group `d * d_a` times that, and
+/// `dmin * m * d_a * Σ a` of the 8 sub-blocks in two vectors subtracted.
 #[inline(always)]
 unsafe fn q4k_body<D: BlockDot, const R: usize, const T: usize>(
     w: KRows,
@@ -398,8 +400,8 @@ unsafe fn q4k_body<D: BlockDot, const R: usize, const T: usize>(
 }
 
 /// Group `g` (of `nk` sub-blocks: 8, or fewer for a row's last group) of
-/// [`q4k_body`]. A short group reads its activation scales and sums through
-/// zero-padded copies, so the lanes of missing sub-blocks add nothing.
+/// [`q4k_body`]. A short group reads its activation block sums through a
+/// zero-padded copy, so the lanes of missing sub-blocks add nothing.
 ///
 /// Safety: as [`q4k_body`], with `8 * g + nk <= nb`.
 #[inline(always)]
@@ -417,23 +419,23 @@ unsafe fn q4k_group<D: BlockDot, const R: usize, const T: usize>(
     let ng = nb.div_ceil(8);
     let row_bytes = nb * 16;
     let mask = vdupq_n_u8(0x0f);
-    let mut prod = [[[0f32; 8]; T]; R];
+    let mut scs = [[0i32; 8]; R];
+    let mut dd = [[0f32; T]; R];
     let (wp, ap) = (w.qs.as_ptr(), aq.as_ptr());
-    let mut adv = [[vdupq_n_f32(0.0); 2]; T];
+    let mut adv = [vdupq_n_f32(0.0); T];
     let mut amin = [[vdupq_n_f32(0.0); 2]; T];
     for t in 0..T {
         let i = t * nb + 8 * g;
-        let (mut dpad, mut spad) = ([0f32; 8], [0i32; 8]);
-        let (dptr, sptr) = if nk == 8 {
-            (ad.as_ptr().add(i), asum.as_ptr().add(i))
+        let mut spad = [0i32; 8];
+        let sptr = if nk == 8 {
+            asum.as_ptr().add(i)
         } else {
-            dpad[..nk].copy_from_slice(&ad[i..i + nk]);
             spad[..nk].copy_from_slice(&asum[i..i + nk]);
-            (dpad.as_ptr(), spad.as_ptr())
+            spad.as_ptr()
         };
+        adv[t] = vdupq_n_f32(ad[t * ng + g]);
         for h in 0..2 {
-            adv[t][h] = vld1q_f32(dptr.add(4 * h));
-            amin[t][h] = vmulq_f32(adv[t][h], vcvtq_f32_s32(vld1q_s32(sptr.add(4 * h))));
+            amin[t][h] = vmulq_f32(adv[t], vcvtq_f32_s32(vld1q_s32(sptr.add(4 * h))));
         }
     }
     for r in 0..R {
@@ -450,17 +452,17 @@ unsafe fn q4k_group<D: BlockDot, const R: usize, const T: usize>(
             vld1q_f32(lanes.as_ptr())
         };
         for h in 0..2 {
-            let dsc = vmulq_n_f32(to_f32(&sc, h), d);
             let dm = vmulq_n_f32(to_f32(&m, h), dmin);
             for t in 0..T {
-                vst1q_f32(
-                    prod[r][t].as_mut_ptr().add(4 * h),
-                    vmulq_f32(dsc, adv[t][h]),
-                );
                 acc[r][t] = vfmsq_f32(acc[r][t], dm, amin[t][h]);
             }
         }
+        scs[r] = sc.map(i32::from);
+        for t in 0..T {
+            dd[r][t] = d * ad[t * ng + g];
+        }
     }
+    let mut isum = [[vdupq_n_s32(0); T]; R];
     for k in 0..nk {
         let blk = 8 * g + k;
         let mut a = [(vdupq_n_s8(0), vdupq_n_s8(0)); T];
@@ -474,8 +476,13 @@ unsafe fn q4k_group<D: BlockDot, const R: usize, const T: usize>(
             let hi = vreinterpretq_s8_u8(vshrq_n_u8(raw, 4));
             for t in 0..T {
                 let s = D::dot2(lo, a[t].0, hi, a[t].1);
-                acc[r][t] = vfmaq_n_f32(acc[r][t], vcvtq_f32_s32(s), prod[r][t][k]);
+                isum[r][t] = vmlaq_n_s32(isum[r][t], s, scs[r][k]);
             }
+        }
+    }
+    for r in 0..R {
+        for t in 0..T {
+            acc[r][t] = vfmaq_n_f32(acc[r][t], vcvtq_f32_s32(isum[r][t]), dd[r][t]);
         }
     }
 }
@@ -541,23 +548,31 @@ unsafe fn load_block_absmax(xp: *const f32) -> ([float32x4_t; 8], f32) {
 /// Bit-identical to `scalar::quantize_act`: max is exact in any order, the
 /// scale and its inverse are the same scalar divisions, `v * inv` is one IEEE
 /// multiply, and `fcvtas` rounds to nearest with ties away from zero, exactly
-/// like `f32::round`.
+/// like `f32::round`. One scale per run of `blocks` blocks.
 #[target_feature(enable = "neon")]
-unsafe fn quantize_act_neon(x: &[f32], qs: &mut [i8], d: &mut [f32]) {
-    for (blk, db) in d.iter_mut().enumerate() {
-        let (v, amax) = load_block_absmax(x.as_ptr().add(blk * BLOCK));
+unsafe fn quantize_act_neon(x: &[f32], qs: &mut [i8], d: &mut [f32], blocks: usize) {
+    let xp = x.as_ptr();
+    for (run, db) in d.iter_mut().enumerate() {
+        let first = run * blocks;
+        let mut amax = 0f32;
+        for blk in first..first + blocks {
+            amax = amax.max(load_block_absmax(xp.add(blk * BLOCK)).1);
+        }
         *db = amax / 127.0;
         let inv = super::scalar::act_inverse_scale(amax);
-        let mut q = [vdupq_n_s32(0); 8];
-        for k in 0..8 {
-            q[k] = vcvtaq_s32_f32(vmulq_n_f32(v[k], inv));
+        for blk in first..first + blocks {
+            let v = load_block_absmax(xp.add(blk * BLOCK)).0;
+            let mut q = [vdupq_n_s32(0); 8];
+            for k in 0..8 {
+                q[k] = vcvtaq_s32_f32(vmulq_n_f32(v[k], inv));
+            }
+            let h = |i: usize| vcombine_s16(vqmovn_s32(q[i]), vqmovn_s32(q[i + 1]));
+            let lo = vcombine_s8(vqmovn_s16(h(0)), vqmovn_s16(h(2)));
+            let hi = vcombine_s8(vqmovn_s16(h(4)), vqmovn_s16(h(6)));
+            let qp = qs.as_mut_ptr().add(blk * BLOCK);
+            vst1q_s8(qp, lo);
+            vst1q_s8(qp.add(16), hi);
         }
-        let h = |i: usize| vcombine_s16(vqmovn_s32(q[i]), vqmovn_s32(q[i + 1]));
-        let lo = vcombine_s8(vqmovn_s16(h(0)), vqmovn_s16(h(2)));
-        let hi = vcombine_s8(vqmovn_s16(h(4)), vqmovn_s16(h(6)));
-        let qp = qs.as_mut_ptr().add(blk * BLOCK);
-        vst1q_s8(qp, lo);
-        vst1q_s8(qp.add(16), hi);
     }
 }
 

@@ -4,7 +4,9 @@
 //! 16-bit activations.
 
 use super::{act_block_sums, Isa, KRows, KernelSet, MAX_TILE, MAX_TILE_T};
-use crate::quant::{q4k_unpack_scales, TensorType, WeightView, BLOCK, Q4K_SCALE_BYTES, Q4K_SUBS};
+use crate::quant::{
+    q4k_unpack_scales, TensorType, WeightView, BLOCK, Q4K_GROUP, Q4K_SCALE_BYTES, Q4K_SUBS,
+};
 use half::f16;
 
 /// Activations quantized in blocks of [`BLOCK`]: `x ≈ d * q`, one f32 scale
@@ -30,13 +32,35 @@ pub type QuantAct16 = QuantBlocks<i16>;
 pub fn quantize_act(x: &[f32], out: &mut QuantAct) {
     out.qs.resize(x.len(), 0);
     out.d.resize(x.len() / BLOCK, 0.0);
-    quantize_act_into(x, &mut out.qs, &mut out.d)
+    quantize_act_into(x, &mut out.qs, &mut out.d, 1)
 }
 
-fn quantize_act_into(x: &[f32], qs: &mut [i8], d: &mut [f32]) {
+/// Quantizes rows of `cols` activations for q4k weights: like
+/// [`quantize_act`], but one scale per q4k group ([`Q4K_SUBS`] blocks) of
+/// each row, the row's last group shorter when its blocks do not fill one.
+/// `out.d` holds `cols.div_ceil(Q4K_GROUP)` scales per row. One scale per
+/// group lets the q4k kernels sum a whole group in integers and convert once
+/// (llama.cpp's Q8_K does the same for its k-quants).
+pub fn quantize_act_grouped(x: &[f32], cols: usize, out: &mut QuantAct) {
+    out.qs.resize(x.len(), 0);
+    out.d.resize(x.len() / cols * cols.div_ceil(Q4K_GROUP), 0.0);
+    super::quantize_act_rows(
+        quantize_act_into,
+        x,
+        cols,
+        Q4K_SUBS,
+        &mut out.qs,
+        &mut out.d,
+    )
+}
+
+/// Quantizes `x` with one scale per run of `blocks` blocks:
+/// `x.len() == d.len() * blocks * BLOCK`.
+fn quantize_act_into(x: &[f32], qs: &mut [i8], d: &mut [f32], blocks: usize) {
+    let run = blocks * BLOCK;
     for ((xb, qb), d) in x
-        .chunks_exact(BLOCK)
-        .zip(qs.chunks_exact_mut(BLOCK))
+        .chunks_exact(run)
+        .zip(qs.chunks_exact_mut(run))
         .zip(d.iter_mut())
     {
         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -113,23 +137,27 @@ pub fn dot_q4_q8(wq: &[u8], wd: &[f16], aq: &[i8], ad: &[f32]) -> f32 {
 }
 
 /// Dot product of one row of q4k weights (quants `wq`, `(d, dmin)` pairs
-/// `dm`, packed scales `sc`) with 8-bit activation blocks (`asum[b]`: the sum
-/// of `aq` over block `b`, see [`act_block_sums`]). Per sub-block `b` of group
-/// `g`, with `(sc, m)` its 6-bit scales:
+/// `dm`, packed scales `sc`) with 8-bit activations quantized one scale per
+/// group (`ad[g]`, see [`quantize_act_grouped`]; `asum[b]`: the sum of `aq`
+/// over block `b`, see [`act_block_sums`]). Per group `g`, with `(sc_k, m_k)`
+/// the 6-bit scales of its sub-blocks `k`:
 ///
-/// `sum += ad[b] * ((d * sc) * Σ q_j a_j - (dmin * m) * asum[b])`
+/// `sum += ad[g] * (d * Σ_k sc_k Σ_j q_j a_j - dmin * Σ_k m_k asum[b_k])`
 ///
-/// in f32, left to right. The integer parts are exact: `|Σ q a| <= 32 * 15 *
-/// 127 = 60960` and `|asum| <= 4064`, both exact in f32, as are `d * sc` and
-/// `dmin * m` (17 significant bits at most). The SIMD sets form the same two
-/// integer parts and combine them in another float order.
+/// in f32, groups left to right. Both group sums are exact in i32:
+/// `|Σ q a| <= 32 * 15 * 127 = 60960` per sub-block, so the first is at most
+/// `8 * 63 * 60960 < 2^25`, the second `8 * 63 * 4064 < 2^21`. The first may
+/// round in its conversion to f32; the SIMD sets convert per-lane partial
+/// sums (each below 2^24, so exact) and add them in another float order.
 pub fn dot_q4k_q8(wq: &[u8], dm: &[f16], sc: &[u8], aq: &[i8], ad: &[f32], asum: &[i32]) -> f32 {
+    let nb = aq.len() / BLOCK;
     let mut sum = 0f32;
     // a row's last group may hold fewer than Q4K_SUBS sub-blocks
-    for g in 0..ad.len().div_ceil(Q4K_SUBS) {
+    for g in 0..nb.div_ceil(Q4K_SUBS) {
         let (d, dmin) = (dm[2 * g].to_f32(), dm[2 * g + 1].to_f32());
         let (s, m) = q4k_unpack_scales(&sc[g * Q4K_SCALE_BYTES..(g + 1) * Q4K_SCALE_BYTES]);
-        for b in g * Q4K_SUBS..ad.len().min((g + 1) * Q4K_SUBS) {
+        let (mut qa, mut ma) = (0i32, 0i32);
+        for b in g * Q4K_SUBS..nb.min((g + 1) * Q4K_SUBS) {
             let k = b - g * Q4K_SUBS;
             let w = &wq[b * 16..b * 16 + 16];
             let a = &aq[b * BLOCK..b * BLOCK + BLOCK];
@@ -138,9 +166,10 @@ pub fn dot_q4k_q8(wq: &[u8], dm: &[f16], sc: &[u8], aq: &[i8], ad: &[f32], asum:
                 isum += (w[j] & 0x0f) as i32 * a[j] as i32;
                 isum += (w[j] >> 4) as i32 * a[j + 16] as i32;
             }
-            sum +=
-                ad[b] * ((d * s[k] as f32) * isum as f32 - (dmin * m[k] as f32) * asum[b] as f32);
+            qa += s[k] as i32 * isum;
+            ma += m[k] as i32 * asum[b];
         }
+        sum += ad[g] * (d * qa as f32 - dmin * ma as f32);
     }
     sum
 }
@@ -221,7 +250,7 @@ pub fn matmul(w: &WeightView, x: &[f32], n_tokens: usize, y: &mut [f32]) {
                 }
             }
             WeightView::Q4K { qs, dm, sc, .. } => {
-                quantize_act(xt, &mut act);
+                quantize_act_grouped(xt, cols, &mut act);
                 act_block_sums(&act.qs, &mut asum);
                 let [qr, dr, sr] = TensorType::Q4K.row_planes(cols);
                 for (r, o) in yt.iter_mut().enumerate() {
@@ -366,6 +395,7 @@ fn q4k_tile(
     out: &mut [f32; MAX_TILE],
 ) {
     w.check(nb, nr);
+    let ng = nb.div_ceil(Q4K_SUBS);
     let [qr, dr, sr] = TensorType::Q4K.row_planes(nb * BLOCK);
     for r in 0..nr {
         for t in 0..nt {
@@ -374,7 +404,7 @@ fn q4k_tile(
                 &w.dm[r * dr / 2..(r + 1) * dr / 2],
                 &w.sc[r * sr..(r + 1) * sr],
                 &aq[t * nb * BLOCK..(t + 1) * nb * BLOCK],
-                &ad[t * nb..(t + 1) * nb],
+                &ad[t * ng..(t + 1) * ng],
                 &asum[t * nb..(t + 1) * nb],
             );
         }
