@@ -9,7 +9,9 @@
 //! about `2 n eps S`; we allow `4 (n + 8) eps S`.
 
 use half::f16;
-use nibble::kernels::{scalar, KernelError, KernelSet, Kernels, QuantAct, QuantAct16};
+use nibble::kernels::{
+    scalar, KernelError, KernelSet, Kernels, QuantAct, QuantAct16, Q4K_ACT_SUBS,
+};
 use nibble::quant::{
     encode_matrix, q4k_pack_scales, q4k_unpack_scales, TensorType, WeightView, BLOCK,
     Q4K_SCALE_BYTES, Q4K_SUBS,
@@ -112,7 +114,7 @@ fn tolerance(
         let mut q = QuantAct::default();
         scalar::quantize_act_grouped(xt, cols, &mut q);
         for (i, v) in xa.iter_mut().enumerate() {
-            *v = q.qs[i] as f32 * q.d[i / (BLOCK * Q4K_SUBS)];
+            *v = q.qs[i] as f32 * q.d[i / (BLOCK * Q4K_ACT_SUBS)];
         }
     } else if quantized {
         let mut q = QuantAct::default();
@@ -209,9 +211,9 @@ proptest! {
             k.quantize_act(&x, &mut got);
             prop_assert_eq!(&got.qs, &want.qs, "{} q", k.set());
             prop_assert_eq!(bits(&got.d), bits(&want.d), "{} d", k.set());
-            // rows of one block, of 3 and of 9 (a group and a 1-block tail)
-            // blocks, or one row of all
-            let widths = [BLOCK, 3 * BLOCK, 9 * BLOCK, x.len()];
+            // rows of one block, of 3, 5 and 9 blocks (runs with 1-block
+            // tails), or one row of all
+            let widths = [BLOCK, 3 * BLOCK, 5 * BLOCK, 9 * BLOCK, x.len()];
             for cols in widths.into_iter().filter(|c| x.len().is_multiple_of(*c)) {
                 let mut want_g = QuantAct::default();
                 scalar::quantize_act_grouped(&x, cols, &mut want_g);
@@ -340,7 +342,7 @@ proptest! {
             q4k_pack_scales(&s, &m, &mut sc[g * 12..(g + 1) * 12]);
         }
         let dm = vec![f16::ONE; 2 * ng];
-        let ad = vec![1f32; ng];
+        let ad = vec![1f32; nb.div_ceil(Q4K_ACT_SUBS)];
         let exact = |a: &[i8]| -> i64 {
             let mut total = 0i64;
             for b in 0..nb {

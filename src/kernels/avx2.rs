@@ -15,7 +15,9 @@
 // loops say that more plainly than zipped iterators.
 #![allow(clippy::needless_range_loop)]
 
-use super::{dispatch_tile, Isa, KRows, KernelSet, LanesKernel, Q4Lanes, MAX_TILE, MAX_TILE_T};
+use super::{
+    dispatch_tile, Isa, KRows, KernelSet, LanesKernel, Q4Lanes, MAX_TILE, MAX_TILE_T, Q4K_ACT_SUBS,
+};
 use crate::quant::BLOCK;
 use half::f16;
 use std::arch::x86_64::*;
@@ -171,7 +173,7 @@ unsafe fn q4_body<const R: usize, const T: usize>(
             }
             for r in 0..R {
                 let raw = _mm_loadu_si128(wp.add(r * row_bytes + blk * 16) as *const __m128i);
-                if blk % 4 == 0 {
+                if blk.is_multiple_of(4) {
                     prefetch_next_tile::<R>(wp, r, row_bytes, blk * 16);
                 }
                 let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), mask);
@@ -226,7 +228,7 @@ unsafe fn q8_body<const R: usize, const T: usize>(
             }
             for r in 0..R {
                 let p = wp.add(r * row_bytes + blk * BLOCK);
-                if blk % 2 == 0 {
+                if blk.is_multiple_of(2) {
                     prefetch_next_tile::<R>(wp, r, row_bytes, blk * BLOCK);
                 }
                 let q = [
@@ -275,17 +277,22 @@ pub(super) unsafe fn unpack_q4k_scales(p: *const u8) -> (__m256i, __m256i) {
     )
 }
 
+// The q4k tile's per-group vectors of block sums (one 4-lane vector or
+// 128-bit lane per activation scale) assume half groups of 4 sub-blocks.
+const _: () = assert!(Q4K_ACT_SUBS == 4);
+
 /// `R` rows of q4k weights × `T` 8-bit activation rows with one scale per
-/// group. A group's `Σ_k sc_k Σ q a` is summed in integers and converted
-/// once: per pair of sub-blocks and row, one 32-byte load holds both
-/// sub-blocks' nibbles, the low nibbles meet each sub-block's first 16
-/// activations and the high nibbles its last 16 (`vpmaddubsw`, at most
-/// `2 * 15 * 127` per i16), the two add (at most 7620) and `vpmaddwd`
-/// multiplies them by the sub-blocks' 6-bit scales (`sc_k` in the low 128-bit
-/// lane, `sc_{k+1}` in the high one). Each i32 lane gathers at most
-/// `4 * 2 * 7620 * 63 < 2^22` per group, so its conversion is exact. Per group
-/// and row: `d` times that, minus `dmin * m_k * Σ a` of the 8 sub-blocks in
-/// one vector, times the token's group scale.
+/// half group ([`Q4K_ACT_SUBS`] sub-blocks). A half's `Σ_k sc_k Σ q a` is
+/// summed in integers and converted once: per pair of sub-blocks and row, one
+/// 32-byte load holds both sub-blocks' nibbles, the low nibbles meet each
+/// sub-block's first 16 activations and the high nibbles its last 16
+/// (`vpmaddubsw`, at most `2 * 15 * 127` per i16), the two add (at most 7620)
+/// and `vpmaddwd` multiplies them by the sub-blocks' 6-bit scales (`sc_k` in
+/// the low 128-bit lane, `sc_{k+1}` in the high one). Each i32 lane gathers at
+/// most `2 * 2 * 7620 * 63 < 2^21` per half, so its conversion is exact. Per
+/// half and row: `d` times that, times the token's scale of the half; per group
+/// and row `dmin * m_k * Σ a` of the 8 sub-blocks in one vector, each lane
+/// times its half's scale, subtracted.
 ///
 /// Safety: the caller checks the slices with [`KRows::check`] for `R` rows
 /// and `aq`, `ad`, `asum` for `T` tokens.
@@ -329,9 +336,10 @@ unsafe fn q4k_group<const R: usize, const T: usize>(
     nk: usize,
     acc: &mut [[__m256; T]; R],
 ) {
+    const HALF: usize = Q4K_ACT_SUBS;
     let ng = nb.div_ceil(8);
+    let nh = nb.div_ceil(HALF);
     let row_bytes = nb * 16;
-    let mask = _mm256_set1_epi8(0x0f);
     let (wp, dp, sp, ap) = (
         w.qs.as_ptr(),
         w.dm.as_ptr() as *const i32,
@@ -339,16 +347,85 @@ unsafe fn q4k_group<const R: usize, const T: usize>(
         aq.as_ptr(),
     );
     // each row's 6-bit scales, twice per i32 lane: the i16 multipliers of
-    // `vpmaddwd` after a `vpermd`
+    // `vpmaddwd` after a `vpermd`; its `d` broadcast
     let mut sc2 = [_mm256_setzero_si256(); R];
+    let mut dv = [_mm256_setzero_ps(); R];
     for r in 0..R {
-        let (sc, _) = unpack_q4k_scales(sp.add((r * ng + g) * 12));
+        let gi = r * ng + g;
+        let (sc, _) = unpack_q4k_scales(sp.add(gi * 12));
         sc2[r] = _mm256_or_si256(sc, _mm256_slli_epi32(sc, 16));
+        let dd = _mm256_cvtph_ps(_mm_set1_epi32(dp.add(gi).read_unaligned()));
+        dv[r] = _mm256_permute_ps(dd, 0b00_00_00_00);
     }
+    // the activation scales of the group's halves (zero for a missing one)
+    let mut ah = [[0f32; 2]; T];
+    for t in 0..T {
+        for h in 0..2 {
+            if HALF * h < nk {
+                ah[t][h] = *ad.get_unchecked(t * nh + 2 * g + h);
+            }
+        }
+    }
+    for h in 0..2 {
+        let (k0, k1) = (HALF * h, nk.min(HALF * (h + 1)));
+        if k0 >= k1 {
+            break;
+        }
+        let isum = q4k_half_isum::<R, T>(wp, ap, row_bytes, nb, 8 * g, k0, k1, &sc2);
+        for t in 0..T {
+            let a = _mm256_set1_ps(ah[t][h]);
+            for r in 0..R {
+                let f = _mm256_mul_ps(dv[r], _mm256_cvtepi32_ps(isum[r][t]));
+                acc[r][t] = _mm256_fmadd_ps(f, a, acc[r][t]);
+            }
+        }
+    }
+    let mut amin = [_mm256_setzero_ps(); T];
+    for t in 0..T {
+        let i = t * nb + 8 * g;
+        let s = if nk == 8 {
+            _mm256_loadu_si256(asum.as_ptr().add(i) as *const __m256i)
+        } else {
+            let mut spad = [0i32; 8];
+            spad[..nk].copy_from_slice(&asum[i..i + nk]);
+            _mm256_loadu_si256(spad.as_ptr() as *const __m256i)
+        };
+        // lane k: Σ a of sub-block k times its half's activation scale
+        let a = _mm256_set_m128(_mm_set1_ps(ah[t][1]), _mm_set1_ps(ah[t][0]));
+        amin[t] = _mm256_mul_ps(_mm256_cvtepi32_ps(s), a);
+    }
+    for r in 0..R {
+        let gi = r * ng + g;
+        let dd = _mm256_cvtph_ps(_mm_set1_epi32(dp.add(gi).read_unaligned()));
+        let (_, m) = unpack_q4k_scales(sp.add(gi * 12));
+        let dm = _mm256_mul_ps(_mm256_permute_ps(dd, 0b01_01_01_01), _mm256_cvtepi32_ps(m));
+        for t in 0..T {
+            acc[r][t] = _mm256_fnmadd_ps(dm, amin[t], acc[r][t]);
+        }
+    }
+}
+
+/// `Σ_k sc_k Σ q a` over sub-blocks `k0..k1` of the group starting at block
+/// `first`, per row and token, in i32 lanes (see [`q4k_body`]).
+///
+/// Safety: as [`q4k_body`], with `first + k1 <= nb`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q4k_half_isum<const R: usize, const T: usize>(
+    wp: *const u8,
+    ap: *const i8,
+    row_bytes: usize,
+    nb: usize,
+    first: usize,
+    k0: usize,
+    k1: usize,
+    sc2: &[__m256i; R],
+) -> [[__m256i; T]; R] {
+    let mask = _mm256_set1_epi8(0x0f);
     let mut isum = [[_mm256_setzero_si256(); T]; R];
-    let mut k = 0;
-    while k + 2 <= nk {
-        let blk = 8 * g + k;
+    let mut k = k0;
+    while k + 2 <= k1 {
+        let blk = first + k;
         let mut alo = [_mm256_setzero_si256(); T];
         let mut ahi = [_mm256_setzero_si256(); T];
         for t in 0..T {
@@ -358,11 +435,11 @@ unsafe fn q4k_group<const R: usize, const T: usize>(
             alo[t] = _mm256_permute2x128_si256(a0, a1, 0x20);
             ahi[t] = _mm256_permute2x128_si256(a0, a1, 0x31);
         }
-        let (k0, k1) = (k as i32, k as i32 + 1);
-        let pick = _mm256_setr_epi32(k0, k0, k0, k0, k1, k1, k1, k1);
+        let (s0, s1) = (k as i32, k as i32 + 1);
+        let pick = _mm256_setr_epi32(s0, s0, s0, s0, s1, s1, s1, s1);
         for r in 0..R {
             let v = _mm256_loadu_si256(wp.add(r * row_bytes + blk * 16) as *const __m256i);
-            if k % 4 == 0 {
+            if k.is_multiple_of(4) {
                 prefetch_next_tile::<R>(wp, r, row_bytes, blk * 16);
             }
             let lo = _mm256_and_si256(v, mask);
@@ -378,9 +455,9 @@ unsafe fn q4k_group<const R: usize, const T: usize>(
         }
         k += 2;
     }
-    if k < nk {
-        // a short group's odd last sub-block: its 32 weights in one register
-        let blk = 8 * g + k;
+    if k < k1 {
+        // an odd last sub-block: its 32 weights in one register
+        let blk = first + k;
         let mut a = [_mm256_setzero_si256(); T];
         for t in 0..T {
             a[t] = _mm256_loadu_si256(ap.add((t * nb + blk) * BLOCK) as *const __m256i);
@@ -396,32 +473,7 @@ unsafe fn q4k_group<const R: usize, const T: usize>(
             }
         }
     }
-    let mut adg = [_mm256_setzero_ps(); T];
-    let mut asf = [_mm256_setzero_ps(); T];
-    for t in 0..T {
-        let i = t * nb + 8 * g;
-        let s = if nk == 8 {
-            _mm256_loadu_si256(asum.as_ptr().add(i) as *const __m256i)
-        } else {
-            let mut spad = [0i32; 8];
-            spad[..nk].copy_from_slice(&asum[i..i + nk]);
-            _mm256_loadu_si256(spad.as_ptr() as *const __m256i)
-        };
-        asf[t] = _mm256_cvtepi32_ps(s);
-        adg[t] = _mm256_set1_ps(*ad.get_unchecked(t * ng + g));
-    }
-    for r in 0..R {
-        let gi = r * ng + g;
-        // (d, dmin) in alternate lanes
-        let dd = _mm256_cvtph_ps(_mm_set1_epi32(dp.add(gi).read_unaligned()));
-        let (_, m) = unpack_q4k_scales(sp.add(gi * 12));
-        let d = _mm256_permute_ps(dd, 0b00_00_00_00);
-        let dm = _mm256_mul_ps(_mm256_permute_ps(dd, 0b01_01_01_01), _mm256_cvtepi32_ps(m));
-        for t in 0..T {
-            let f = _mm256_fmsub_ps(d, _mm256_cvtepi32_ps(isum[r][t]), _mm256_mul_ps(dm, asf[t]));
-            acc[r][t] = _mm256_fmadd_ps(f, adg[t], acc[r][t]);
-        }
-    }
+    isum
 }
 
 /// See [`super::Q4kTileFn`].
@@ -438,7 +490,9 @@ pub(super) fn q4k_tile(
 ) {
     w.check(nb, nr);
     assert!(
-        aq.len() >= nt * nb * BLOCK && ad.len() >= nt * nb.div_ceil(8) && asum.len() >= nt * nb,
+        aq.len() >= nt * nb * BLOCK
+            && ad.len() >= nt * nb.div_ceil(Q4K_ACT_SUBS)
+            && asum.len() >= nt * nb,
         "q4k tile: activations shorter than the tile"
     );
     // SAFETY: only reachable through a table handed out after AVX2, FMA and

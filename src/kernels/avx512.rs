@@ -14,7 +14,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::avx2;
-use super::{Isa, KRows, KernelSet, LanesKernel, Q4Lanes, MAX_TILE, MAX_TILE_T};
+use super::{Isa, KRows, KernelSet, LanesKernel, Q4Lanes, MAX_TILE, MAX_TILE_T, Q4K_ACT_SUBS};
 use crate::quant::BLOCK;
 use half::f16;
 use std::arch::x86_64::*;
@@ -265,7 +265,7 @@ fn q4k_rows16(
     assert!(
         (1..=ROWS16_TOKENS).contains(&nt)
             && aq.len() >= nt * nb * BLOCK
-            && ad.len() >= nt * nb.div_ceil(8)
+            && ad.len() >= nt * nb.div_ceil(Q4K_ACT_SUBS)
             && asum.len() >= nt * nb,
         "q4k_rows16: activations shorter than the tile"
     );
@@ -287,7 +287,7 @@ fn q4k_rows16(
 
 /// 16 q4k rows × `T` tokens, rows in lanes: per sub-block the nibbles as in
 /// [`q4_rows16_vnni`] (`vpdpbusd` of the unsigned levels from zero, exact),
-/// scaled by the rows' `d * sc` times the token's group scale; per sub-block and
+/// scaled by the rows' `d * sc` times the token's scale of the half group; per sub-block and
 /// token the rows' `dmin * m` times `d_a * Σ a` subtracted. The rows' scales
 /// are unpacked once per group with the AVX2 helper and transposed.
 ///
@@ -337,7 +337,7 @@ unsafe fn q4k_rows16_vnni<const T: usize>(
                 for (j, cj) in c.iter().enumerate() {
                     s = _mm512_dpbusd_epi32(s, *cj, _mm512_set1_epi32(a.add(j).read_unaligned()));
                 }
-                let at = ad[t * ng + g];
+                let at = ad[t * nb.div_ceil(Q4K_ACT_SUBS) + blk / Q4K_ACT_SUBS];
                 let scale = _mm512_mul_ps(dsc[k], _mm512_set1_ps(at));
                 acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[t]);
                 let amin = _mm512_set1_ps(at * asum[t * nb + blk] as f32);

@@ -19,8 +19,8 @@
 //! activation block in exact integer arithmetic, and the integer block sum is
 //! scaled by `d_weight * d_act` and accumulated in f32. Only the order of that
 //! f32 accumulation differs between sets. q4k weights meet 8-bit activations
-//! with one scale per q4k group of 256 ([`scalar::quantize_act_grouped`]), so
-//! a whole group's sum splits in two exact integer parts,
+//! with one scale per half group of 128 ([`scalar::quantize_act_grouped`]),
+//! so each half's sum splits in two exact integer parts,
 //! `Σ x a = d_a * (d * Σ_k sc_k Σ q a - dmin * Σ_k m_k Σ a)`, with the
 //! activation block sums `Σ a` computed once per matmul ([`act_block_sums`]);
 //! see [`scalar::dot_q4k_q8`].
@@ -34,7 +34,7 @@ mod avx512;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 
-use crate::quant::{WeightView, BLOCK, Q4K_GROUP, Q4K_SCALE_BYTES, Q4K_SUBS};
+use crate::quant::{WeightView, BLOCK, Q4K_SCALE_BYTES, Q4K_SUBS};
 use half::f16;
 use std::cell::RefCell;
 use std::fmt;
@@ -68,9 +68,14 @@ pub(crate) type QTileFn<A = i8> = fn(
     out: &mut [f32; MAX_TILE],
 );
 
+/// Sub-blocks (32-blocks) per activation scale of a q4k matmul: half a q4k
+/// group (see [`scalar::quantize_act_grouped`]).
+pub const Q4K_ACT_SUBS: usize = Q4K_SUBS / 2;
+
 /// A register-tiled kernel for q4k weights: like [`QTileFn`] with the three
 /// planes of `nr` consecutive rows in `w`, activations with one scale per
-/// group (`ad[t * ng + g]`, `ng = nb.div_ceil(Q4K_SUBS)`) and, besides them,
+/// [`Q4K_ACT_SUBS`] blocks (`ad[t * nh + h]`, `nh = nb.div_ceil(Q4K_ACT_SUBS)`)
+/// and, besides them,
 /// `asum[t * nb + b]`, the sum of token `t`'s quants in block `b` (from
 /// [`act_block_sums`]), for the `dmin * m` term. A row's last group is
 /// shorter when `nb` is not a multiple of [`Q4K_SUBS`].
@@ -196,7 +201,7 @@ macro_rules! q4k_tile_fn {
             w.check(nb, nr);
             assert!(
                 aq.len() >= nt * nb * BLOCK
-                    && ad.len() >= nt * nb.div_ceil($crate::quant::Q4K_SUBS)
+                    && ad.len() >= nt * nb.div_ceil($crate::kernels::Q4K_ACT_SUBS)
                     && asum.len() >= nt * nb,
                 "q4k tile: activations shorter than the tile"
             );
@@ -235,8 +240,8 @@ pub(crate) type Q4LanesFn = fn(
 
 /// Prefill kernel for q4k weights with the rows in the vector lanes: like
 /// [`Q4LanesFn`], with the three planes of exactly [`Q4Lanes::rows`]
-/// consecutive rows in `w` (see [`KRows`]), one activation scale per group
-/// (as [`Q4kTileFn`]) and the `dmin * m` term taken from `asum`.
+/// consecutive rows in `w` (see [`KRows`]), one activation scale per
+/// [`Q4K_ACT_SUBS`] blocks (as [`Q4kTileFn`]) and the `dmin * m` term taken from `asum`.
 pub(crate) type Q4kLanesFn = fn(
     w: KRows,
     nb: usize,
@@ -546,12 +551,13 @@ impl Kernels {
     /// [`scalar::quantize_act_grouped`] (for q4k weights).
     pub fn quantize_act_grouped(&self, x: &[f32], cols: usize, out: &mut QuantAct) {
         out.qs.resize(x.len(), 0);
-        out.d.resize(x.len() / cols * cols.div_ceil(Q4K_GROUP), 0.0);
+        out.d
+            .resize(x.len() / cols * (cols / BLOCK).div_ceil(Q4K_ACT_SUBS), 0.0);
         quantize_act_rows(
             self.isa.quantize_act,
             x,
             cols,
-            Q4K_SUBS,
+            Q4K_ACT_SUBS,
             &mut out.qs,
             &mut out.d,
         )
@@ -579,7 +585,8 @@ impl Kernels {
 
     /// One row of q4k weights (`nb` sub-blocks in groups of up to 8: quants,
     /// `(d, dmin)` pairs, packed scales) against one activation row quantized
-    /// with one scale per group (see [`Kernels::quantize_act_grouped`]).
+    /// with one scale per [`Q4K_ACT_SUBS`] blocks (see
+    /// [`Kernels::quantize_act_grouped`]).
     pub fn dot_q4k_q8(&self, wq: &[u8], dm: &[f16], sc: &[u8], aq: &[i8], ad: &[f32]) -> f32 {
         let nb = aq.len() / BLOCK;
         let ng = nb.div_ceil(Q4K_SUBS);
@@ -588,7 +595,7 @@ impl Kernels {
                 && dm.len() == 2 * ng
                 && sc.len() == ng * Q4K_SCALE_BYTES
                 && aq.len() == nb * BLOCK
-                && ad.len() == ng
+                && ad.len() == nb.div_ceil(Q4K_ACT_SUBS)
         );
         let mut asum = Vec::new();
         act_block_sums(aq, &mut asum);
@@ -724,7 +731,7 @@ trait ActElem: Copy + Default + Sync + 'static {
 
 impl ActElem for i8 {
     fn quantize(isa: &Isa, x: &[f32], cols: usize, grouped: bool, out: &mut QuantAct) {
-        let group = if grouped { Q4K_SUBS } else { 1 };
+        let group = if grouped { Q4K_ACT_SUBS } else { 1 };
         out.qs.resize(x.len(), 0);
         out.d
             .resize(x.len() / cols * (cols / BLOCK).div_ceil(group), 0.0);

@@ -18,7 +18,9 @@
 // loops say that more plainly than zipped iterators.
 #![allow(clippy::needless_range_loop)]
 
-use super::{dispatch_tile, q4k_tile_fn, Isa, KRows, KernelSet, MAX_TILE, MAX_TILE_T};
+use super::{
+    dispatch_tile, q4k_tile_fn, Isa, KRows, KernelSet, MAX_TILE, MAX_TILE_T, Q4K_ACT_SUBS,
+};
 use crate::quant::{q4k_unpack_scales, BLOCK, Q4K_SCALE_BYTES};
 use half::f16;
 use std::arch::aarch64::*;
@@ -370,12 +372,17 @@ macro_rules! tile_fn {
     };
 }
 
+// The q4k tile's per-group vectors of block sums (one 4-lane vector or
+// 128-bit lane per activation scale) assume half groups of 4 sub-blocks.
+const _: () = assert!(Q4K_ACT_SUBS == 4);
+
 /// `R` rows of q4k weights × `T` 8-bit activation rows with one scale per
-/// group: per sub-block the unsigned nibbles (0..=15, valid as i8) dotted with
-/// the activations by `D::dot2` and multiplied by the 6-bit `sc` in integers
-/// (each lane gathers at most `8 * 63 * 8 * 15 * 127 < 2^23` per group, so
-/// its conversion is exact); per group `d * d_a` times that, and
-/// `dmin * m * d_a * Σ a` of the 8 sub-blocks in two vectors subtracted.
+/// half group ([`Q4K_ACT_SUBS`] sub-blocks): per sub-block the unsigned
+/// nibbles (0..=15, valid as i8) dotted with the activations by `D::dot2` and
+/// multiplied by the 6-bit `sc` in integers (each lane gathers at most
+/// `4 * 63 * 8 * 15 * 127 < 2^22` per half, so its conversion is exact); per
+/// half `d * d_a` times that; per group `dmin * m * d_a * Σ a` of the 8
+/// sub-blocks in two vectors (one per half) subtracted.
 #[inline(always)]
 unsafe fn q4k_body<D: BlockDot, const R: usize, const T: usize>(
     w: KRows,
@@ -420,9 +427,10 @@ unsafe fn q4k_group<D: BlockDot, const R: usize, const T: usize>(
     let row_bytes = nb * 16;
     let mask = vdupq_n_u8(0x0f);
     let mut scs = [[0i32; 8]; R];
-    let mut dd = [[0f32; T]; R];
+    let mut d_row = [0f32; R];
     let (wp, ap) = (w.qs.as_ptr(), aq.as_ptr());
-    let mut adv = [vdupq_n_f32(0.0); T];
+    let nh = nb.div_ceil(Q4K_ACT_SUBS);
+    let mut adv = [[0f32; 2]; T];
     let mut amin = [[vdupq_n_f32(0.0); 2]; T];
     for t in 0..T {
         let i = t * nb + 8 * g;
@@ -433,9 +441,13 @@ unsafe fn q4k_group<D: BlockDot, const R: usize, const T: usize>(
             spad[..nk].copy_from_slice(&asum[i..i + nk]);
             spad.as_ptr()
         };
-        adv[t] = vdupq_n_f32(ad[t * ng + g]);
         for h in 0..2 {
-            amin[t][h] = vmulq_f32(adv[t], vcvtq_f32_s32(vld1q_s32(sptr.add(4 * h))));
+            // a short group may have no second half
+            if Q4K_ACT_SUBS * h < nk {
+                adv[t][h] = ad[t * nh + 2 * g + h];
+            }
+            let s = vcvtq_f32_s32(vld1q_s32(sptr.add(4 * h)));
+            amin[t][h] = vmulq_n_f32(s, adv[t][h]);
         }
     }
     for r in 0..R {
@@ -458,9 +470,7 @@ unsafe fn q4k_group<D: BlockDot, const R: usize, const T: usize>(
             }
         }
         scs[r] = sc.map(i32::from);
-        for t in 0..T {
-            dd[r][t] = d * ad[t * ng + g];
-        }
+        d_row[r] = d;
     }
     let mut isum = [[vdupq_n_s32(0); T]; R];
     for k in 0..nk {
@@ -479,10 +489,16 @@ unsafe fn q4k_group<D: BlockDot, const R: usize, const T: usize>(
                 isum[r][t] = vmlaq_n_s32(isum[r][t], s, scs[r][k]);
             }
         }
-    }
-    for r in 0..R {
-        for t in 0..T {
-            acc[r][t] = vfmaq_n_f32(acc[r][t], vcvtq_f32_s32(isum[r][t]), dd[r][t]);
+        // the end of a half: its integer sums times `d` and its activation scale
+        if (k + 1).is_multiple_of(Q4K_ACT_SUBS) || k + 1 == nk {
+            let h = k / Q4K_ACT_SUBS;
+            for r in 0..R {
+                for t in 0..T {
+                    let f = vcvtq_f32_s32(isum[r][t]);
+                    acc[r][t] = vfmaq_n_f32(acc[r][t], f, d_row[r] * adv[t][h]);
+                    isum[r][t] = vdupq_n_s32(0);
+                }
+            }
         }
     }
 }

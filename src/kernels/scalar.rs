@@ -3,10 +3,8 @@
 //! kernel must reproduce: 4-bit weights × 8-bit activations, 8-bit weights ×
 //! 16-bit activations.
 
-use super::{act_block_sums, Isa, KRows, KernelSet, MAX_TILE, MAX_TILE_T};
-use crate::quant::{
-    q4k_unpack_scales, TensorType, WeightView, BLOCK, Q4K_GROUP, Q4K_SCALE_BYTES, Q4K_SUBS,
-};
+use super::{act_block_sums, Isa, KRows, KernelSet, MAX_TILE, MAX_TILE_T, Q4K_ACT_SUBS};
+use crate::quant::{q4k_unpack_scales, TensorType, WeightView, BLOCK, Q4K_SCALE_BYTES, Q4K_SUBS};
 use half::f16;
 
 /// Activations quantized in blocks of [`BLOCK`]: `x ≈ d * q`, one f32 scale
@@ -36,19 +34,22 @@ pub fn quantize_act(x: &[f32], out: &mut QuantAct) {
 }
 
 /// Quantizes rows of `cols` activations for q4k weights: like
-/// [`quantize_act`], but one scale per q4k group ([`Q4K_SUBS`] blocks) of
-/// each row, the row's last group shorter when its blocks do not fill one.
-/// `out.d` holds `cols.div_ceil(Q4K_GROUP)` scales per row. One scale per
-/// group lets the q4k kernels sum a whole group in integers and convert once
-/// (llama.cpp's Q8_K does the same for its k-quants).
+/// [`quantize_act`], but one scale per [`Q4K_ACT_SUBS`] blocks of each row
+/// (half a q4k group), the row's last run shorter when its blocks do not fill
+/// one; `out.d` holds `(cols / BLOCK).div_ceil(Q4K_ACT_SUBS)` scales per row.
+/// A shared scale lets the q4k kernels sum its blocks in integers and convert
+/// once. llama.cpp's Q8_K shares one per 256; per 128 costs one more convert
+/// per group and halves the perplexity loss that sharing adds
+/// (`benches/RESULTS.md`).
 pub fn quantize_act_grouped(x: &[f32], cols: usize, out: &mut QuantAct) {
     out.qs.resize(x.len(), 0);
-    out.d.resize(x.len() / cols * cols.div_ceil(Q4K_GROUP), 0.0);
+    out.d
+        .resize(x.len() / cols * (cols / BLOCK).div_ceil(Q4K_ACT_SUBS), 0.0);
     super::quantize_act_rows(
         quantize_act_into,
         x,
         cols,
-        Q4K_SUBS,
+        Q4K_ACT_SUBS,
         &mut out.qs,
         &mut out.d,
     )
@@ -138,17 +139,18 @@ pub fn dot_q4_q8(wq: &[u8], wd: &[f16], aq: &[i8], ad: &[f32]) -> f32 {
 
 /// Dot product of one row of q4k weights (quants `wq`, `(d, dmin)` pairs
 /// `dm`, packed scales `sc`) with 8-bit activations quantized one scale per
-/// group (`ad[g]`, see [`quantize_act_grouped`]; `asum[b]`: the sum of `aq`
-/// over block `b`, see [`act_block_sums`]). Per group `g`, with `(sc_k, m_k)`
+/// run of [`Q4K_ACT_SUBS`] blocks (`ad[h]`, see [`quantize_act_grouped`];
+/// `asum[b]`: the sum of `aq` over block `b`, see [`act_block_sums`]). Per
+/// run `h` (within one group, whose `(d, dmin)` it uses), with `(sc_k, m_k)`
 /// the 6-bit scales of its sub-blocks `k`:
 ///
-/// `sum += ad[g] * (d * Σ_k sc_k Σ_j q_j a_j - dmin * Σ_k m_k asum[b_k])`
+/// `sum += ad[h] * (d * Σ_k sc_k Σ_j q_j a_j - dmin * Σ_k m_k asum[b_k])`
 ///
-/// in f32, groups left to right. Both group sums are exact in i32:
+/// in f32, runs left to right. Both run sums are exact in i32 and in f32:
 /// `|Σ q a| <= 32 * 15 * 127 = 60960` per sub-block, so the first is at most
-/// `8 * 63 * 60960 < 2^25`, the second `8 * 63 * 4064 < 2^21`. The first may
-/// round in its conversion to f32; the SIMD sets convert per-lane partial
-/// sums (each below 2^24, so exact) and add them in another float order.
+/// `4 * 63 * 60960 < 2^24`, the second `4 * 63 * 4064 < 2^20`. The SIMD sets
+/// form the same integers (or per-lane parts of them) and combine them in
+/// another float order.
 pub fn dot_q4k_q8(wq: &[u8], dm: &[f16], sc: &[u8], aq: &[i8], ad: &[f32], asum: &[i32]) -> f32 {
     let nb = aq.len() / BLOCK;
     let mut sum = 0f32;
@@ -168,8 +170,12 @@ pub fn dot_q4k_q8(wq: &[u8], dm: &[f16], sc: &[u8], aq: &[i8], ad: &[f32], asum:
             }
             qa += s[k] as i32 * isum;
             ma += m[k] as i32 * asum[b];
+            // a run ends every Q4K_ACT_SUBS blocks and at the group's end
+            if (b + 1).is_multiple_of(Q4K_ACT_SUBS) || b + 1 == nb.min((g + 1) * Q4K_SUBS) {
+                sum += ad[b / Q4K_ACT_SUBS] * (d * qa as f32 - dmin * ma as f32);
+                (qa, ma) = (0, 0);
+            }
         }
-        sum += ad[g] * (d * qa as f32 - dmin * ma as f32);
     }
     sum
 }
@@ -395,7 +401,7 @@ fn q4k_tile(
     out: &mut [f32; MAX_TILE],
 ) {
     w.check(nb, nr);
-    let ng = nb.div_ceil(Q4K_SUBS);
+    let nh = nb.div_ceil(Q4K_ACT_SUBS);
     let [qr, dr, sr] = TensorType::Q4K.row_planes(nb * BLOCK);
     for r in 0..nr {
         for t in 0..nt {
@@ -404,7 +410,7 @@ fn q4k_tile(
                 &w.dm[r * dr / 2..(r + 1) * dr / 2],
                 &w.sc[r * sr..(r + 1) * sr],
                 &aq[t * nb * BLOCK..(t + 1) * nb * BLOCK],
-                &ad[t * ng..(t + 1) * ng],
+                &ad[t * nh..(t + 1) * nh],
                 &asum[t * nb..(t + 1) * nb],
             );
         }
