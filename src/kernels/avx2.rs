@@ -292,7 +292,10 @@ const _: () = assert!(Q4K_ACT_SUBS == 4);
 /// most `2 * 2 * 7620 * 63 < 2^21` per half, so its conversion is exact. Per
 /// half and row: `d` times that, times the token's scale of the half; per group
 /// and row `dmin * m_k * Σ a` of the 8 sub-blocks in one vector, each lane
-/// times its half's scale, subtracted.
+/// times its half's scale, subtracted. With two tokens, `vphaddd` first puts
+/// both tokens' sums of a row in one register (lanes 0, 1, 4, 5 and 2, 3, 6,
+/// 7): half the conversions and float accumulators, so the 4 × 2 tile spills
+/// less.
 ///
 /// Safety: the caller checks the slices with [`KRows::check`] for `R` rows
 /// and `aq`, `ad`, `asum` for `T` tokens.
@@ -311,6 +314,14 @@ unsafe fn q4k_body<const R: usize, const T: usize>(
     }
     if !nb.is_multiple_of(8) {
         q4k_group(w, aq, ad, asum, nb, nb / 8, nb % 8, &mut acc);
+    }
+    if T == 2 {
+        for r in 0..R {
+            let [t0, t1] = hsum_pair(acc[r][0]);
+            out[r * MAX_TILE_T] = t0;
+            out[r * MAX_TILE_T + 1] = t1;
+        }
+        return;
     }
     for r in 0..R {
         for t in 0..T {
@@ -366,18 +377,20 @@ unsafe fn q4k_group<const R: usize, const T: usize>(
             }
         }
     }
-    for h in 0..2 {
-        let (k0, k1) = (HALF * h, nk.min(HALF * (h + 1)));
-        if k0 >= k1 {
-            break;
-        }
-        let isum = q4k_half_isum::<R, T>(wp, ap, row_bytes, nb, 8 * g, k0, k1, &sc2);
-        for t in 0..T {
-            let a = _mm256_set1_ps(ah[t][h]);
-            for r in 0..R {
-                let f = _mm256_mul_ps(dv[r], _mm256_cvtepi32_ps(isum[r][t]));
-                acc[r][t] = _mm256_fmadd_ps(f, a, acc[r][t]);
+    let half = |h: usize, k0: usize, k1: usize, acc: &mut [[__m256; T]; R]| {
+        q4k_half::<R, T>(wp, ap, row_bytes, nb, 8 * g, k0, k1, &sc2, &dv, &ah, h, acc)
+    };
+    if nk == 8 {
+        // a whole group: constant bounds, so both halves unroll
+        half(0, 0, HALF, acc);
+        half(1, HALF, 2 * HALF, acc);
+    } else {
+        for h in 0..2 {
+            let (k0, k1) = (HALF * h, nk.min(HALF * (h + 1)));
+            if k0 >= k1 {
+                break;
             }
+            half(h, k0, k1, acc);
         }
     }
     let mut amin = [_mm256_setzero_ps(); T];
@@ -399,8 +412,55 @@ unsafe fn q4k_group<const R: usize, const T: usize>(
         let dd = _mm256_cvtph_ps(_mm_set1_epi32(dp.add(gi).read_unaligned()));
         let (_, m) = unpack_q4k_scales(sp.add(gi * 12));
         let dm = _mm256_mul_ps(_mm256_permute_ps(dd, 0b01_01_01_01), _mm256_cvtepi32_ps(m));
+        if T == 2 {
+            let both = _mm256_hadd_ps(_mm256_mul_ps(dm, amin[0]), _mm256_mul_ps(dm, amin[T - 1]));
+            acc[r][0] = _mm256_sub_ps(acc[r][0], both);
+            continue;
+        }
         for t in 0..T {
             acc[r][t] = _mm256_fnmadd_ps(dm, amin[t], acc[r][t]);
+        }
+    }
+}
+
+/// Sub-blocks `k0..k1` (half `h`) of the group starting at block `first`:
+/// their integer sums per row and token, times the row's `d` and the token's
+/// scale of the half, added to `acc`.
+///
+/// Safety: as [`q4k_body`], with `first + k1 <= nb`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q4k_half<const R: usize, const T: usize>(
+    wp: *const u8,
+    ap: *const i8,
+    row_bytes: usize,
+    nb: usize,
+    first: usize,
+    k0: usize,
+    k1: usize,
+    sc2: &[__m256i; R],
+    dv: &[__m256; R],
+    ah: &[[f32; 2]; T],
+    h: usize,
+    acc: &mut [[__m256; T]; R],
+) {
+    let isum = q4k_half_isum::<R, T>(wp, ap, row_bytes, nb, first, k0, k1, sc2);
+    if T == 2 {
+        // both tokens' sums in one register (see `q4k_body`)
+        let (a0, a1) = (ah[0][h], ah[T - 1][h]);
+        let a = _mm256_setr_ps(a0, a0, a1, a1, a0, a0, a1, a1);
+        for r in 0..R {
+            let both = _mm256_hadd_epi32(isum[r][0], isum[r][T - 1]);
+            let f = _mm256_mul_ps(dv[r], a);
+            acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(both), f, acc[r][0]);
+        }
+        return;
+    }
+    for t in 0..T {
+        let a = _mm256_set1_ps(ah[t][h]);
+        for r in 0..R {
+            let f = _mm256_mul_ps(dv[r], _mm256_cvtepi32_ps(isum[r][t]));
+            acc[r][t] = _mm256_fmadd_ps(f, a, acc[r][t]);
         }
     }
 }
@@ -629,6 +689,16 @@ unsafe fn transpose4x4_epi32(v: &[__m256i; 4]) -> [__m256i; 4] {
         _mm256_unpacklo_epi64(t1, t3),
         _mm256_unpackhi_epi64(t1, t3),
     ]
+}
+
+/// The two token sums of a register laid out as `hadd` leaves them: lanes
+/// 0, 1, 4, 5 the first token's, 2, 3, 6, 7 the second's.
+#[inline(always)]
+unsafe fn hsum_pair(v: __m256) -> [f32; 2] {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let mut l = [0f32; 4];
+    _mm_storeu_ps(l.as_mut_ptr(), s);
+    [l[0] + l[1], l[2] + l[3]]
 }
 
 // Inlined into the `#[target_feature]` tile wrappers of `tile_fn!`.
