@@ -378,7 +378,14 @@ unsafe fn q4k_group<const R: usize, const T: usize>(
         }
     }
     let half = |h: usize, k0: usize, k1: usize, acc: &mut [[__m256; T]; R]| {
-        q4k_half::<R, T>(wp, ap, row_bytes, nb, 8 * g, k0, k1, &sc2, &dv, &ah, h, acc)
+        let span = Q4kSpan {
+            wp,
+            ap,
+            row_bytes,
+            nb,
+            first: 8 * g,
+        };
+        q4k_half::<R, T>(span, k0, k1, &sc2, &dv, &ah, h, acc)
     };
     if nk == 8 {
         // a whole group: constant bounds, so both halves unroll
@@ -423,19 +430,26 @@ unsafe fn q4k_group<const R: usize, const T: usize>(
     }
 }
 
-/// Sub-blocks `k0..k1` (half `h`) of the group starting at block `first`:
-/// their integer sums per row and token, times the row's `d` and the token's
-/// scale of the half, added to `acc`.
-///
-/// Safety: as [`q4k_body`], with `first + k1 <= nb`.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn q4k_half<const R: usize, const T: usize>(
+/// Where a q4k tile reads one group: its weight rows (`row_bytes` apart), its
+/// activation rows (`nb` blocks each) and the group's first block.
+#[derive(Clone, Copy)]
+struct Q4kSpan {
     wp: *const u8,
     ap: *const i8,
     row_bytes: usize,
     nb: usize,
     first: usize,
+}
+
+/// Sub-blocks `k0..k1` (half `h`) of the group starting at block `span.first`:
+/// their integer sums per row and token, times the row's `d` and the token's
+/// scale of the half, added to `acc`.
+///
+/// Safety: as [`q4k_body`], with `span.first + k1 <= span.nb`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q4k_half<const R: usize, const T: usize>(
+    span: Q4kSpan,
     k0: usize,
     k1: usize,
     sc2: &[__m256i; R],
@@ -444,7 +458,7 @@ unsafe fn q4k_half<const R: usize, const T: usize>(
     h: usize,
     acc: &mut [[__m256; T]; R],
 ) {
-    let isum = q4k_half_isum::<R, T>(wp, ap, row_bytes, nb, first, k0, k1, sc2);
+    let isum = q4k_half_isum::<R, T>(span, k0, k1, sc2);
     if T == 2 {
         // both tokens' sums in one register (see `q4k_body`)
         let (a0, a1) = (ah[0][h], ah[T - 1][h]);
@@ -466,21 +480,23 @@ unsafe fn q4k_half<const R: usize, const T: usize>(
 }
 
 /// `Σ_k sc_k Σ q a` over sub-blocks `k0..k1` of the group starting at block
-/// `first`, per row and token, in i32 lanes (see [`q4k_body`]).
+/// `span.first`, per row and token, in i32 lanes (see [`q4k_body`]).
 ///
-/// Safety: as [`q4k_body`], with `first + k1 <= nb`.
+/// Safety: as [`q4k_body`], with `span.first + k1 <= span.nb`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn q4k_half_isum<const R: usize, const T: usize>(
-    wp: *const u8,
-    ap: *const i8,
-    row_bytes: usize,
-    nb: usize,
-    first: usize,
+    span: Q4kSpan,
     k0: usize,
     k1: usize,
     sc2: &[__m256i; R],
 ) -> [[__m256i; T]; R] {
+    let Q4kSpan {
+        wp,
+        ap,
+        row_bytes,
+        nb,
+        first,
+    } = span;
     let mask = _mm256_set1_epi8(0x0f);
     let mut isum = [[_mm256_setzero_si256(); T]; R];
     let mut k = k0;
