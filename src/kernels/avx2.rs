@@ -377,14 +377,14 @@ unsafe fn q4k_group<const R: usize, const T: usize>(
             }
         }
     }
+    let span = Q4kSpan {
+        wp,
+        ap,
+        row_bytes,
+        nb,
+        first: 8 * g,
+    };
     let half = |h: usize, k0: usize, k1: usize, acc: &mut [[__m256; T]; R]| {
-        let span = Q4kSpan {
-            wp,
-            ap,
-            row_bytes,
-            nb,
-            first: 8 * g,
-        };
         q4k_half::<R, T>(span, k0, k1, &sc2, &dv, &ah, h, acc)
     };
     if nk == 8 {
@@ -414,6 +414,8 @@ unsafe fn q4k_group<const R: usize, const T: usize>(
         let a = _mm256_set_m128(_mm_set1_ps(ah[t][1]), _mm_set1_ps(ah[t][0]));
         amin[t] = _mm256_mul_ps(_mm256_cvtepi32_ps(s), a);
     }
+    // `dmin` and the minima are read again rather than kept from the first
+    // loop: R more live vectors across the halves would spill in the 4 × 2 tile.
     for r in 0..R {
         let gi = r * ng + g;
         let dd = _mm256_cvtph_ps(_mm_set1_epi32(dp.add(gi).read_unaligned()));
@@ -460,7 +462,8 @@ unsafe fn q4k_half<const R: usize, const T: usize>(
 ) {
     let isum = q4k_half_isum::<R, T>(span, k0, k1, sc2);
     if T == 2 {
-        // both tokens' sums in one register (see `q4k_body`)
+        // both tokens' sums in one register (see `q4k_body`); `T - 1` is
+        // token 1, spelled so that the T = 1 instantiation still compiles
         let (a0, a1) = (ah[0][h], ah[T - 1][h]);
         let a = _mm256_setr_ps(a0, a0, a1, a1, a0, a0, a1, a1);
         for r in 0..R {
