@@ -181,6 +181,20 @@ fn f16_values() -> Vec<f32> {
     ]
 }
 
+/// Three q8r rows of 64: all zeros; on the grid of d = 0.25 with the extreme
+/// levels (decodes exactly); halfway between levels of d = 0.125 (amax
+/// 127 * 0.125), each rounding away from zero.
+fn q8r_rows() -> Vec<f32> {
+    let mut v = vec![0.0f32; 64];
+    v.extend((0..64).map(|j| 0.25 * [127, -127, 0, 1, -1, 64, -3, 100][j % 8] as f32));
+    v.push(15.875);
+    v.extend((1..64).map(|j| {
+        let sign = if j % 2 == 0 { 1.0 } else { -1.0 };
+        sign * 0.125 * (j as f32 + 0.5)
+    }));
+    v
+}
+
 /// The vectors, in the order they are written.
 pub fn vectors() -> Vec<Vector> {
     let f32_values = vec![
@@ -256,6 +270,21 @@ pub fn vectors() -> Vec<Vector> {
             )],
         },
         Vector {
+            file: "q8r",
+            about: "one q8r matrix of q8's edge blocks as 2 rows (one scale per row); \
+                    one of 3 rows x 64: zero, on-grid (exact), ties",
+            metadata: note("q8r rows"),
+            tensors: vec![
+                tensor(
+                    "q8r.matrix",
+                    TensorType::Q8R,
+                    &[2, 128],
+                    edge_blocks(TensorType::Q8),
+                ),
+                tensor("q8r.rows", TensorType::Q8R, &[3, 64], q8r_rows()),
+            ],
+        },
+        Vector {
             file: "q4",
             about: "one q4 matrix of 2 rows x 4 blocks: zero, constant, mixed magnitudes, \
                     on-grid, ties and the largest-magnitude rule, tiny, huge, spike",
@@ -310,6 +339,12 @@ pub fn vectors() -> Vec<Vector> {
                     mixed_source[..64].to_vec(),
                 ),
                 tensor("t.q4k", TensorType::Q4K, &[1, 256], mixed_source.clone()),
+                tensor(
+                    "t.q8r",
+                    TensorType::Q8R,
+                    &[2, 32],
+                    mixed_source[64..128].to_vec(),
+                ),
             ],
         },
     ]
@@ -652,6 +687,16 @@ pub fn decode_raw(type_id: u32, shape: &[u64], data: &[u8]) -> Option<Vec<f32>> 
                         let q = if j < 16 { byte & 0x0f } else { byte >> 4 };
                         d * s * q as f32 - dmin * m
                     })
+                    .collect(),
+            )
+        }
+        5 => {
+            // n quant bytes, then one f16 scale per row
+            let cols = *shape.last()? as usize;
+            let (qs, ds) = data.split_at(n);
+            Some(
+                (0..n)
+                    .map(|i| f16_bits_to_f32(u16_at(ds, 2 * (i / cols))) * qs[i] as i8 as f32)
                     .collect(),
             )
         }

@@ -40,7 +40,7 @@ fn writer_reader_round_trip_every_type() {
             let bound = match ty {
                 TensorType::F32 => 0.0,
                 TensorType::F16 => 2e-3,
-                TensorType::Q8 => 2.0 / 127.0,
+                TensorType::Q8 | TensorType::Q8R => 2.0 / 127.0,
                 TensorType::Q4 => 2.0 / 8.0,
                 // values in [-2, 2]: steps of at most 4/15
                 TensorType::Q4K => 4.0 / 15.0,

@@ -104,7 +104,7 @@ fn tolerance(
     w.dequantize_row(r, &mut wr);
     let xt = &x[t * cols..(t + 1) * cols];
     let mut xa = xt.to_vec();
-    if w.tensor_type() == TensorType::Q8 {
+    if matches!(w.tensor_type(), TensorType::Q8 | TensorType::Q8R) {
         let mut q = QuantAct16::default();
         scalar::quantize_act16(xt, &mut q);
         for (i, v) in xa.iter_mut().enumerate() {
@@ -291,7 +291,7 @@ proptest! {
             .prop_flat_map(|(rows, nb, n)| (Just(rows), Just(nb), Just(n), weights(rows, nb), blocks(nb * n)))
     ) {
         let cols = nb * BLOCK;
-        for ty in [TensorType::Q4, TensorType::Q8, TensorType::F16, TensorType::F32] {
+        for ty in [TensorType::Q4, TensorType::Q8, TensorType::Q8R, TensorType::F16, TensorType::F32] {
             let bytes = encode_matrix(ty, cols, &wv).unwrap();
             let w = WeightView::from_bytes(ty, rows, cols, &bytes).unwrap();
             // f16 cannot hold the huge activation blocks' products without
@@ -432,6 +432,7 @@ fn threaded_matmul_matches_scalar() {
         TensorType::Q4K,
         TensorType::Q4,
         TensorType::Q8,
+        TensorType::Q8R,
         TensorType::F16,
     ] {
         let bytes = encode_matrix(ty, cols, &wv).unwrap();
@@ -581,46 +582,55 @@ fn matmul_many_equals_separate_matmuls() {
         (seed as f32 / u32::MAX as f32) * 2.0 - 1.0
     };
     let x: Vec<f32> = (0..9 * cols).map(|_| rnd()).collect();
-    let shapes = [
-        (517, TensorType::Q4),
-        (67, TensorType::Q4),
-        (133, TensorType::Q8),
+    // the first two of each list fuse; all three (mixed types) split
+    let lists = [
+        [
+            (517, TensorType::Q4),
+            (67, TensorType::Q4),
+            (133, TensorType::Q8),
+        ],
+        [
+            (133, TensorType::Q8R),
+            (61, TensorType::Q8R),
+            (70, TensorType::Q8),
+        ],
     ];
-    let bytes: Vec<_> = shapes
-        .iter()
-        .map(|&(rows, ty)| {
-            let wv: Vec<f32> = (0..rows * cols).map(|_| rnd() * 0.05).collect();
-            (rows, ty, encode_matrix(ty, cols, &wv).unwrap())
-        })
-        .collect();
-    let views: Vec<WeightView> = bytes
-        .iter()
-        .map(|(rows, ty, b)| WeightView::from_bytes(*ty, *rows, cols, b).unwrap())
-        .collect();
-    for k in sets() {
-        for n in [1, 9] {
-            let want: Vec<Vec<f32>> = views
-                .iter()
-                .map(|w| {
-                    let mut y = vec![0f32; n * w.rows()];
-                    k.matmul(w, &x[..n * cols], n, &mut y);
-                    y
-                })
-                .collect();
-            // the two q4 matrices fused; then all three (mixed: split)
-            for m in [2, 3] {
-                let mut ys: Vec<Vec<f32>> = views[..m]
+    for shapes in lists {
+        let bytes: Vec<_> = shapes
+            .iter()
+            .map(|&(rows, ty)| {
+                let wv: Vec<f32> = (0..rows * cols).map(|_| rnd() * 0.05).collect();
+                (rows, ty, encode_matrix(ty, cols, &wv).unwrap())
+            })
+            .collect();
+        let views: Vec<WeightView> = bytes
+            .iter()
+            .map(|(rows, ty, b)| WeightView::from_bytes(*ty, *rows, cols, b).unwrap())
+            .collect();
+        for k in sets() {
+            for n in [1, 9] {
+                let want: Vec<Vec<f32>> = views
                     .iter()
-                    .map(|w| vec![f32::NAN; n * w.rows()])
+                    .map(|w| {
+                        let mut y = vec![0f32; n * w.rows()];
+                        k.matmul(w, &x[..n * cols], n, &mut y);
+                        y
+                    })
                     .collect();
-                let mut outs: Vec<(&WeightView, &mut [f32])> = views[..m]
-                    .iter()
-                    .zip(ys.iter_mut())
-                    .map(|(w, y)| (w, y.as_mut_slice()))
-                    .collect();
-                k.matmul_many(&x[..n * cols], n, &mut outs);
-                for (i, y) in ys.iter().enumerate() {
-                    assert!(y == &want[i], "{} n={n} matrix {i} of {m}", k.set());
+                for m in [2, 3] {
+                    let mut ys: Vec<Vec<f32>> = views[..m]
+                        .iter()
+                        .map(|w| vec![f32::NAN; n * w.rows()])
+                        .collect();
+                    let mut outs: Vec<(&WeightView, &mut [f32])> = views[..m]
+                        .iter()
+                        .zip(ys.iter_mut())
+                        .map(|(w, y)| (w, y.as_mut_slice()))
+                        .collect();
+                    k.matmul_many(&x[..n * cols], n, &mut outs);
+                    for (i, y) in ys.iter().enumerate() {
+                        assert!(y == &want[i], "{} n={n} matrix {i} of {m}", k.set());
+                    }
                 }
             }
         }

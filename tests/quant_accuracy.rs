@@ -1,6 +1,7 @@
 //! The error-minimizing q4 quantizer against plain max scaling
 //! (`d = f16(m / -8)`, the first candidate of its search): on every block,
-//! random or heavy-tailed, its squared error is never larger.
+//! random or heavy-tailed, its squared error is never larger (up to the
+//! rounding of the f32 sums it compares, as SPEC.md states).
 
 use half::f16;
 use nibble::quant::{encode_matrix, q4_max_scale, TensorType, WeightView, BLOCK};
@@ -43,10 +44,12 @@ fn encoder_errors(x: &[f32]) -> Vec<f64> {
 fn check_never_worse(x: &[f32]) -> Result<(), TestCaseError> {
     for (b, (xb, new)) in x.chunks(BLOCK).zip(encoder_errors(x)).enumerate() {
         let old = max_scaling_error(xb);
-        // Both sums are f64 over exact per-element errors; only their
-        // summation order differs.
+        // The encoder compares candidates by f32 sums (SPEC.md section 6),
+        // so a candidate whose f32 error is strictly smaller can be larger
+        // in exact arithmetic by the sums' rounding: at most a relative
+        // 2^-16, the bound SPEC.md states (seen: 4.7e-9).
         prop_assert!(
-            new <= old * (1.0 + 1e-12),
+            new <= old * (1.0 + 2f64.powi(-16)),
             "block {b}: squared error {new} > max scaling's {old}: {xb:?}"
         );
     }

@@ -64,6 +64,31 @@ fn check_q8(x: &[f32]) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// Checks every element of a q8r row (one scale for the whole row, its last
+/// two bytes) against q8's bounds taken over the row.
+fn check_q8r(x: &[f32]) -> Result<(), TestCaseError> {
+    let (bytes, y) = round_trip(TensorType::Q8R, x);
+    prop_assert_eq!(bytes.len(), x.len() + 2);
+    let s = f16::from_le_bytes([bytes[x.len()], bytes[x.len() + 1]]).to_f32() as f64;
+    prop_assert!(s >= 0.0 && s.is_sign_positive());
+    let a = amax(x);
+    let by_scale = (s * (0.5 + TWO.powi(-17))).max(a - 127.0 * s);
+    let by_values = a / 254.0 * (1.0 + TWO.powi(-10)) + TWO.powi(-18);
+    for (j, (&xj, &yj)) in x.iter().zip(&y).enumerate() {
+        let e = (xj as f64 - yj as f64).abs();
+        prop_assert!(
+            e <= by_scale,
+            "elt {j}: {xj} -> {yj}, err {e} > {by_scale} (s {s})"
+        );
+        prop_assert!(
+            e <= by_values,
+            "elt {j}: {xj} -> {yj}, err {e} > {by_values} (a {a})"
+        );
+    }
+    prop_assert!(bytes[..x.len()].iter().all(|&q| q != 0x80));
+    Ok(())
+}
+
 /// Round half away from zero, as SPEC.md prescribes.
 fn round_half_away(v: f32) -> f32 {
     let t = v.abs().floor();
@@ -188,6 +213,11 @@ proptest! {
     }
 
     #[test]
+    fn q8r_error_within_bound(x in blocks(3, 22)) {
+        check_q8r(&x)?;
+    }
+
+    #[test]
     fn q4_error_within_bound(x in blocks(3, 18)) {
         check_q4(&x)?;
         for b in x.chunks(BLOCK) {
@@ -198,6 +228,7 @@ proptest! {
     #[test]
     fn q8_q4_uniform_values_within_bound(x in prop::collection::vec(-1e3f32..1e3, 64)) {
         check_q8(&x)?;
+        check_q8r(&x)?;
         check_q4(&x)?;
     }
 
@@ -312,7 +343,7 @@ proptest! {
             prop_assert_eq!(&all, &encode_matrix(ty, 64, &x).unwrap());
             if ty.is_quantized() {
                 let rows: Vec<Vec<u8>> = x.chunks(64).map(|r| encode_matrix(ty, 64, r).unwrap()).collect();
-                let qlen = rows[0].len() - 4;
+                let qlen = ty.row_planes(64)[0];
                 let mut expect: Vec<u8> = rows.iter().flat_map(|r| r[..qlen].to_vec()).collect();
                 expect.extend(rows.iter().flat_map(|r| r[qlen..].to_vec()));
                 prop_assert_eq!(&all, &expect, "{}", ty);

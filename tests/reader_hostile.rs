@@ -89,7 +89,7 @@ fn assert_unsupported(bytes: Vec<u8>, needle: &str) {
 fn base_file_is_valid() {
     let f = NblFile::from_bytes(base()).unwrap();
     f.verify_checksums().unwrap();
-    assert_eq!(f.tensors().len(), 5);
+    assert_eq!(f.tensors().len(), 6);
     // fix_crcs on an unpatched file changes nothing.
     assert_eq!(patched(|_| {}), base());
 }
@@ -190,20 +190,20 @@ fn reserved_header_bytes_must_be_zero() {
 #[test]
 fn hostile_counts() {
     // More tensors than the directory can hold: refused before allocating.
-    for count in [7u32, 1000, u32::MAX] {
+    for count in [9u32, 1000, u32::MAX] {
         assert_invalid(
             patched(|b| set_u32(b, |_| at::TENSOR_COUNT, count)),
             "directory claims",
         );
     }
-    // One more than present, but within what 242 bytes could hold.
+    // One more than present, but within what 290 bytes could hold.
     assert_invalid(
-        patched(|b| set_u32(b, |_| at::TENSOR_COUNT, 6)),
+        patched(|b| set_u32(b, |_| at::TENSOR_COUNT, 7)),
         "tensor directory truncated",
     );
     // Fewer tensors than entries: the rest are trailing bytes.
     assert_invalid(
-        patched(|b| set_u32(b, |_| at::TENSOR_COUNT, 4)),
+        patched(|b| set_u32(b, |_| at::TENSOR_COUNT, 5)),
         "trailing bytes after the tensor directory",
     );
     // A metadata count far beyond the entries present.

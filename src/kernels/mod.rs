@@ -716,6 +716,8 @@ thread_local! {
     /// Per-block activation sums ([`act_block_sums`]), reused likewise.
     static OFFSET_SCRATCH: RefCell<Vec<i32>> = const { RefCell::new(Vec::new()) };
     static ACT16_SCRATCH: RefCell<QuantAct16> = RefCell::new(QuantAct16::default());
+    /// A q8r row tile's scales repeated per block (see [`QRows::row_scale`]).
+    static ROW_SCALE_SCRATCH: RefCell<Vec<f16>> = const { RefCell::new(Vec::new()) };
 }
 
 /// An activation block element of the quantized matmul: its quantizer in a
@@ -775,10 +777,13 @@ struct QRows<'a, A> {
     rows: usize,
     /// Quant bytes per row.
     row_bytes: usize,
-    /// Block scales (q8, q4) or `(d, dmin)` pairs (q4k).
+    /// Block scales (q8, q4), row scales (q8r) or `(d, dmin)` pairs (q4k).
     d: &'a [f16],
     /// Values of `d` per row.
     d_row: usize,
+    /// One scale per row (q8r), which the block tile kernels get repeated
+    /// per block: one tile's worth, written once per row tile.
+    row_scale: bool,
     /// Packed sub-block scales (q4k; empty otherwise).
     sc: &'a [u8],
     /// Bytes of `sc` per row.
@@ -839,26 +844,31 @@ fn matmul_impl(isa: &Isa, w: &WeightView, x: &[f32], n_tokens: usize, y: &mut [f
                 )
             })
         }
-        WeightView::Q8 { .. } | WeightView::Q4 { .. } | WeightView::Q4K { .. } => {
-            matmul_many_impl(isa, x, n_tokens, &mut [(w, y)])
-        }
+        WeightView::Q8 { .. }
+        | WeightView::Q8R { .. }
+        | WeightView::Q4 { .. }
+        | WeightView::Q4K { .. } => matmul_many_impl(isa, x, n_tokens, &mut [(w, y)]),
     }
 }
 
 /// Most matrices one [`matmul_many`] section fuses; longer lists are split.
 const MAX_FUSED: usize = 3;
 
-/// Rows of a quantized matrix with 8-bit weights, for the tile kernels.
+/// Rows of a quantized matrix with 8-bit weights (q8, q8r), for the tile
+/// kernels.
 fn q8_rows<'a>(isa: &Isa, w: &WeightView<'a>) -> Option<QRows<'a, i16>> {
-    let WeightView::Q8 { qs, d, rows, cols } = *w else {
-        return None;
+    let (qs, d, rows, cols, row_scale) = match *w {
+        WeightView::Q8 { qs, d, rows, cols } => (qs, d, rows, cols, false),
+        WeightView::Q8R { qs, d, rows, cols } => (qs, d, rows, cols, true),
+        _ => return None,
     };
     Some(QRows {
         qs: bytemuck::cast_slice(qs),
         rows,
         row_bytes: cols,
         d,
-        d_row: cols / BLOCK,
+        d_row: if row_scale { 1 } else { cols / BLOCK },
+        row_scale,
         sc: &[],
         sc_row: 0,
         tile: Tile::Block(isa.q8_tile),
@@ -876,6 +886,7 @@ fn q4_rows<'a>(isa: &Isa, w: &WeightView<'a>) -> Option<QRows<'a, i8>> {
             row_bytes: cols / 2,
             d,
             d_row: cols / BLOCK,
+            row_scale: false,
             sc: &[],
             sc_row: 0,
             tile: Tile::Block(isa.q4_tile),
@@ -895,6 +906,7 @@ fn q4_rows<'a>(isa: &Isa, w: &WeightView<'a>) -> Option<QRows<'a, i8>> {
                 row_bytes,
                 d: dm,
                 d_row: dm_bytes / 2,
+                row_scale: false,
                 sc,
                 sc_row,
                 tile: Tile::K(isa.q4k_tile),
@@ -929,7 +941,7 @@ fn matmul_many_impl(isa: &Isa, x: &[f32], n_tokens: usize, outs: &mut [(&WeightV
     let cols = outs[0].0.cols();
     let n = outs.len();
     let mut ys: [&mut [f32]; MAX_FUSED] = Default::default();
-    if matches!(outs[0].0, WeightView::Q8 { .. }) {
+    if matches!(outs[0].0, WeightView::Q8 { .. } | WeightView::Q8R { .. }) {
         let mut ws: [Option<QRows<i16>>; MAX_FUSED] = Default::default();
         for (i, (w, y)) in outs.iter_mut().enumerate() {
             ws[i] = q8_rows(isa, w);
@@ -1063,11 +1075,19 @@ fn quant_rows<A: ActElem>(
     };
     let cols = nb * BLOCK;
     let mut tile = [0f32; MAX_TILE];
+    let mut repeated = ROW_SCALE_SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
     let mut r0 = range.start;
     while r0 < range.end {
         let nr = tr.min(range.end - r0);
         let wq = &w.qs[r0 * w.row_bytes..(r0 + nr) * w.row_bytes];
-        let wd = &w.d[r0 * w.d_row..(r0 + nr) * w.d_row];
+        let mut wd = &w.d[r0 * w.d_row..(r0 + nr) * w.d_row];
+        if w.row_scale {
+            repeated.clear();
+            for &d in wd {
+                repeated.extend(std::iter::repeat_n(d, nb));
+            }
+            wd = &repeated;
+        }
         let mut t0 = 0;
         while t0 < n_tokens {
             let nt = tt.min(n_tokens - t0);
@@ -1104,6 +1124,7 @@ fn quant_rows<A: ActElem>(
         }
         r0 += nr;
     }
+    ROW_SCALE_SCRATCH.with(|s| *s.borrow_mut() = repeated);
 }
 
 /// Computes the whole groups of `lanes.rows` rows at the start of `range`

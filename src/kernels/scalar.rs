@@ -199,6 +199,20 @@ pub fn dot_q8_q16(wq: &[i8], wd: &[f16], aq: &[i16], ad: &[f32]) -> f32 {
     sum
 }
 
+/// [`dot_q8_q16`] for a row with one scale `d` for all its blocks (q8r):
+/// the same products in the same order, so it equals `dot_q8_q16` with `d`
+/// repeated per block, which is how the SIMD sets run it.
+pub fn dot_q8r_q16(wq: &[i8], d: f16, aq: &[i16], ad: &[f32]) -> f32 {
+    let mut sum = 0f32;
+    for (b, &adb) in ad.iter().enumerate() {
+        let w = &wq[b * BLOCK..b * BLOCK + BLOCK];
+        let a = &aq[b * BLOCK..b * BLOCK + BLOCK];
+        let isum: i32 = w.iter().zip(a).map(|(&x, &y)| x as i32 * y as i32).sum();
+        sum += d.to_f32() * adb * isum as f32;
+    }
+    sum
+}
+
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
@@ -242,6 +256,12 @@ pub fn matmul(w: &WeightView, x: &[f32], n_tokens: usize, y: &mut [f32]) {
                         &act16.qs,
                         &act16.d,
                     );
+                }
+            }
+            WeightView::Q8R { qs, d, .. } => {
+                quantize_act16(xt, &mut act16);
+                for (r, o) in yt.iter_mut().enumerate() {
+                    *o = dot_q8r_q16(&qs[r * cols..(r + 1) * cols], d[r], &act16.qs, &act16.d);
                 }
             }
             WeightView::Q4 { qs, d, .. } => {

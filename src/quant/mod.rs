@@ -8,7 +8,7 @@
 //! [`TensorType::cols_multiple`]): planes, each row-major over the whole
 //! matrix. First all quant bytes of all rows (`rows * cols * bits / 8`
 //! bytes), then one f16 scale per block (q8, q4: `rows * cols / BLOCK`
-//! values), or for q4k one `(d, dmin)` f16 pair per group of up to 256
+//! values; q8r: one per row), or for q4k one `(d, dmin)` f16 pair per group of up to 256
 //! weights of a row followed by 12 bytes of packed 6-bit sub-block scales per
 //! group. Keeping quants
 //! and scales apart lets a kernel stream a row's quants with aligned 32-byte
@@ -26,7 +26,7 @@ pub use q4k::{
     dequantize_q4k_row, fit_sub_block, q4k_pack_scales, q4k_unpack_scales, quantize_q4k_row,
     quantize_q4k_row_minmax, Q4K_DELTAS, Q4K_GROUP, Q4K_REFITS, Q4K_SCALE_BYTES, Q4K_SUBS,
 };
-pub use q8::{dequantize_q8_row, quantize_q8_row};
+pub use q8::{dequantize_q8_row, dequantize_q8r_row, quantize_q8_row, quantize_q8r_row};
 
 use half::f16;
 use std::fmt;
@@ -46,10 +46,20 @@ pub enum TensorType {
     /// 4-bit affine: `x = d * sc * q - dmin * m`, `q` in 0..=15, 6-bit `sc`
     /// and `m` per 32 weights, f16 `d` and `dmin` per 256 weights.
     Q4K,
+    /// 8-bit with one scale per row: `x = d * q`, `q` in -127..=127, one f16
+    /// `d` per row (rows a whole number of 32-blocks, so the q8 kernels run it).
+    Q8R,
 }
 
 impl TensorType {
-    pub const ALL: [TensorType; 5] = [Self::F32, Self::F16, Self::Q8, Self::Q4, Self::Q4K];
+    pub const ALL: [TensorType; 6] = [
+        Self::F32,
+        Self::F16,
+        Self::Q8,
+        Self::Q4,
+        Self::Q4K,
+        Self::Q8R,
+    ];
 
     /// The id written in the tensor directory.
     pub fn id(self) -> u32 {
@@ -59,6 +69,7 @@ impl TensorType {
             Self::Q8 => 2,
             Self::Q4 => 3,
             Self::Q4K => 4,
+            Self::Q8R => 5,
         }
     }
 
@@ -73,11 +84,12 @@ impl TensorType {
             Self::Q8 => "q8",
             Self::Q4 => "q4",
             Self::Q4K => "q4k",
+            Self::Q8R => "q8r",
         }
     }
 
     pub fn is_quantized(self) -> bool {
-        matches!(self, Self::Q8 | Self::Q4 | Self::Q4K)
+        matches!(self, Self::Q8 | Self::Q4 | Self::Q4K | Self::Q8R)
     }
 
     /// What the innermost dimension (`cols`) of a tensor of this type must be
@@ -87,13 +99,13 @@ impl TensorType {
     pub fn cols_multiple(self) -> usize {
         match self {
             Self::F32 | Self::F16 => 1,
-            Self::Q8 | Self::Q4 | Self::Q4K => BLOCK,
+            Self::Q8 | Self::Q4 | Self::Q4K | Self::Q8R => BLOCK,
         }
     }
 
     /// Bytes per row of each plane of a `[rows, cols]` tensor, in file order
     /// (`cols` a multiple of [`Self::cols_multiple`]): values or quants;
-    /// block scales (q8, q4) or `(d, dmin)` pairs (q4k); packed sub-block
+    /// block scales (q8, q4), the row scale (q8r) or `(d, dmin)` pairs (q4k); packed sub-block
     /// scales (q4k). Unused planes are 0.
     pub fn row_planes(self, cols: usize) -> [usize; 3] {
         match self {
@@ -101,6 +113,7 @@ impl TensorType {
             Self::F16 => [2 * cols, 0, 0],
             Self::Q8 => [cols, cols / BLOCK * 2, 0],
             Self::Q4 => [cols / 2, cols / BLOCK * 2, 0],
+            Self::Q8R => [cols, 2, 0],
             Self::Q4K => {
                 let groups = cols.div_ceil(Q4K_GROUP);
                 [cols / 2, groups * 4, groups * Q4K_SCALE_BYTES]
@@ -121,6 +134,7 @@ impl TensorType {
             Self::F16 => cols.checked_mul(2),
             Self::Q8 => cols.checked_add(blocks * 2),
             Self::Q4 => Some(cols / 2 + blocks * 2),
+            Self::Q8R => cols.checked_add(2),
             Self::Q4K => {
                 let groups = cols.div_ceil(Q4K_GROUP as u64);
                 Some(cols / 2 + groups * (4 + Q4K_SCALE_BYTES as u64))
@@ -135,10 +149,11 @@ impl TensorType {
         self.row_bytes(cols)?.checked_mul(rows)
     }
 
-    /// Bits per weight including scales, for rows of whole groups (a q4k row
-    /// ending in a shorter group spends more on that group's scales).
+    /// Bits per weight including scales, for rows of 256 weights (a q4k row
+    /// ending in a shorter group spends more on that group's scales; a q8r row
+    /// spends 16 bits on its scale whatever its length).
     pub fn bits_per_weight(self) -> f64 {
-        let cols = (Q4K_GROUP * BLOCK) as u64;
+        let cols = Q4K_GROUP as u64;
         let bytes = self.row_bytes(cols).expect("a multiple of every block");
         (bytes * 8) as f64 / cols as f64
     }
@@ -227,6 +242,13 @@ pub enum WeightView<'a> {
         rows: usize,
         cols: usize,
     },
+    /// `qs`: rows * cols bytes; `d`: one scale per row.
+    Q8R {
+        qs: &'a [i8],
+        d: &'a [f16],
+        rows: usize,
+        cols: usize,
+    },
     /// `qs`: rows * cols / 2 bytes, 16 per block: byte `j` holds weight `j` in
     /// its low nibble and weight `j + 16` in its high nibble.
     Q4 {
@@ -276,6 +298,15 @@ impl<'a> WeightView<'a> {
                     cols,
                 }
             }
+            TensorType::Q8R => {
+                let (qs, d) = bytes.split_at(n);
+                Self::Q8R {
+                    qs: bytemuck::cast_slice(qs),
+                    d: bytemuck::try_cast_slice(d).ok()?,
+                    rows,
+                    cols,
+                }
+            }
             TensorType::Q4 => {
                 let (qs, d) = bytes.split_at(n / 2);
                 Self::Q4 {
@@ -305,7 +336,8 @@ impl<'a> WeightView<'a> {
             | Self::F16 { rows, .. }
             | Self::Q8 { rows, .. }
             | Self::Q4 { rows, .. }
-            | Self::Q4K { rows, .. } => rows,
+            | Self::Q4K { rows, .. }
+            | Self::Q8R { rows, .. } => rows,
         }
     }
 
@@ -315,7 +347,8 @@ impl<'a> WeightView<'a> {
             | Self::F16 { cols, .. }
             | Self::Q8 { cols, .. }
             | Self::Q4 { cols, .. }
-            | Self::Q4K { cols, .. } => cols,
+            | Self::Q4K { cols, .. }
+            | Self::Q8R { cols, .. } => cols,
         }
     }
 
@@ -326,6 +359,7 @@ impl<'a> WeightView<'a> {
             Self::Q8 { .. } => TensorType::Q8,
             Self::Q4 { .. } => TensorType::Q4,
             Self::Q4K { .. } => TensorType::Q4K,
+            Self::Q8R { .. } => TensorType::Q8R,
         }
     }
 
@@ -343,6 +377,7 @@ impl<'a> WeightView<'a> {
             Self::Q8 { qs, d, .. } => {
                 dequantize_q8_row(&qs[r * cols..(r + 1) * cols], &d[r * nb..(r + 1) * nb], out)
             }
+            Self::Q8R { qs, d, .. } => dequantize_q8r_row(&qs[r * cols..(r + 1) * cols], d[r], out),
             Self::Q4 { qs, d, .. } => dequantize_q4_row(
                 &qs[r * cols / 2..(r + 1) * cols / 2],
                 &d[r * nb..(r + 1) * nb],
@@ -471,6 +506,7 @@ pub fn encode_row(ty: TensorType, x: &[f32], planes: [&mut [u8]; 3]) -> Result<(
             }
         }
         TensorType::Q8 => quantize_q8_row(x, bytemuck::cast_slice_mut(p0), &mut halves)?,
+        TensorType::Q8R => halves[0] = quantize_q8r_row(x, bytemuck::cast_slice_mut(p0))?,
         TensorType::Q4 => quantize_q4_row(x, p0, &mut halves)?,
         TensorType::Q4K => quantize_q4k_row(x, p0, &mut halves, p2)?,
     }
@@ -549,6 +585,9 @@ mod tests {
         assert_eq!(TensorType::Q4K.bits_per_weight(), 4.5);
         assert_eq!(TensorType::Q4.bits_per_weight(), 4.5);
         assert_eq!(TensorType::Q8.bits_per_weight(), 8.5);
+        assert_eq!(TensorType::Q8R.byte_len(3, 64), Some(3 * (64 + 2)));
+        assert_eq!(TensorType::Q8R.byte_len(1, 48), None);
+        assert_eq!(TensorType::Q8R.bits_per_weight(), 8.0625);
         for t in TensorType::ALL {
             for cols in [t.cols_multiple() * 3, 576, 1024] {
                 let per_row: usize = t.row_planes(cols).iter().sum();

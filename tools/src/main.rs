@@ -72,12 +72,12 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
         /// Weight type policy (norms always stay f32; under q4 and q4k the
-        /// output projection stays q8). q4k is 4-bit affine with 6-bit
+        /// output projection stays 8-bit, as q8r). q4k is 4-bit affine with 6-bit
         /// sub-block scales: far more accurate than q4 at the same size.
         #[arg(long, value_enum, default_value = "q4k")]
         quant: Quant,
         /// PATTERN=TYPE: store the matrices whose name contains PATTERN as
-        /// TYPE (f32, f16, q8, q4, q4k) instead; repeatable, the first
+        /// TYPE (f32, f16, q8, q8r, q4, q4k) instead; repeatable, the first
         /// matching pattern wins, e.g. `--tensor-type embed_tokens=q8`.
         #[arg(long = "tensor-type", value_name = "PATTERN=TYPE")]
         tensor_types: Vec<TypeOverride>,

@@ -96,6 +96,7 @@ fn check_against_source(file: &NblFile, dir: &Path, expected_type: impl Fn(&str)
                     WeightView::Q8 { d, .. } => {
                         check_block(got, want, d[r * cols / BLOCK + b].to_f32(), 127, &what)
                     }
+                    WeightView::Q8R { d, .. } => check_block(got, want, d[r].to_f32(), 127, &what),
                     WeightView::Q4 { d, .. } => {
                         let s = d[r * cols / BLOCK + b].to_f32();
                         check_block(got, want, s, 7, &what);
@@ -231,7 +232,7 @@ fn bf16_gqa_converts_to_every_type() {
             if name.ends_with("norm.weight") {
                 TensorType::F32
             } else if name == names::OUTPUT && matches!(quant, QuantPolicy::Q4 | QuantPolicy::Q4K) {
-                TensorType::Q8
+                TensorType::Q8R
             } else {
                 match quant {
                     QuantPolicy::F32 => TensorType::F32,
@@ -275,13 +276,13 @@ fn q4_and_q8_follow_the_policy_and_shrink_the_file() {
         "{}",
         q8.bits_per_weight()
     );
-    // q4 everywhere except lm_head (q8): strictly between 4.5 and 8.5.
+    // q4 everywhere except lm_head (q8r): strictly between 4.5 and 8.5.
     let bpw = q4.bits_per_weight();
     assert!(bpw > 4.5 && bpw < 8.5, "{bpw}");
     assert!(q4.output_bytes < q8.output_bytes && q8.output_bytes < f32_len);
     let file = NblFile::open(&tmp.path().join("c.nbl")).unwrap();
     let ty = |n: &str| file.tensor(n).unwrap().info.tensor_type.unwrap();
-    assert_eq!(ty(names::OUTPUT), TensorType::Q8);
+    assert_eq!(ty(names::OUTPUT), TensorType::Q8R);
     assert_eq!(ty(names::TOKEN_EMBEDDING), TensorType::Q4);
     assert_eq!(ty("model.layers.1.mlp.down_proj.weight"), TensorType::Q4);
     assert_eq!(ty(names::FINAL_NORM), TensorType::F32);
@@ -361,7 +362,7 @@ fn policy_falls_back_to_f16_for_odd_widths() {
     );
     assert_eq!(
         QuantPolicy::Q4.tensor_type(Role::OutputProjection, 64),
-        TensorType::Q8
+        TensorType::Q8R
     );
     assert_eq!(QuantPolicy::Q8.tensor_type(Role::Norm, 64), TensorType::F32);
     // q4k: whole sub-blocks (a row may end in a short group), else f16
@@ -379,7 +380,7 @@ fn policy_falls_back_to_f16_for_odd_widths() {
     );
     assert_eq!(
         QuantPolicy::Q4K.tensor_type(Role::OutputProjection, 512),
-        TensorType::Q8
+        TensorType::Q8R
     );
     assert_eq!(
         QuantPolicy::Q4K.tensor_type(Role::Norm, 512),

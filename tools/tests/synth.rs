@@ -142,7 +142,7 @@ fn q4k_converts_and_runs() {
         let want = if info.shape.len() == 1 {
             TensorType::F32
         } else if info.name == "lm_head.weight" {
-            TensorType::Q8
+            TensorType::Q8R
         } else {
             TensorType::Q4K
         };
