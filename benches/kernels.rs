@@ -1,6 +1,7 @@
 //! Kernel throughput on 7B-sized matrices, per kernel set this CPU runs:
 //! decode (one token, matrix-vector) and prefill (64 tokens, tiled) for q4 and
-//! q8 weights. Throughput is reported in bytes of weights streamed per second;
+//! q8 weights, and one head's attention over 512 cached positions.
+//! Throughput is reported in bytes of weights streamed per second;
 //! GFLOP/s = 2 * rows * cols * tokens / time (see benches/RESULTS.md).
 //!
 //! `cargo bench --bench kernels [-- FILTER]`; `NIBBLE_BENCH_SETS=avx2,scalar`
@@ -71,5 +72,32 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+/// One query head attending over `len` cached f16 positions (the inner loop
+/// of attention at depth, and of every prefill token): SmolLM2's head size
+/// 64 and LLaMA-2's 128. Throughput in bytes of keys and values read.
+fn bench_attention(c: &mut Criterion) {
+    let sets = sets();
+    for hd in [64, 128] {
+        let len = 512;
+        let to_f16 =
+            |v: Vec<f32>| -> Vec<half::f16> { v.into_iter().map(half::f16::from_f32).collect() };
+        let keys = to_f16(pseudo_random(len * hd, 0x5151_0001));
+        let values = to_f16(pseudo_random(len * hd, 0x5151_0002));
+        let q = pseudo_random(hd, 0x5151_0003);
+        let mut g = c.benchmark_group(format!("attend_f16/hd{hd}/len{len}"));
+        g.sample_size(20)
+            .warm_up_time(Duration::from_millis(300))
+            .measurement_time(Duration::from_secs(1))
+            .throughput(Throughput::Bytes((4 * len * hd) as u64));
+        let (mut scores, mut out) = (vec![0f32; len], vec![0f32; hd]);
+        for k in &sets {
+            g.bench_function(BenchmarkId::from_parameter(k.set()), |b| {
+                b.iter(|| k.attend_f16(&q, &keys, &values, 0.125, &mut scores, &mut out))
+            });
+        }
+        g.finish();
+    }
+}
+
+criterion_group!(benches, bench, bench_attention);
 criterion_main!(benches);

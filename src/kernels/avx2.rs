@@ -720,6 +720,23 @@ unsafe fn hsum_pair(v: __m256) -> [f32; 2] {
     [l[0] + l[1], l[2] + l[3]]
 }
 
+/// The eight horizontal sums of `v[0..8]`, as lanes 0..8 of one vector.
+#[inline(always)]
+unsafe fn hsum_x8(v: [__m256; 8]) -> __m256 {
+    // per 128-bit half: pair sums, then quad sums of four vectors
+    let h01 = _mm256_hadd_ps(v[0], v[1]);
+    let h23 = _mm256_hadd_ps(v[2], v[3]);
+    let h45 = _mm256_hadd_ps(v[4], v[5]);
+    let h67 = _mm256_hadd_ps(v[6], v[7]);
+    let q0 = _mm256_hadd_ps(h01, h23);
+    let q1 = _mm256_hadd_ps(h45, h67);
+    // q0 = [v0..v3 low halves | v0..v3 high halves], q1 likewise for v4..v7
+    _mm256_add_ps(
+        _mm256_permute2f128_ps::<0x20>(q0, q1),
+        _mm256_permute2f128_ps::<0x31>(q0, q1),
+    )
+}
+
 // Inlined into the `#[target_feature]` tile wrappers of `tile_fn!`.
 #[inline(always)]
 unsafe fn hsum(v: __m256) -> f32 {
@@ -1015,13 +1032,38 @@ unsafe fn attend_f16_avx2(
     out: &mut [f32],
 ) {
     let (hd, len) = (q.len(), scores.len());
-    let mut max = f32::NEG_INFINITY;
-    for j in 0..len {
+    let sp = scores.as_mut_ptr();
+    // Eight keys at a time: the query's chunk is loaded once for all eight,
+    // and their eight sums are reduced together (one `hsum_x8` instead of a
+    // horizontal sum per key, which cost as much as the products at
+    // SmolLM2's head size of 64).
+    let mut j = 0;
+    let mut maxv = _mm256_set1_ps(f32::NEG_INFINITY);
+    if hd.is_multiple_of(8) {
+        let (qp, kp) = (q.as_ptr(), keys.as_ptr());
+        let scale_v = _mm256_set1_ps(scale);
+        while j + 8 <= len {
+            let mut acc = [_mm256_setzero_ps(); 8];
+            let mut i = 0;
+            while i < hd {
+                let qv = _mm256_loadu_ps(qp.add(i));
+                for (k, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(ld_f16(kp.add((j + k) * hd + i)), qv, *a);
+                }
+                i += 8;
+            }
+            let sc = _mm256_mul_ps(hsum_x8(acc), scale_v);
+            _mm256_storeu_ps(sp.add(j), sc);
+            maxv = _mm256_max_ps(maxv, sc);
+            j += 8;
+        }
+    }
+    let mut max = hmax(maxv);
+    for j in j..len {
         let sc = dot_f16_avx2(&keys[j * hd..(j + 1) * hd], q) * scale;
         scores[j] = sc;
         max = max.max(sc);
     }
-    let sp = scores.as_mut_ptr();
     let mv = _mm256_set1_ps(max);
     let mut sumv = _mm256_setzero_ps();
     let mut j = 0;
@@ -1043,6 +1085,21 @@ unsafe fn attend_f16_avx2(
     }
     let (vp, op) = (values.as_ptr(), out.as_mut_ptr());
     let mut c0 = 0;
+    // 64 columns per pass (a whole SmolLM2 head): one broadcast of each
+    // score serves eight vectors
+    while c0 + 64 <= hd {
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for j in 0..len {
+            let p = _mm256_set1_ps(scores[j]);
+            for (k, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(p, ld_f16(vp.add(j * hd + c0 + 8 * k)), *a);
+            }
+        }
+        for (k, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(op.add(c0 + 8 * k), *a);
+        }
+        c0 += 64;
+    }
     while c0 + 32 <= hd {
         let mut acc = [_mm256_setzero_ps(); 4];
         for j in 0..len {
