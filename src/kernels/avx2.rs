@@ -720,6 +720,32 @@ unsafe fn hsum_pair(v: __m256) -> [f32; 2] {
     [l[0] + l[1], l[2] + l[3]]
 }
 
+/// `out[c0..c0 + 8K] = Σ_j p[j] · V[j][c0..c0 + 8K]` over the `len = p.len()`
+/// cached values (rows of `hd`), in `K` accumulators.
+///
+/// Safety: AVX2/FMA/F16C present; `c0 + 8K <= hd`, `values.len() >= len * hd`,
+/// `out.len() >= c0 + 8K`.
+#[inline(always)]
+unsafe fn weighted_value_sum<const K: usize>(
+    p: &[f32],
+    values: &[f16],
+    hd: usize,
+    c0: usize,
+    out: &mut [f32],
+) {
+    let vp = values.as_ptr();
+    let mut acc = [_mm256_setzero_ps(); K];
+    for (j, &pj) in p.iter().enumerate() {
+        let pv = _mm256_set1_ps(pj);
+        for (k, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_fmadd_ps(pv, ld_f16(vp.add(j * hd + c0 + 8 * k)), *a);
+        }
+    }
+    for (k, a) in acc.iter().enumerate() {
+        _mm256_storeu_ps(out.as_mut_ptr().add(c0 + 8 * k), *a);
+    }
+}
+
 /// The eight horizontal sums of `v[0..8]`, as lanes 0..8 of one vector.
 #[inline(always)]
 unsafe fn hsum_x8(v: [__m256; 8]) -> __m256 {
@@ -1083,42 +1109,19 @@ unsafe fn attend_f16_avx2(
     for sc in scores.iter_mut() {
         *sc *= inv;
     }
-    let (vp, op) = (values.as_ptr(), out.as_mut_ptr());
+    // 64 columns per pass where the head allows (a whole SmolLM2 head: one
+    // broadcast of each score serves eight vectors), then 32, then 8
     let mut c0 = 0;
-    // 64 columns per pass (a whole SmolLM2 head): one broadcast of each
-    // score serves eight vectors
     while c0 + 64 <= hd {
-        let mut acc = [_mm256_setzero_ps(); 8];
-        for j in 0..len {
-            let p = _mm256_set1_ps(scores[j]);
-            for (k, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(p, ld_f16(vp.add(j * hd + c0 + 8 * k)), *a);
-            }
-        }
-        for (k, a) in acc.iter().enumerate() {
-            _mm256_storeu_ps(op.add(c0 + 8 * k), *a);
-        }
+        weighted_value_sum::<8>(scores, values, hd, c0, out);
         c0 += 64;
     }
     while c0 + 32 <= hd {
-        let mut acc = [_mm256_setzero_ps(); 4];
-        for j in 0..len {
-            let p = _mm256_set1_ps(scores[j]);
-            for (k, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(p, ld_f16(vp.add(j * hd + c0 + 8 * k)), *a);
-            }
-        }
-        for (k, a) in acc.iter().enumerate() {
-            _mm256_storeu_ps(op.add(c0 + 8 * k), *a);
-        }
+        weighted_value_sum::<4>(scores, values, hd, c0, out);
         c0 += 32;
     }
     while c0 + 8 <= hd {
-        let mut acc = _mm256_setzero_ps();
-        for j in 0..len {
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[j]), ld_f16(vp.add(j * hd + c0)), acc);
-        }
-        _mm256_storeu_ps(op.add(c0), acc);
+        weighted_value_sum::<1>(scores, values, hd, c0, out);
         c0 += 8;
     }
     for (c, o) in out.iter_mut().enumerate().skip(c0) {

@@ -189,26 +189,25 @@ pub fn dot_q4k_q8(wq: &[u8], dm: &[f16], sc: &[u8], aq: &[i8], ad: &[f32], asum:
 /// this reference within a float tolerance, and exactly whenever each block's
 /// sum of `|w * a|` is below 2^24 (every partial sum is then exact in f32).
 pub fn dot_q8_q16(wq: &[i8], wd: &[f16], aq: &[i16], ad: &[f32]) -> f32 {
-    let mut sum = 0f32;
-    for b in 0..wd.len() {
-        let w = &wq[b * BLOCK..b * BLOCK + BLOCK];
-        let a = &aq[b * BLOCK..b * BLOCK + BLOCK];
-        let isum: i32 = w.iter().zip(a).map(|(&x, &y)| x as i32 * y as i32).sum();
-        sum += wd[b].to_f32() * ad[b] * isum as f32;
-    }
-    sum
+    dot_q8_q16_scaled(wq, aq, &ad[..wd.len()], |b| wd[b].to_f32())
 }
 
 /// [`dot_q8_q16`] for a row with one scale `d` for all its blocks (q8r):
 /// the same products in the same order, so it equals `dot_q8_q16` with `d`
 /// repeated per block, which is how the SIMD sets run it.
 pub fn dot_q8r_q16(wq: &[i8], d: f16, aq: &[i16], ad: &[f32]) -> f32 {
+    dot_q8_q16_scaled(wq, aq, ad, |_| d.to_f32())
+}
+
+/// The q8 × q16 sum over the blocks of `ad`, block `b`'s weight scale
+/// given by `scale(b)`.
+fn dot_q8_q16_scaled(wq: &[i8], aq: &[i16], ad: &[f32], scale: impl Fn(usize) -> f32) -> f32 {
     let mut sum = 0f32;
     for (b, &adb) in ad.iter().enumerate() {
         let w = &wq[b * BLOCK..b * BLOCK + BLOCK];
         let a = &aq[b * BLOCK..b * BLOCK + BLOCK];
         let isum: i32 = w.iter().zip(a).map(|(&x, &y)| x as i32 * y as i32).sum();
-        sum += d.to_f32() * adb * isum as f32;
+        sum += scale(b) * adb * isum as f32;
     }
     sum
 }
