@@ -213,3 +213,38 @@ fn bench_json_fields() {
     assert_eq!(j["depth"], 8);
     assert!(j["kernels"].is_string());
 }
+
+/// tiny-mha's greedy continuation of its 33-token golden prompt reaches EOS
+/// (id 2) at the third step: `run` stops there, and with `--ignore-eos`
+/// generates all `-n` tokens.
+#[test]
+fn ignore_eos_generates_every_token() {
+    let m = tiny();
+    let golden = read_json(&fixtures().join("tiny/tiny-mha/golden/golden.json"));
+    let prompt = ids(&golden["prompts"]["len33"]["ids"]);
+    let model = nibble::Model::open(&m).unwrap();
+    let text = model.tokenizer().decode(&prompt[1..]).unwrap();
+    assert_eq!(model.tokenizer().encode(&text, true).unwrap(), prompt);
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "run", "-m", &m, "-p", &text, "-n", "8", "--temp", "0", "--json",
+        ];
+        args.extend_from_slice(extra);
+        let out = nibble(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        ids(&j["tokens"])
+    };
+    let stopped = run(&[]);
+    assert!(
+        stopped.len() < 8 && stopped.last() == Some(&2),
+        "{stopped:?}"
+    );
+    let all = run(&["--ignore-eos"]);
+    assert_eq!(all.len(), 8, "{all:?}");
+    assert_eq!(all[..stopped.len()], stopped[..]);
+}

@@ -111,6 +111,10 @@ struct RunArgs {
     /// Tokens to generate.
     #[arg(short = 'n', long, default_value_t = 128)]
     n_predict: usize,
+    /// Keep generating past end-of-sequence tokens (as llama.cpp's
+    /// `--ignore-eos`), e.g. to time or measure exactly -n tokens.
+    #[arg(long)]
+    ignore_eos: bool,
     #[command(flatten)]
     sampling: Sampling,
     /// Print one JSON object {"prompt_tokens","tokens","text"} instead of streaming.
@@ -321,7 +325,7 @@ fn run(a: RunArgs) -> Result<()> {
     let opts = GenerateOptions {
         max_tokens: a.n_predict,
         stop: a.sampling.stop.clone(),
-        stop_at_eos: true,
+        stop_at_eos: !a.ignore_eos,
         cancel: interrupt.start(),
     };
     let t = Instant::now();
