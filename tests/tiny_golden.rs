@@ -155,7 +155,8 @@ fn quantized_agreement(quant: &str) -> (usize, usize, usize, usize) {
 // is weight rounding: the 99% is not reached on these 82 positions.
 // tiny-sharded has tiny-mha's weights (41/41 again) and tiny-gqa-small-bf16
 // tiny-gqa-small's in bf16 (38/41 against its bf16-computed goldens), so they
-// add no independent positions and are left out. q4: 32/82 top-1.
+// add no independent positions and are left out. q4: 37/82 top-1 (32/82
+// before tiny-gqa-small's v_proj went to q8 under the q4 policy).
 #[test]
 fn q8_agrees_with_f32_goldens() {
     let (agree, total, greedy_ok, greedy_total) = quantized_agreement("q8");
@@ -173,7 +174,7 @@ fn q8_agrees_with_f32_goldens() {
 fn q4_agrees_with_f32_goldens() {
     let (agree, total, _, _) = quantized_agreement("q4");
     assert!(
-        agree as f64 >= 0.30 * total as f64,
+        agree as f64 >= 0.42 * total as f64,
         "q4 top-1 {agree}/{total}"
     );
 }

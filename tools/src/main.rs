@@ -72,8 +72,9 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
         /// Weight type policy (norms always stay f32; under q4 and q4k the
-        /// output projection stays 8-bit, as q8r). q4k is 4-bit affine with 6-bit
-        /// sub-block scales: far more accurate than q4 at the same size.
+        /// output projection stays 8-bit, as q8r; in a grouped-query model
+        /// v_proj gets f16 under q8 and q8 under q4). q4k is 4-bit affine with
+        /// 6-bit sub-block scales: far more accurate than q4 at the same size.
         #[arg(long, value_enum, default_value = "q4k")]
         quant: Quant,
         /// PATTERN=TYPE: store the matrices whose name contains PATTERN as

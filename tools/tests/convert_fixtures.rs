@@ -233,6 +233,11 @@ fn bf16_gqa_converts_to_every_type() {
                 TensorType::F32
             } else if name == names::OUTPUT && matches!(quant, QuantPolicy::Q4 | QuantPolicy::Q4K) {
                 TensorType::Q8R
+            } else if name.ends_with("v_proj.weight") && quant == QuantPolicy::Q8 {
+                // grouped-query: the value projection gets more bits
+                TensorType::F16
+            } else if name.ends_with("v_proj.weight") && quant == QuantPolicy::Q4 {
+                TensorType::Q8
             } else {
                 match quant {
                     QuantPolicy::F32 => TensorType::F32,
@@ -271,12 +276,20 @@ fn q4_and_q8_follow_the_policy_and_shrink_the_file() {
         QuantPolicy::Q4,
     ))
     .unwrap();
-    assert!(
-        (q8.bits_per_weight() - 8.5).abs() < 1e-9,
-        "{}",
-        q8.bits_per_weight()
+    // q8 everywhere except the grouped value projection (f16)
+    let bpw = q8.bits_per_weight();
+    assert!(bpw > 8.5 && bpw < 16.0, "{bpw}");
+    let q8_file = NblFile::open(&tmp.path().join("b.nbl")).unwrap();
+    let q8_ty = |n: &str| q8_file.tensor(n).unwrap().info.tensor_type.unwrap();
+    assert_eq!(
+        q8_ty("model.layers.1.self_attn.v_proj.weight"),
+        TensorType::F16
     );
-    // q4 everywhere except lm_head (q8r): strictly between 4.5 and 8.5.
+    assert_eq!(
+        q8_ty("model.layers.1.self_attn.k_proj.weight"),
+        TensorType::Q8
+    );
+    // q4 everywhere except lm_head (q8r) and v_proj (q8): strictly between 4.5 and 8.5.
     let bpw = q4.bits_per_weight();
     assert!(bpw > 4.5 && bpw < 8.5, "{bpw}");
     assert!(q4.output_bytes < q8.output_bytes && q8.output_bytes < f32_len);
@@ -285,6 +298,7 @@ fn q4_and_q8_follow_the_policy_and_shrink_the_file() {
     assert_eq!(ty(names::OUTPUT), TensorType::Q8R);
     assert_eq!(ty(names::TOKEN_EMBEDDING), TensorType::Q4);
     assert_eq!(ty("model.layers.1.mlp.down_proj.weight"), TensorType::Q4);
+    assert_eq!(ty("model.layers.1.self_attn.v_proj.weight"), TensorType::Q8);
     assert_eq!(ty(names::FINAL_NORM), TensorType::F32);
     assert!(file
         .metadata()
@@ -296,6 +310,31 @@ fn q4_and_q8_follow_the_policy_and_shrink_the_file() {
 
 /// `--tensor-type` overrides win over the policy, the first matching
 /// pattern first, and are recorded in the provenance.
+/// A multi-head model's value projection is as large as its query
+/// projection, so it keeps the policy's common type.
+#[test]
+fn multi_head_value_projection_keeps_the_common_type() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fixture("tiny-mha");
+    for (quant, want) in [
+        (QuantPolicy::Q8, TensorType::Q8),
+        (QuantPolicy::Q4, TensorType::Q4),
+    ] {
+        let out = tmp.path().join(format!("{quant}.nbl"));
+        let summary = convert(&ConvertOptions::new(&dir, &out, quant)).unwrap();
+        let file = NblFile::open(&out).unwrap();
+        let ty = |n: &str| file.tensor(n).unwrap().info.tensor_type.unwrap();
+        assert_eq!(
+            ty("model.layers.0.self_attn.v_proj.weight"),
+            want,
+            "{quant}"
+        );
+        if quant == QuantPolicy::Q8 {
+            assert!((summary.bits_per_weight() - 8.5).abs() < 1e-9);
+        }
+    }
+}
+
 #[test]
 fn tensor_type_overrides_win_over_the_policy() {
     let tmp = tempfile::tempdir().unwrap();
@@ -365,6 +404,18 @@ fn policy_falls_back_to_f16_for_odd_widths() {
         TensorType::Q8R
     );
     assert_eq!(QuantPolicy::Q8.tensor_type(Role::Norm, 64), TensorType::F32);
+    assert_eq!(
+        QuantPolicy::Q8.tensor_type(Role::GroupedValue, 64),
+        TensorType::F16
+    );
+    assert_eq!(
+        QuantPolicy::Q4.tensor_type(Role::GroupedValue, 64),
+        TensorType::Q8
+    );
+    assert_eq!(
+        QuantPolicy::Q4K.tensor_type(Role::GroupedValue, 512),
+        TensorType::Q4K
+    );
     // q4k: whole sub-blocks (a row may end in a short group), else f16
     assert_eq!(
         QuantPolicy::Q4K.tensor_type(Role::Matrix, 512),
