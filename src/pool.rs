@@ -199,6 +199,51 @@ impl Pool {
     }
 }
 
+impl Pool {
+    /// Runs `f(first_row, rows)` over `data` cut into runs of whole rows of
+    /// `row_len` elements, spread over the pool (a few runs per thread, so
+    /// uneven progress balances). A single row runs inline.
+    pub fn for_rows_mut<T: Send>(
+        &self,
+        data: &mut [T],
+        row_len: usize,
+        f: &(dyn Fn(usize, &mut [T]) + Sync),
+    ) {
+        assert!(
+            row_len > 0 && data.len().is_multiple_of(row_len),
+            "for_rows_mut: partial row"
+        );
+        let rows = data.len() / row_len;
+        let per_task = rows.div_ceil(self.threads * 4).max(1);
+        let base = RowsPtr(data.as_mut_ptr());
+        self.run(rows.div_ceil(per_task), &|task| {
+            let first = task * per_task;
+            let n = per_task.min(rows - first);
+            // SAFETY: task `task` alone covers rows `first..first + n`, which
+            // lie inside `data`; `data` is borrowed mutably for this whole
+            // call, and `run` returns only after every task has finished.
+            let run = unsafe {
+                std::slice::from_raw_parts_mut(base.get().add(first * row_len), n * row_len)
+            };
+            f(first, run)
+        });
+    }
+}
+
+/// The base of a slice whose disjoint row runs go to different tasks.
+struct RowsPtr<T>(*mut T);
+// SAFETY: shared only by `for_rows_mut`, whose tasks take disjoint runs of
+// `T: Send` elements.
+unsafe impl<T: Send> Sync for RowsPtr<T> {}
+
+impl<T> RowsPtr<T> {
+    // A method, so closures capture the whole (`Sync`) wrapper rather than
+    // its raw-pointer field.
+    fn get(&self) -> *mut T {
+        self.0
+    }
+}
+
 impl Drop for Pool {
     fn drop(&mut self) {
         let s = &*self.shared;
@@ -320,6 +365,21 @@ mod tests {
             .collect();
         for h in handles {
             assert_eq!(h.join().unwrap(), 200 * 10);
+        }
+    }
+
+    #[test]
+    fn for_rows_mut_covers_each_row_once() {
+        let pool = Pool::new(3);
+        for rows in [1, 2, 5, 13, 100] {
+            let mut data = vec![0usize; rows * 3];
+            pool.for_rows_mut(&mut data, 3, &|first, run| {
+                for (i, row) in run.chunks_mut(3).enumerate() {
+                    row.iter_mut().for_each(|v| *v += first + i + 1);
+                }
+            });
+            let want: Vec<usize> = (0..rows).flat_map(|r| [r + 1; 3]).collect();
+            assert_eq!(data, want);
         }
     }
 

@@ -565,6 +565,71 @@ proptest! {
             for j in 0..len {
                 prop_assert!((gs[j] - ws[j]).abs() <= 1e-5, "{} p[{}] {} vs {}", kset.set(), j, gs[j], ws[j]);
             }
+            // The f32 cache path (prefill widens f16 rows once): on the
+            // widened values each set computes exactly what it computes
+            // from the f16 rows, so prefill and decode agree.
+            let (kw, vw): (Vec<f32>, Vec<f32>) =
+                (k.iter().map(|x| x.to_f32()).collect(), v.iter().map(|x| x.to_f32()).collect());
+            let (mut got32, mut gs32) = (vec![f32::NAN; hd], vec![0f32; len]);
+            kset.attend_f32(&q, &kw, &vw, scale, &mut gs32, &mut got32);
+            prop_assert_eq!(&got32, &got, "{} attend_f32 vs attend_f16", kset.set());
+            prop_assert_eq!(&gs32, &gs, "{} attend_f32 scores", kset.set());
+        }
+    }
+
+    /// Several queries over one KV head, each with its own length (block
+    /// sizes from 8 keys at hd 512 to 64 at hd 64, so lengths up to 200 span
+    /// several blocks): every set gives each query exactly what its
+    /// one-query `attend_f32` gives.
+    #[test]
+    fn attend_f32_many_equals_one_query_at_a_time(
+        (hd, lens, q, k, v) in (prop_oneof![1usize..40, (1usize..9).prop_map(|k| 8 * k), Just(512)],
+                                prop::collection::vec(1usize..200, 1..12))
+            .prop_flat_map(|(hd, lens)| {
+                let longest = *lens.iter().max().unwrap();
+                (
+                    Just(hd),
+                    Just(lens.clone()),
+                    prop::collection::vec(-2f32..2.0, hd * lens.len()),
+                    prop::collection::vec(-2f32..2.0, hd * longest),
+                    prop::collection::vec(-50f32..50.0, hd * longest),
+                )
+            })
+    ) {
+        let (nq, longest) = (lens.len(), *lens.iter().max().unwrap());
+        let scale = 0.125;
+        for kset in sets() {
+            let (mut out, mut scores) = (vec![f32::NAN; nq * hd], vec![0f32; nq * longest]);
+            kset.attend_f32_many(&q, &lens, &k, &v, scale, &mut scores, &mut out);
+            for (i, &len) in lens.iter().enumerate() {
+                let (mut want, mut ws) = (vec![0f32; hd], vec![0f32; len]);
+                kset.attend_f32(&q[i * hd..(i + 1) * hd], &k, &v, scale, &mut ws, &mut want);
+                prop_assert_eq!(&out[i * hd..(i + 1) * hd], &want[..], "{} query {} of {}", kset.set(), i, nq);
+            }
+        }
+    }
+
+    /// The vector exp's relative error (~2e-7) and the division's rounding
+    /// bound each SIMD result within 1e-6 of the scalar one relative to
+    /// |up · gate| (which also covers gates past exp's clamping range,
+    /// where silu is ~0 or ~the gate itself); lengths cover the tails.
+    #[test]
+    fn swiglu_matches_scalar(
+        (gate, up) in (0usize..70).prop_flat_map(|n| (
+            prop::collection::vec(prop_oneof![-20f32..20.0, -200f32..200.0], n),
+            prop::collection::vec(-5f32..5.0, n),
+        ))
+    ) {
+        let mut want = gate.clone();
+        scalar::swiglu(&mut want, &up);
+        for kset in sets() {
+            let mut got = gate.clone();
+            kset.swiglu(&mut got, &up);
+            for i in 0..gate.len() {
+                let bound = 1e-6 * (up[i] * gate[i]).abs() + 1e-30;
+                prop_assert!((got[i] - want[i]).abs() <= bound,
+                    "{} gate {} up {}: {} vs {}", kset.set(), gate[i], up[i], got[i], want[i]);
+            }
         }
     }
 }

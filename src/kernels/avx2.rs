@@ -44,6 +44,9 @@ static ISA: Isa = Isa {
     dot_f16,
     axpy_f16,
     attend_f16,
+    attend_f32,
+    attend_f32_many,
+    swiglu,
 };
 
 // The safe wrappers below are only stored in `ISA`, which `isa()` hands out
@@ -66,13 +69,13 @@ pub(super) fn quantize_act16(x: &[f32], qs: &mut [i16], d: &mut [f32]) {
 pub(super) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     // SAFETY: features detected; equal lengths checked.
-    unsafe { dot_f32_avx2(a, b) }
+    unsafe { dot_avx2(a, b) }
 }
 
 pub(super) fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     // SAFETY: features detected; equal lengths checked.
-    unsafe { dot_f16_avx2(a, b) }
+    unsafe { dot_avx2(a, b) }
 }
 
 pub(super) fn axpy_f16(out: &mut [f32], s: f32, v: &[f16]) {
@@ -92,7 +95,50 @@ pub(super) fn attend_f16(
     let (hd, len) = (q.len(), scores.len());
     assert!(out.len() == hd && keys.len() >= len * hd && values.len() >= len * hd);
     // SAFETY: features detected; shapes checked.
-    unsafe { attend_f16_avx2(q, keys, values, scale, scores, out) }
+    unsafe { attend_avx2(q, keys, values, scale, scores, out) }
+}
+
+pub(super) fn attend_f32(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let (hd, len) = (q.len(), scores.len());
+    assert!(out.len() == hd && keys.len() >= len * hd && values.len() >= len * hd);
+    // SAFETY: features detected; shapes checked.
+    unsafe { attend_avx2(q, keys, values, scale, scores, out) }
+}
+
+pub(super) fn attend_f32_many(
+    q: &[f32],
+    lens: &[usize],
+    keys: &[f32],
+    values: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let nq = lens.len();
+    let (hd, longest) = (q.len() / nq, lens.iter().copied().max().unwrap_or(0));
+    assert!(
+        nq <= super::MAX_ATTEND_QUERIES
+            && q.len() == nq * hd
+            && out.len() == q.len()
+            && scores.len() / nq >= longest
+            && keys.len() >= longest * hd
+            && values.len() >= longest * hd
+    );
+    // SAFETY: features detected; shapes checked.
+    unsafe { attend_many_avx2(q, lens, keys, values, scale, scores, out) }
+}
+
+pub(super) fn swiglu(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len());
+    // SAFETY: features detected; equal lengths checked.
+    unsafe { swiglu_avx2(gate, up) }
 }
 
 /// 8 × the pair sums of the activations: computed once per activation
@@ -720,29 +766,29 @@ unsafe fn hsum_pair(v: __m256) -> [f32; 2] {
     [l[0] + l[1], l[2] + l[3]]
 }
 
-/// `out[c0..c0 + 8K] = Σ_j p[j] · V[j][c0..c0 + 8K]` over the `len = p.len()`
-/// cached values (rows of `hd`), in `K` accumulators.
+/// `out[c0..c0 + 8K] += Σ_{j ∈ range} p[j] · V[j][c0..c0 + 8K]` over cached
+/// values (rows of `out.len()`), in `K` accumulators.
 ///
-/// Safety: AVX2/FMA/F16C present; `c0 + 8K <= hd`, `values.len() >= len * hd`,
-/// `out.len() >= c0 + 8K`.
+/// Safety: AVX2/FMA/F16C present; `c0 + 8K <= out.len()`, `p` and `values`
+/// cover `range`.
 #[inline(always)]
-unsafe fn weighted_value_sum<const K: usize>(
+unsafe fn weighted_value_sum<const K: usize, E: Lanes8>(
     p: &[f32],
-    values: &[f16],
-    hd: usize,
+    values: &[E],
+    range: std::ops::Range<usize>,
     c0: usize,
     out: &mut [f32],
 ) {
-    let vp = values.as_ptr();
-    let mut acc = [_mm256_setzero_ps(); K];
-    for (j, &pj) in p.iter().enumerate() {
-        let pv = _mm256_set1_ps(pj);
+    let (vp, op, hd) = (values.as_ptr(), out.as_mut_ptr(), out.len());
+    let mut acc: [__m256; K] = std::array::from_fn(|k| _mm256_loadu_ps(op.add(c0 + 8 * k)));
+    for j in range {
+        let pv = _mm256_set1_ps(p[j]);
         for (k, a) in acc.iter_mut().enumerate() {
-            *a = _mm256_fmadd_ps(pv, ld_f16(vp.add(j * hd + c0 + 8 * k)), *a);
+            *a = _mm256_fmadd_ps(pv, E::load8(vp.add(j * hd + c0 + 8 * k)), *a);
         }
     }
     for (k, a) in acc.iter().enumerate() {
-        _mm256_storeu_ps(out.as_mut_ptr().add(c0 + 8 * k), *a);
+        _mm256_storeu_ps(op.add(c0 + 8 * k), *a);
     }
 }
 
@@ -914,8 +960,36 @@ unsafe fn quantize_act16_avx2(x: &[f32], qs: &mut [i16], d: &mut [f32]) {
     }
 }
 
+/// A cached key/value element type: eight of them as f32 lanes.
+trait Lanes8: Copy {
+    /// Safety: AVX2/F16C present; eight elements readable at `p`.
+    unsafe fn load8(p: *const Self) -> __m256;
+    fn widen(self) -> f32;
+}
+
+impl Lanes8 for f32 {
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> __m256 {
+        _mm256_loadu_ps(p)
+    }
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl Lanes8 for f16 {
+    #[inline(always)]
+    unsafe fn load8(p: *const f16) -> __m256 {
+        ld_f16(p)
+    }
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// Safety: AVX2/FMA/F16C present; `a.len() == b.len()`.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
+unsafe fn dot_avx2<E: Lanes8>(a: &[E], b: &[f32]) -> f32 {
     let n = a.len();
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
     let mut acc = [_mm256_setzero_ps(); 4];
@@ -923,7 +997,7 @@ unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
     while i + 32 <= n {
         for (k, s) in acc.iter_mut().enumerate() {
             *s = _mm256_fmadd_ps(
-                _mm256_loadu_ps(pa.add(i + 8 * k)),
+                E::load8(pa.add(i + 8 * k)),
                 _mm256_loadu_ps(pb.add(i + 8 * k)),
                 *s,
             );
@@ -931,11 +1005,7 @@ unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
         i += 32;
     }
     while i + 8 <= n {
-        acc[0] = _mm256_fmadd_ps(
-            _mm256_loadu_ps(pa.add(i)),
-            _mm256_loadu_ps(pb.add(i)),
-            acc[0],
-        );
+        acc[0] = _mm256_fmadd_ps(E::load8(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
         i += 8;
     }
     let mut sum = hsum(_mm256_add_ps(
@@ -943,7 +1013,7 @@ unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
         _mm256_add_ps(acc[2], acc[3]),
     ));
     while i < n {
-        sum += a[i] * b[i];
+        sum += a[i].widen() * b[i];
         i += 1;
     }
     sum
@@ -954,37 +1024,6 @@ unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
 #[inline]
 unsafe fn ld_f16(p: *const f16) -> __m256 {
     _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_f16_avx2(a: &[f16], b: &[f32]) -> f32 {
-    let n = a.len();
-    let (pa, pb) = (a.as_ptr(), b.as_ptr());
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut i = 0;
-    while i + 32 <= n {
-        for (k, s) in acc.iter_mut().enumerate() {
-            *s = _mm256_fmadd_ps(
-                ld_f16(pa.add(i + 8 * k)),
-                _mm256_loadu_ps(pb.add(i + 8 * k)),
-                *s,
-            );
-        }
-        i += 32;
-    }
-    while i + 8 <= n {
-        acc[0] = _mm256_fmadd_ps(ld_f16(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
-        i += 8;
-    }
-    let mut sum = hsum(_mm256_add_ps(
-        _mm256_add_ps(acc[0], acc[1]),
-        _mm256_add_ps(acc[2], acc[3]),
-    ));
-    while i < n {
-        sum += a[i].to_f32() * b[i];
-        i += 1;
-    }
-    sum
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -1045,36 +1084,124 @@ unsafe fn exp256(x: __m256) -> __m256 {
     _mm256_mul_ps(y, _mm256_castsi256_ps(e))
 }
 
-/// Scores with the inlined f16 dot, a vector softmax, then `out` accumulated
-/// in registers 32 lanes at a time over all positions (instead of one
-/// load/store of `out` per position).
+/// Safety: `gate.len() == up.len()`.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn attend_f16_avx2(
+unsafe fn swiglu_avx2(gate: &mut [f32], up: &[f32]) {
+    let n = gate.len();
+    let (gp, up_) = (gate.as_mut_ptr(), up.as_ptr());
+    let one = _mm256_set1_ps(1.0);
+    let mut i = 0;
+    while i + 8 <= n {
+        let g = _mm256_loadu_ps(gp.add(i));
+        let e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        let silu = _mm256_div_ps(g, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(gp.add(i), _mm256_mul_ps(silu, _mm256_loadu_ps(up_.add(i))));
+        i += 8;
+    }
+    super::scalar::swiglu(&mut gate[i..], &up[i..]);
+}
+
+/// One query's attention over its `scores.len()` cached positions: scores
+/// with the inlined dot (keys in f16 or f32), a vector softmax, then `out`
+/// accumulated in registers 64 lanes at a time over all positions.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_avx2<E: Lanes8>(
     q: &[f32],
-    keys: &[f16],
-    values: &[f16],
+    keys: &[E],
+    values: &[E],
     scale: f32,
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    let (hd, len) = (q.len(), scores.len());
+    let len = scores.len();
+    let max = scores_range(q, keys, scale, 0..len, scores);
+    softmax_in_place(scores, max);
+    out.fill(0.0);
+    accumulate_values(scores, values, 0..len, out);
+}
+
+/// Keys per block of the many-query attention: a block's keys (and then its
+/// values) stay in L1 while every query of the batch uses them.
+const KEY_BLOCK_BYTES: usize = 16 << 10;
+
+/// Attention of `lens.len()` queries (rows of `q`) over one KV head, query
+/// `i` seeing the first `lens[i]` positions; `scores` rows of
+/// `scores.len() / lens.len()`, `out` rows of `hd`. Keys and values are
+/// walked in L1-sized blocks, each used by every query before the next is
+/// read (one query at a time re-read them all from L2 per query). Every
+/// query's result equals [`attend_avx2`]'s bit for bit: scores are computed
+/// in the same groups of eight, and the `p·V` sums continue across blocks in
+/// the same order.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_many_avx2<E: Lanes8>(
+    q: &[f32],
+    lens: &[usize],
+    keys: &[E],
+    values: &[E],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let nq = lens.len();
+    let (hd, stride) = (q.len() / nq, scores.len() / nq);
+    let block = (KEY_BLOCK_BYTES / (hd * std::mem::size_of::<E>()) / 8 * 8).max(8);
+    let longest = lens.iter().copied().max().unwrap_or(0);
+    let mut maxes = [f32::NEG_INFINITY; super::MAX_ATTEND_QUERIES];
+    for b0 in (0..longest).step_by(block) {
+        for (i, &len) in lens.iter().enumerate() {
+            let end = len.min(b0 + block);
+            if end > b0 {
+                let qi = &q[i * hd..(i + 1) * hd];
+                let m = scores_range(qi, keys, scale, b0..end, &mut scores[i * stride..]);
+                maxes[i] = maxes[i].max(m);
+            }
+        }
+    }
+    for (i, &len) in lens.iter().enumerate() {
+        softmax_in_place(&mut scores[i * stride..i * stride + len], maxes[i]);
+    }
+    out.fill(0.0);
+    for b0 in (0..longest).step_by(block) {
+        for (i, &len) in lens.iter().enumerate() {
+            let end = len.min(b0 + block);
+            if end > b0 {
+                let (p, o) = (&scores[i * stride..], &mut out[i * hd..(i + 1) * hd]);
+                accumulate_values(p, values, b0..end, o);
+            }
+        }
+    }
+}
+
+/// `scores[j] = scale · q·K[j]` for `j` in `range` (`range.start` a multiple
+/// of 8, keys rows of `q.len()`); returns the largest.
+///
+/// Safety: AVX2/FMA/F16C present; `keys` and `scores` cover `range`.
+#[inline(always)]
+unsafe fn scores_range<E: Lanes8>(
+    q: &[f32],
+    keys: &[E],
+    scale: f32,
+    range: std::ops::Range<usize>,
+    scores: &mut [f32],
+) -> f32 {
+    let hd = q.len();
     let sp = scores.as_mut_ptr();
     // Eight keys at a time: the query's chunk is loaded once for all eight,
     // and their eight sums are reduced together (one `hsum_x8` instead of a
     // horizontal sum per key, which cost as much as the products at
     // SmolLM2's head size of 64).
-    let mut j = 0;
+    let mut j = range.start;
     let mut maxv = _mm256_set1_ps(f32::NEG_INFINITY);
     if hd.is_multiple_of(8) {
         let (qp, kp) = (q.as_ptr(), keys.as_ptr());
         let scale_v = _mm256_set1_ps(scale);
-        while j + 8 <= len {
+        while j + 8 <= range.end {
             let mut acc = [_mm256_setzero_ps(); 8];
             let mut i = 0;
             while i < hd {
                 let qv = _mm256_loadu_ps(qp.add(i));
                 for (k, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(ld_f16(kp.add((j + k) * hd + i)), qv, *a);
+                    *a = _mm256_fmadd_ps(E::load8(kp.add((j + k) * hd + i)), qv, *a);
                 }
                 i += 8;
             }
@@ -1085,11 +1212,20 @@ unsafe fn attend_f16_avx2(
         }
     }
     let mut max = hmax(maxv);
-    for j in j..len {
-        let sc = dot_f16_avx2(&keys[j * hd..(j + 1) * hd], q) * scale;
+    for j in j..range.end {
+        let sc = dot_avx2(&keys[j * hd..(j + 1) * hd], q) * scale;
         scores[j] = sc;
         max = max.max(sc);
     }
+    max
+}
+
+/// Softmax of `scores` in place, given their maximum.
+///
+/// Safety: AVX2/FMA present.
+#[inline(always)]
+unsafe fn softmax_in_place(scores: &mut [f32], max: f32) {
+    let (sp, len) = (scores.as_mut_ptr(), scores.len());
     let mv = _mm256_set1_ps(max);
     let mut sumv = _mm256_setzero_ps();
     let mut j = 0;
@@ -1109,24 +1245,37 @@ unsafe fn attend_f16_avx2(
     for sc in scores.iter_mut() {
         *sc *= inv;
     }
+}
+
+/// `out[c] += Σ_{j ∈ range} p[j] · V[j][c]`, values rows of `out.len()`.
+///
+/// Safety: AVX2/FMA/F16C present; `p` and `values` cover `range`.
+#[inline(always)]
+unsafe fn accumulate_values<E: Lanes8>(
+    p: &[f32],
+    values: &[E],
+    range: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    let hd = out.len();
     // 64 columns per pass where the head allows (a whole SmolLM2 head: one
     // broadcast of each score serves eight vectors), then 32, then 8
     let mut c0 = 0;
     while c0 + 64 <= hd {
-        weighted_value_sum::<8>(scores, values, hd, c0, out);
+        weighted_value_sum::<8, E>(p, values, range.clone(), c0, out);
         c0 += 64;
     }
     while c0 + 32 <= hd {
-        weighted_value_sum::<4>(scores, values, hd, c0, out);
+        weighted_value_sum::<4, E>(p, values, range.clone(), c0, out);
         c0 += 32;
     }
     while c0 + 8 <= hd {
-        weighted_value_sum::<1>(scores, values, hd, c0, out);
+        weighted_value_sum::<1, E>(p, values, range.clone(), c0, out);
         c0 += 8;
     }
     for (c, o) in out.iter_mut().enumerate().skip(c0) {
-        *o = (0..len)
-            .map(|j| scores[j] * values[j * hd + c].to_f32())
-            .sum();
+        for j in range.clone() {
+            *o += p[j] * values[j * hd + c].widen();
+        }
     }
 }

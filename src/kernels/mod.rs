@@ -344,10 +344,56 @@ pub(crate) struct Isa {
     pub axpy_f16: fn(&mut [f32], f32, &[f16]),
     /// See [`attend_f16`]; lengths checked by the caller.
     pub attend_f16: AttendFn,
+    /// The same over an f32 cache (see [`attend_f32`]).
+    pub attend_f32: AttendFn<f32>,
+    /// See [`attend_f32_many`]; shapes checked by the caller.
+    pub attend_f32_many: AttendManyFn,
+    /// See [`swiglu`]; equal lengths checked by the caller.
+    pub swiglu: fn(gate: &mut [f32], up: &[f32]),
 }
 
-pub(crate) type AttendFn =
-    fn(q: &[f32], keys: &[f16], values: &[f16], scale: f32, scores: &mut [f32], out: &mut [f32]);
+pub(crate) type AttendFn<E = f16> =
+    fn(q: &[f32], keys: &[E], values: &[E], scale: f32, scores: &mut [f32], out: &mut [f32]);
+
+pub(crate) type AttendManyFn = fn(
+    q: &[f32],
+    lens: &[usize],
+    keys: &[f32],
+    values: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+);
+
+/// Most queries one [`attend_f32_many`] call takes.
+pub const MAX_ATTEND_QUERIES: usize = 64;
+
+/// [`attend_f32_many`] as one [`attend_f32`] per query: the reference
+/// semantics, and the sets without a blocked kernel.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend_many_with(
+    attend: AttendFn<f32>,
+    q: &[f32],
+    lens: &[usize],
+    keys: &[f32],
+    values: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let nq = lens.len();
+    let (hd, stride) = (q.len() / nq, scores.len() / nq);
+    for (i, &len) in lens.iter().enumerate() {
+        attend(
+            &q[i * hd..(i + 1) * hd],
+            keys,
+            values,
+            scale,
+            &mut scores[i * stride..i * stride + len],
+            &mut out[i * hd..(i + 1) * hd],
+        );
+    }
+}
 
 /// A family of kernels for one instruction set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -650,6 +696,64 @@ impl Kernels {
         );
         (self.isa.attend_f16)(q, keys, values, scale, scores, out)
     }
+
+    /// See [`attend_f32`].
+    pub fn attend_f32(
+        &self,
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let (hd, len) = (q.len(), scores.len());
+        assert!(
+            hd > 0
+                && len > 0
+                && out.len() == hd
+                && keys.len() >= len * hd
+                && values.len() >= len * hd,
+            "attend_f32: shapes"
+        );
+        (self.isa.attend_f32)(q, keys, values, scale, scores, out)
+    }
+
+    /// See [`attend_f32_many`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend_f32_many(
+        &self,
+        q: &[f32],
+        lens: &[usize],
+        keys: &[f32],
+        values: &[f32],
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let nq = lens.len();
+        assert!(
+            (1..=MAX_ATTEND_QUERIES).contains(&nq) && q.len().is_multiple_of(nq),
+            "attend_f32_many: query count"
+        );
+        let (hd, longest) = (q.len() / nq, lens.iter().copied().max().unwrap_or(0));
+        assert!(
+            hd > 0
+                && lens.iter().all(|&l| l > 0)
+                && out.len() == q.len()
+                && scores.len() / nq >= longest
+                && keys.len() >= longest * hd
+                && values.len() >= longest * hd,
+            "attend_f32_many: shapes"
+        );
+        (self.isa.attend_f32_many)(q, lens, keys, values, scale, scores, out)
+    }
+
+    /// See [`swiglu`].
+    pub fn swiglu(&self, gate: &mut [f32], up: &[f32]) {
+        assert_eq!(gate.len(), up.len(), "swiglu: lengths");
+        (self.isa.swiglu)(gate, up)
+    }
 }
 
 /// One query head's causal attention over `len = scores.len()` cached
@@ -668,6 +772,46 @@ pub fn attend_f16(
     out: &mut [f32],
 ) {
     Kernels::active().attend_f16(q, keys, values, scale, scores, out)
+}
+
+/// [`attend_f16`] over keys and values held in f32: prefill converts a KV
+/// head's cached rows once and lets every query of the batch that reads them
+/// use this, instead of converting them again per query head and token.
+pub fn attend_f32(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    Kernels::active().attend_f32(q, keys, values, scale, scores, out)
+}
+
+/// [`attend_f32`] for several queries over one KV head (rows of `q`, of
+/// `hd = q.len() / lens.len()` each), query `i` seeing the first `lens[i]`
+/// positions; `scores` is scratch of `lens.len()` rows of at least the
+/// longest length, `out` gets one row of `hd` per query. Each query's result
+/// equals [`attend_f32`]'s on its own, bit for bit: batching only changes the
+/// order memory is walked in (the AVX2 set reuses each L1-sized block of keys
+/// and values across all the queries).
+#[allow(clippy::too_many_arguments)]
+pub fn attend_f32_many(
+    q: &[f32],
+    lens: &[usize],
+    keys: &[f32],
+    values: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    Kernels::active().attend_f32_many(q, lens, keys, values, scale, scores, out)
+}
+
+/// The SwiGLU gate: `gate[i] = silu(gate[i]) * up[i]` with `silu(x) = x /
+/// (1 + e^-x)`. The x86 sets use a vector `exp` (relative error below 1e-6).
+pub fn swiglu(gate: &mut [f32], up: &[f32]) {
+    Kernels::active().swiglu(gate, up)
 }
 
 /// Name of the kernel set in use (e.g. `"avx2"`), for logs and `--json`.

@@ -51,6 +51,9 @@ static ISA_PLAIN: Isa = Isa {
     dot_f16,
     axpy_f16,
     attend_f16,
+    attend_f32,
+    attend_f32_many,
+    swiglu: super::scalar::swiglu,
 };
 
 static ISA_DOT: Isa = Isa {
@@ -68,6 +71,9 @@ static ISA_DOT: Isa = Isa {
     dot_f16,
     axpy_f16,
     attend_f16,
+    attend_f32,
+    attend_f32_many,
+    swiglu: super::scalar::swiglu,
 };
 
 // The safe wrappers below are only stored in the tables above, which are handed
@@ -89,13 +95,13 @@ fn quantize_act16(x: &[f32], qs: &mut [i16], d: &mut [f32]) {
 fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     // SAFETY: NEON detected; equal lengths checked.
-    unsafe { dot_f32_neon(a, b) }
+    unsafe { dot_neon(a, b) }
 }
 
 fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     // SAFETY: NEON detected; equal lengths checked.
-    unsafe { dot_f16_neon(a, b) }
+    unsafe { dot_neon(a, b) }
 }
 
 fn attend_f16(
@@ -106,13 +112,50 @@ fn attend_f16(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    let dot = |k: &[f16], q: &[f32]| {
+    attend(q, keys, values, scale, scores, out)
+}
+
+fn attend_f32(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    attend(q, keys, values, scale, scores, out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attend_f32_many(
+    q: &[f32],
+    lens: &[usize],
+    keys: &[f32],
+    values: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    super::attend_many_with(attend_f32, q, lens, keys, values, scale, scores, out)
+}
+
+/// The reference attention on this set's dot and axpy; one body for f16 and
+/// f32 caches, so a widened cache gives exactly the f16 cache's results.
+fn attend<E: Lanes8>(
+    q: &[f32],
+    keys: &[E],
+    values: &[E],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let dot = |k: &[E], q: &[f32]| {
         // SAFETY: NEON detected; the slices have equal lengths (hd each).
-        unsafe { dot_f16_neon(k, q) }
+        unsafe { dot_neon(k, q) }
     };
-    let axpy = |o: &mut [f32], s: f32, v: &[f16]| {
+    let axpy = |o: &mut [f32], s: f32, v: &[E]| {
         // SAFETY: NEON detected; the slices have equal lengths (hd each).
-        unsafe { axpy_f16_neon(o, s, v) }
+        unsafe { axpy_neon(o, s, v) }
     };
     super::scalar::attend_with(dot, axpy, q, keys, values, scale, scores, out)
 }
@@ -120,7 +163,7 @@ fn attend_f16(
 fn axpy_f16(out: &mut [f32], s: f32, v: &[f16]) {
     assert_eq!(out.len(), v.len());
     // SAFETY: NEON detected; equal lengths checked.
-    unsafe { axpy_f16_neon(out, s, v) }
+    unsafe { axpy_neon(out, s, v) }
 }
 
 /// How one 32-weight block's integer dot product is formed.
@@ -610,46 +653,43 @@ unsafe fn quantize_act16_neon(x: &[f32], qs: &mut [i16], d: &mut [f32]) {
     }
 }
 
+/// A cached key/value element type: eight of them as two f32x4.
+trait Lanes8: Copy {
+    /// Safety: NEON present; eight elements readable at `p`.
+    unsafe fn load8(p: *const Self) -> (float32x4_t, float32x4_t);
+    fn widen(self) -> f32;
+}
+
+impl Lanes8 for f32 {
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> (float32x4_t, float32x4_t) {
+        (vld1q_f32(p), vld1q_f32(p.add(4)))
+    }
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl Lanes8 for f16 {
+    #[inline(always)]
+    unsafe fn load8(p: *const f16) -> (float32x4_t, float32x4_t) {
+        cvt_f16x8(vld1q_u16(p as *const u16))
+    }
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// Safety: NEON present; `a.len() == b.len()`.
 #[target_feature(enable = "neon")]
-unsafe fn dot_f32_neon(a: &[f32], b: &[f32]) -> f32 {
+unsafe fn dot_neon<E: Lanes8>(a: &[E], b: &[f32]) -> f32 {
     let n = a.len();
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
     let mut acc = [vdupq_n_f32(0.0); 4];
     let mut i = 0;
     while i + 16 <= n {
-        for k in 0..4 {
-            acc[k] = vfmaq_f32(
-                acc[k],
-                vld1q_f32(pa.add(i + 4 * k)),
-                vld1q_f32(pb.add(i + 4 * k)),
-            );
-        }
-        i += 16;
-    }
-    while i + 4 <= n {
-        acc[0] = vfmaq_f32(acc[0], vld1q_f32(pa.add(i)), vld1q_f32(pb.add(i)));
-        i += 4;
-    }
-    let mut sum = vaddvq_f32(vaddq_f32(
-        vaddq_f32(acc[0], acc[1]),
-        vaddq_f32(acc[2], acc[3]),
-    ));
-    while i < n {
-        sum += a[i] * b[i];
-        i += 1;
-    }
-    sum
-}
-
-#[target_feature(enable = "neon")]
-unsafe fn dot_f16_neon(a: &[f16], b: &[f32]) -> f32 {
-    let n = a.len();
-    let (pa, pb) = (a.as_ptr() as *const u16, b.as_ptr());
-    let mut acc = [vdupq_n_f32(0.0); 4];
-    let mut i = 0;
-    while i + 16 <= n {
-        let (x0, x1) = cvt_f16x8(vld1q_u16(pa.add(i)));
-        let (x2, x3) = cvt_f16x8(vld1q_u16(pa.add(i + 8)));
+        let (x0, x1) = E::load8(pa.add(i));
+        let (x2, x3) = E::load8(pa.add(i + 8));
         acc[0] = vfmaq_f32(acc[0], x0, vld1q_f32(pb.add(i)));
         acc[1] = vfmaq_f32(acc[1], x1, vld1q_f32(pb.add(i + 4)));
         acc[2] = vfmaq_f32(acc[2], x2, vld1q_f32(pb.add(i + 8)));
@@ -657,7 +697,7 @@ unsafe fn dot_f16_neon(a: &[f16], b: &[f32]) -> f32 {
         i += 16;
     }
     while i + 8 <= n {
-        let (x0, x1) = cvt_f16x8(vld1q_u16(pa.add(i)));
+        let (x0, x1) = E::load8(pa.add(i));
         acc[0] = vfmaq_f32(acc[0], x0, vld1q_f32(pb.add(i)));
         acc[1] = vfmaq_f32(acc[1], x1, vld1q_f32(pb.add(i + 4)));
         i += 8;
@@ -667,25 +707,26 @@ unsafe fn dot_f16_neon(a: &[f16], b: &[f32]) -> f32 {
         vaddq_f32(acc[2], acc[3]),
     ));
     while i < n {
-        sum += a[i].to_f32() * b[i];
+        sum += a[i].widen() * b[i];
         i += 1;
     }
     sum
 }
 
+/// `out += s * v`. Safety: NEON present; `out.len() == v.len()`.
 #[target_feature(enable = "neon")]
-unsafe fn axpy_f16_neon(out: &mut [f32], s: f32, v: &[f16]) {
+unsafe fn axpy_neon<E: Lanes8>(out: &mut [f32], s: f32, v: &[E]) {
     let n = out.len();
-    let (po, pv) = (out.as_mut_ptr(), v.as_ptr() as *const u16);
+    let (po, pv) = (out.as_mut_ptr(), v.as_ptr());
     let mut i = 0;
     while i + 8 <= n {
-        let (x0, x1) = cvt_f16x8(vld1q_u16(pv.add(i)));
+        let (x0, x1) = E::load8(pv.add(i));
         vst1q_f32(po.add(i), vfmaq_n_f32(vld1q_f32(po.add(i)), x0, s));
         vst1q_f32(po.add(i + 4), vfmaq_n_f32(vld1q_f32(po.add(i + 4)), x1, s));
         i += 8;
     }
     while i < n {
-        out[i] += s * v[i].to_f32();
+        out[i] += s * v[i].widen();
         i += 1;
     }
 }

@@ -220,6 +220,12 @@ pub fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x.to_f32() * y).sum()
 }
 
+pub fn axpy_f32(out: &mut [f32], s: f32, v: &[f32]) {
+    for (o, x) in out.iter_mut().zip(v) {
+        *o += s * x;
+    }
+}
+
 pub fn axpy_f16(out: &mut [f32], s: f32, v: &[f16]) {
     for (o, x) in out.iter_mut().zip(v) {
         *o += s * x.to_f32();
@@ -311,7 +317,17 @@ pub(crate) static ISA: Isa = Isa {
     dot_f16,
     axpy_f16,
     attend_f16,
+    attend_f32,
+    attend_f32_many,
+    swiglu,
 };
+
+/// Reference SwiGLU gate (see [`super::swiglu`]).
+pub fn swiglu(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
 
 /// Reference attention of one head (see [`super::attend_f16`]).
 pub fn attend_f16(
@@ -323,6 +339,33 @@ pub fn attend_f16(
     out: &mut [f32],
 ) {
     attend_with(dot_f16, axpy_f16, q, keys, values, scale, scores, out)
+}
+
+/// Reference attention of one head over an f32 cache (see
+/// [`super::attend_f32`]).
+pub fn attend_f32(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    attend_with(dot_f32, axpy_f32, q, keys, values, scale, scores, out)
+}
+
+/// Reference attention of several queries (see [`super::attend_f32_many`]).
+#[allow(clippy::too_many_arguments)]
+pub fn attend_f32_many(
+    q: &[f32],
+    lens: &[usize],
+    keys: &[f32],
+    values: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    super::attend_many_with(attend_f32, q, lens, keys, values, scale, scores, out)
 }
 
 /// Attention from a dot product and an axpy over cached elements of type `E`:

@@ -4,7 +4,7 @@
 use super::{Config, LayerWeights, Model, RopeScaling, Weights};
 use crate::error::{Error, Result};
 use crate::kernels;
-use half::f16;
+use half::{f16, slice::HalfFloatSliceExt};
 
 /// Most tokens pushed through the layers at once. Longer inputs are split, so
 /// scratch memory stays bounded while prompt processing still hands the
@@ -50,7 +50,12 @@ impl KvStore {
 
 /// What attention needs from a cache element type.
 trait KvElem: Copy + Send + Sync + 'static {
+    /// Whether prefill widens a KV head's rows to f32 once per batch (see
+    /// [`attention`]) instead of reading this type per query.
+    const WIDEN_FOR_PREFILL: bool;
     fn from_f32(x: f32) -> Self;
+    /// `dst[i] = src[i]` as f32.
+    fn widen(src: &[Self], dst: &mut [f32]);
     /// `sum k[i] * q[i]`
     fn dot(k: &[Self], q: &[f32]) -> f32;
     /// `out[i] += s * v[i]`
@@ -69,8 +74,13 @@ trait KvElem: Copy + Send + Sync + 'static {
 }
 
 impl KvElem for f16 {
+    const WIDEN_FOR_PREFILL: bool = true;
     fn from_f32(x: f32) -> Self {
         f16::from_f32(x)
+    }
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        // F16C where the CPU has it (detected by `half`)
+        src.convert_to_f32_slice(dst)
     }
     fn dot(k: &[Self], q: &[f32]) -> f32 {
         kernels::dot_f16(k, q)
@@ -93,16 +103,28 @@ impl KvElem for f16 {
 }
 
 impl KvElem for f32 {
+    const WIDEN_FOR_PREFILL: bool = false;
     fn from_f32(x: f32) -> Self {
         x
+    }
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src)
     }
     fn dot(k: &[Self], q: &[f32]) -> f32 {
         kernels::Kernels::active().dot_f32(k, q)
     }
     fn axpy(out: &mut [f32], s: f32, v: &[Self]) {
-        for (o, &x) in out.iter_mut().zip(v) {
-            *o += s * x;
-        }
+        kernels::scalar::axpy_f32(out, s, v)
+    }
+    fn attend(
+        q: &[f32],
+        keys: &[Self],
+        values: &[Self],
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        kernels::attend_f32(q, keys, values, scale, scores, out)
     }
 }
 
@@ -122,6 +144,10 @@ struct Scratch {
     proj: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
+    /// One KV head's cached keys and values widened to f32 for a prefill
+    /// batch, `[positions, head_dim]` each; grown on demand.
+    wide_k: Vec<f32>,
+    wide_v: Vec<f32>,
 }
 
 /// A sequence being processed: tokens go in, logits come out, keys and values
@@ -390,15 +416,12 @@ fn layer(
     let hd = c.head_dim;
     let eps = c.rms_norm_eps;
 
+    // Per-token elementwise work runs on the pool too: in prefill it was
+    // an eighth of the time, serial on the calling thread.
+    let pool = crate::pool::global();
+
     // Attention.
-    for t in 0..n {
-        rms_norm(
-            &s.x[t * h..(t + 1) * h],
-            w.attn_norm,
-            eps,
-            &mut s.xn[t * h..(t + 1) * h],
-        );
-    }
+    norm_rows(pool, &s.x[..n * h], w.attn_norm, eps, &mut s.xn[..n * h]);
     let xn = &s.xn[..n * h];
     kernels::matmul_many(
         xn,
@@ -410,17 +433,22 @@ fn layer(
         ],
     );
     let half_dim = hd / 2;
-    for t in 0..n {
-        let p = pos0 + t;
-        let cos = &rope_cos[p * half_dim..(p + 1) * half_dim];
-        let sin = &rope_sin[p * half_dim..(p + 1) * half_dim];
-        for head in s.q[t * qd..(t + 1) * qd].chunks_exact_mut(hd) {
-            rope(head, cos, sin);
+    let rope_rows = |first: usize, rows: &mut [f32], width: usize| {
+        for (i, row) in rows.chunks_exact_mut(width).enumerate() {
+            let p = pos0 + first + i;
+            let cos = &rope_cos[p * half_dim..(p + 1) * half_dim];
+            let sin = &rope_sin[p * half_dim..(p + 1) * half_dim];
+            for head in row.chunks_exact_mut(hd) {
+                rope(head, cos, sin);
+            }
         }
-        for head in s.k[t * kvd..(t + 1) * kvd].chunks_exact_mut(hd) {
-            rope(head, cos, sin);
-        }
-    }
+    };
+    pool.for_rows_mut(&mut s.q[..n * qd], qd, &|first, rows| {
+        rope_rows(first, rows, qd)
+    });
+    pool.for_rows_mut(&mut s.k[..n * kvd], kvd, &|first, rows| {
+        rope_rows(first, rows, kvd)
+    });
     match (k_cache, v_cache) {
         (KvStore::F16(k), KvStore::F16(v)) => attention::<f16>(
             c,
@@ -436,19 +464,10 @@ fn layer(
         _ => unreachable!("keys and values share one type"),
     }
     kernels::matmul(&w.o, &s.att[..n * qd], n, &mut s.proj[..n * h]);
-    for (x, p) in s.x[..n * h].iter_mut().zip(&s.proj[..n * h]) {
-        *x += p;
-    }
+    add_rows(pool, &mut s.x[..n * h], &s.proj[..n * h], h);
 
     // SwiGLU MLP.
-    for t in 0..n {
-        rms_norm(
-            &s.x[t * h..(t + 1) * h],
-            w.ffn_norm,
-            eps,
-            &mut s.xn[t * h..(t + 1) * h],
-        );
-    }
+    norm_rows(pool, &s.x[..n * h], w.ffn_norm, eps, &mut s.xn[..n * h]);
     let xn = &s.xn[..n * h];
     kernels::matmul_many(
         xn,
@@ -458,13 +477,32 @@ fn layer(
             (&w.up, &mut s.up[..n * ffn]),
         ],
     );
-    for (g, u) in s.gate[..n * ffn].iter_mut().zip(&s.up[..n * ffn]) {
-        *g = silu(*g) * u;
-    }
+    let up = &s.up[..n * ffn];
+    pool.for_rows_mut(&mut s.gate[..n * ffn], ffn, &|first, rows| {
+        kernels::swiglu(rows, &up[first * ffn..first * ffn + rows.len()])
+    });
     kernels::matmul(&w.down, &s.gate[..n * ffn], n, &mut s.proj[..n * h]);
-    for (x, p) in s.x[..n * h].iter_mut().zip(&s.proj[..n * h]) {
-        *x += p;
-    }
+    add_rows(pool, &mut s.x[..n * h], &s.proj[..n * h], h);
+}
+
+/// [`rms_norm`] of each row of `x` (rows of `w.len()`) into `out`.
+fn norm_rows(pool: &crate::pool::Pool, x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let h = w.len();
+    pool.for_rows_mut(out, h, &|first, rows| {
+        for (i, o) in rows.chunks_exact_mut(h).enumerate() {
+            let t = first + i;
+            rms_norm(&x[t * h..(t + 1) * h], w, eps, o);
+        }
+    });
+}
+
+/// `x += y` (the residual connection), rows of `h`.
+fn add_rows(pool: &crate::pool::Pool, x: &mut [f32], y: &[f32], h: usize) {
+    pool.for_rows_mut(x, h, &|first, rows| {
+        for (a, b) in rows.iter_mut().zip(&y[first * h..]) {
+            *a += b;
+        }
+    });
 }
 
 /// Stores the batch's keys and values at positions `pos0..pos0+n` and
@@ -496,13 +534,77 @@ fn attention<E: KvElem>(
     let (kc, vc) = (&*kc, &*vc);
     let group = c.num_heads / c.num_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    // One task per (token, head): every task writes its own `hd` slice of
-    // `s.att`; softmax scores live in a per-thread scratch.
     let heads = c.num_heads;
     let att = SharedOut(s.att.as_mut_ptr());
     assert!(s.att.len() >= n * qd);
     let q = &s.q;
-    crate::pool::global().run(n * heads, &|task| {
+    let pool = crate::pool::global();
+    if E::WIDEN_FOR_PREFILL && n >= WIDEN_MIN_TOKENS && group <= kernels::MAX_ATTEND_QUERIES {
+        // Every query of the batch in a KV head's group reads the same cached
+        // rows: widen them to f32 once, instead of converting them again for
+        // each of the batch's `n * group` queries (prefill spent a fifth of
+        // its time in attention, much of it converting).
+        let len = pos0 + n;
+        s.wide_k.resize(len * hd, 0.0);
+        s.wide_v.resize(len * hd, 0.0);
+        for kh in 0..c.num_kv_heads {
+            let base = layer_base + kh * head_stride;
+            E::widen(&kc[base..base + len * hd], &mut s.wide_k[..len * hd]);
+            E::widen(&vc[base..base + len * hd], &mut s.wide_v[..len * hd]);
+            let (keys, values) = (&s.wide_k, &s.wide_v);
+            // One task per run of tokens: its queries (every head of the
+            // group for each token) walk the cached rows together.
+            let tokens_per_task = (QUERIES_PER_TASK / group).max(1);
+            pool.run(n.div_ceil(tokens_per_task), &|task| {
+                let (t0, t1) = (
+                    task * tokens_per_task,
+                    ((task + 1) * tokens_per_task).min(n),
+                );
+                let (nq, longest) = ((t1 - t0) * group, pos0 + t1);
+                ATTEND_SCRATCH.with(|cell| {
+                    let mut scratch = cell.borrow_mut();
+                    let AttendScratch {
+                        q: qs,
+                        lens,
+                        scores,
+                        out,
+                    } = &mut *scratch;
+                    qs.clear();
+                    lens.clear();
+                    for t in t0..t1 {
+                        let first = t * qd + kh * group * hd;
+                        qs.extend_from_slice(&q[first..first + group * hd]);
+                        lens.extend(std::iter::repeat_n(pos0 + t + 1, group));
+                    }
+                    if scores.len() < nq * longest {
+                        scores.resize(nq * longest, 0.0);
+                    }
+                    out.resize(nq * hd, 0.0);
+                    kernels::attend_f32_many(
+                        qs,
+                        lens,
+                        &keys[..longest * hd],
+                        &values[..longest * hd],
+                        scale,
+                        &mut scores[..nq * longest],
+                        out,
+                    );
+                    for (t, rows) in (t0..t1).zip(out.chunks_exact(group * hd)) {
+                        // SAFETY: the group's heads of token t are written by
+                        // this task alone (tasks own disjoint tokens, KV heads
+                        // run one after another) and lie within `s.att`
+                        // (asserted above); `s.att` outlives the run.
+                        let dst = unsafe { att.slice((t * heads + kh * group) * hd, group * hd) };
+                        dst.copy_from_slice(rows);
+                    }
+                });
+            });
+        }
+        return;
+    }
+    // One task per (token, head): every task writes its own `hd` slice of
+    // `s.att`; softmax scores live in a per-thread scratch.
+    pool.run(n * heads, &|task| {
         let (t, head) = (task / heads, task % heads);
         let len = pos0 + t + 1;
         let base = layer_base + (head / group) * head_stride;
@@ -526,7 +628,29 @@ fn attention<E: KvElem>(
     });
 }
 
+/// Batches from this many tokens widen the KV cache once per head (see
+/// [`attention`]); a single decoded token reads each cached row once per
+/// query head anyway.
+const WIDEN_MIN_TOKENS: usize = 8;
+
+/// Queries one prefill attention task takes (a run of tokens times the heads
+/// sharing a KV head): enough that each L1-sized block of keys and values
+/// serves many, few enough that a 512-token batch still makes dozens of tasks.
+const QUERIES_PER_TASK: usize = 24;
+
+/// A prefill attention task's gathered queries, their lengths, scores and
+/// outputs, reused across tasks so prefill does not allocate per task.
+#[derive(Default)]
+struct AttendScratch {
+    q: Vec<f32>,
+    lens: Vec<usize>,
+    scores: Vec<f32>,
+    out: Vec<f32>,
+}
+
 thread_local! {
+    static ATTEND_SCRATCH: std::cell::RefCell<AttendScratch> =
+        std::cell::RefCell::new(AttendScratch::default());
     /// Attention scores of the head a thread is working on, sized once to
     /// the context so decode does not allocate.
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -582,10 +706,6 @@ fn rope(x: &mut [f32], cos: &[f32], sin: &[f32]) {
         a[i] = x0 * cos[i] - x1 * sin[i];
         b[i] = x1 * cos[i] + x0 * sin[i];
     }
-}
-
-fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
 }
 
 /// Rotation tables computed in f32 exactly as transformers does:
