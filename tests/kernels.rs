@@ -649,7 +649,8 @@ fn matmul_many_equals_separate_matmuls() {
         (seed as f32 / u32::MAX as f32) * 2.0 - 1.0
     };
     let x: Vec<f32> = (0..9 * cols).map(|_| rnd()).collect();
-    // the first two of each list fuse; all three (mixed types) split
+    // the first two of each list fuse; with all three the first two still
+    // fuse and the third (another type) runs on its own
     let lists = [
         [
             (517, TensorType::Q4),
@@ -660,6 +661,11 @@ fn matmul_many_equals_separate_matmuls() {
             (133, TensorType::Q8R),
             (61, TensorType::Q8R),
             (70, TensorType::Q8),
+        ],
+        [
+            (45, TensorType::Q8),
+            (61, TensorType::Q8),
+            (29, TensorType::F16),
         ],
     ];
     for shapes in lists {

@@ -1073,12 +1073,26 @@ fn matmul_many_impl(isa: &Isa, x: &[f32], n_tokens: usize, outs: &mut [(&WeightV
                 && w.cols() == outs[0].0.cols()
         });
     if !fusable {
-        for (w, y) in outs.iter_mut() {
-            if quantized(w) {
-                matmul_many_impl(isa, x, n_tokens, &mut [(*w, &mut **y)]);
+        // Fuse each run of neighbours that share a quantized type (e.g. q and
+        // k when v has more bits), the rest one by one.
+        let mut rest = outs;
+        while !rest.is_empty() {
+            let head = rest[0].0;
+            let same = rest
+                .iter()
+                .take(MAX_FUSED)
+                .take_while(|(w, _)| {
+                    quantized(w) && w.tensor_type() == head.tensor_type() && w.cols() == head.cols()
+                })
+                .count()
+                .max(1);
+            let (run, tail) = rest.split_at_mut(same);
+            if quantized(head) {
+                matmul_many_impl(isa, x, n_tokens, run);
             } else {
-                matmul_impl(isa, w, x, n_tokens, y);
+                matmul_impl(isa, head, x, n_tokens, run[0].1);
             }
+            rest = tail;
         }
         return;
     }
