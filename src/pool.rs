@@ -197,9 +197,7 @@ impl Pool {
             }
         }
     }
-}
 
-impl Pool {
     /// Runs `f(first_row, rows)` over `data` cut into runs of whole rows of
     /// `row_len` elements, spread over the pool (a few runs per thread, so
     /// uneven progress balances). A single row runs inline.

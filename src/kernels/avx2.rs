@@ -44,7 +44,6 @@ static ISA: Isa = Isa {
     dot_f16,
     axpy_f16,
     attend_f16,
-    attend_f32,
     attend_f32_many,
     swiglu,
 };
@@ -98,20 +97,6 @@ pub(super) fn attend_f16(
     unsafe { attend_avx2(q, keys, values, scale, scores, out) }
 }
 
-pub(super) fn attend_f32(
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    scale: f32,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
-    let (hd, len) = (q.len(), scores.len());
-    assert!(out.len() == hd && keys.len() >= len * hd && values.len() >= len * hd);
-    // SAFETY: features detected; shapes checked.
-    unsafe { attend_avx2(q, keys, values, scale, scores, out) }
-}
-
 pub(super) fn attend_f32_many(
     q: &[f32],
     lens: &[usize],
@@ -121,16 +106,7 @@ pub(super) fn attend_f32_many(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    let nq = lens.len();
-    let (hd, longest) = (q.len() / nq, lens.iter().copied().max().unwrap_or(0));
-    assert!(
-        nq <= super::MAX_ATTEND_QUERIES
-            && q.len() == nq * hd
-            && out.len() == q.len()
-            && scores.len() / nq >= longest
-            && keys.len() >= longest * hd
-            && values.len() >= longest * hd
-    );
+    super::check_attend_many(q, lens, keys, values, scores, out);
     // SAFETY: features detected; shapes checked.
     unsafe { attend_many_avx2(q, lens, keys, values, scale, scores, out) }
 }

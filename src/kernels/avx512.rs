@@ -46,7 +46,6 @@ static ISA: Isa = Isa {
     dot_f16: avx2::dot_f16,
     axpy_f16: avx2::axpy_f16,
     attend_f16: avx2::attend_f16,
-    attend_f32: avx2::attend_f32,
     attend_f32_many: avx2::attend_f32_many,
     swiglu: avx2::swiglu,
 };

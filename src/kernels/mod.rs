@@ -344,8 +344,6 @@ pub(crate) struct Isa {
     pub axpy_f16: fn(&mut [f32], f32, &[f16]),
     /// See [`attend_f16`]; lengths checked by the caller.
     pub attend_f16: AttendFn,
-    /// The same over an f32 cache (see [`attend_f32`]).
-    pub attend_f32: AttendFn<f32>,
     /// See [`attend_f32_many`]; shapes checked by the caller.
     pub attend_f32_many: AttendManyFn,
     /// See [`swiglu`]; equal lengths checked by the caller.
@@ -368,8 +366,36 @@ pub(crate) type AttendManyFn = fn(
 /// Most queries one [`attend_f32_many`] call takes.
 pub const MAX_ATTEND_QUERIES: usize = 64;
 
-/// [`attend_f32_many`] as one [`attend_f32`] per query: the reference
-/// semantics, and the sets without a blocked kernel.
+/// The shapes [`attend_f32_many`] requires (one to [`MAX_ATTEND_QUERIES`]
+/// queries of equal, non-zero width; every length non-zero and covered by
+/// `keys`, `values` and a row of `scores`); panics otherwise.
+pub(crate) fn check_attend_many(
+    q: &[f32],
+    lens: &[usize],
+    keys: &[f32],
+    values: &[f32],
+    scores: &[f32],
+    out: &[f32],
+) {
+    let nq = lens.len();
+    assert!(
+        (1..=MAX_ATTEND_QUERIES).contains(&nq) && q.len().is_multiple_of(nq),
+        "attend_f32_many: query count"
+    );
+    let (hd, longest) = (q.len() / nq, lens.iter().copied().max().unwrap_or(0));
+    assert!(
+        hd > 0
+            && lens.iter().all(|&l| l > 0)
+            && out.len() == q.len()
+            && scores.len() / nq >= longest
+            && keys.len() >= longest * hd
+            && values.len() >= longest * hd,
+        "attend_f32_many: shapes"
+    );
+}
+
+/// [`attend_f32_many`] as one single-query `attend` per query: the
+/// reference semantics, and the sets without a blocked kernel.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attend_many_with(
     attend: AttendFn<f32>,
@@ -697,7 +723,7 @@ impl Kernels {
         (self.isa.attend_f16)(q, keys, values, scale, scores, out)
     }
 
-    /// See [`attend_f32`].
+    /// See [`attend_f32`]: one query of [`Kernels::attend_f32_many`].
     pub fn attend_f32(
         &self,
         q: &[f32],
@@ -707,16 +733,8 @@ impl Kernels {
         scores: &mut [f32],
         out: &mut [f32],
     ) {
-        let (hd, len) = (q.len(), scores.len());
-        assert!(
-            hd > 0
-                && len > 0
-                && out.len() == hd
-                && keys.len() >= len * hd
-                && values.len() >= len * hd,
-            "attend_f32: shapes"
-        );
-        (self.isa.attend_f32)(q, keys, values, scale, scores, out)
+        let len = scores.len();
+        self.attend_f32_many(q, &[len], keys, values, scale, scores, out)
     }
 
     /// See [`attend_f32_many`].
@@ -731,21 +749,7 @@ impl Kernels {
         scores: &mut [f32],
         out: &mut [f32],
     ) {
-        let nq = lens.len();
-        assert!(
-            (1..=MAX_ATTEND_QUERIES).contains(&nq) && q.len().is_multiple_of(nq),
-            "attend_f32_many: query count"
-        );
-        let (hd, longest) = (q.len() / nq, lens.iter().copied().max().unwrap_or(0));
-        assert!(
-            hd > 0
-                && lens.iter().all(|&l| l > 0)
-                && out.len() == q.len()
-                && scores.len() / nq >= longest
-                && keys.len() >= longest * hd
-                && values.len() >= longest * hd,
-            "attend_f32_many: shapes"
-        );
+        check_attend_many(q, lens, keys, values, scores, out);
         (self.isa.attend_f32_many)(q, lens, keys, values, scale, scores, out)
     }
 
@@ -774,9 +778,9 @@ pub fn attend_f16(
     Kernels::active().attend_f16(q, keys, values, scale, scores, out)
 }
 
-/// [`attend_f16`] over keys and values held in f32: prefill converts a KV
-/// head's cached rows once and lets every query of the batch that reads them
-/// use this, instead of converting them again per query head and token.
+/// [`attend_f16`] over keys and values held in f32 (the f32 KV cache; one
+/// query of [`attend_f32_many`]). On the same values it gives exactly what
+/// [`attend_f16`] gives on their f16 originals.
 pub fn attend_f32(
     q: &[f32],
     keys: &[f32],
@@ -788,13 +792,15 @@ pub fn attend_f32(
     Kernels::active().attend_f32(q, keys, values, scale, scores, out)
 }
 
-/// [`attend_f32`] for several queries over one KV head (rows of `q`, of
-/// `hd = q.len() / lens.len()` each), query `i` seeing the first `lens[i]`
-/// positions; `scores` is scratch of `lens.len()` rows of at least the
-/// longest length, `out` gets one row of `hd` per query. Each query's result
-/// equals [`attend_f32`]'s on its own, bit for bit: batching only changes the
-/// order memory is walked in (the AVX2 set reuses each L1-sized block of keys
-/// and values across all the queries).
+/// Attention of several queries over one KV head held in f32 (rows of `q`,
+/// of `hd = q.len() / lens.len()` each), query `i` seeing the first
+/// `lens[i]` positions; `scores` is scratch of `lens.len()` rows of at least
+/// the longest length, `out` gets one row of `hd` per query. Each query's
+/// result equals, bit for bit, what [`attend_f16`] gives that query alone on
+/// the f16 originals of the values: prefill (which widens an f16 cache once
+/// per batch) and decode agree. Batching only changes the order memory is
+/// walked in (the AVX2 set reuses each L1-sized block of keys and values
+/// across all the queries).
 #[allow(clippy::too_many_arguments)]
 pub fn attend_f32_many(
     q: &[f32],

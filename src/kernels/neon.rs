@@ -51,7 +51,6 @@ static ISA_PLAIN: Isa = Isa {
     dot_f16,
     axpy_f16,
     attend_f16,
-    attend_f32,
     attend_f32_many,
     swiglu: super::scalar::swiglu,
 };
@@ -71,7 +70,6 @@ static ISA_DOT: Isa = Isa {
     dot_f16,
     axpy_f16,
     attend_f16,
-    attend_f32,
     attend_f32_many,
     swiglu: super::scalar::swiglu,
 };
@@ -115,17 +113,6 @@ fn attend_f16(
     attend(q, keys, values, scale, scores, out)
 }
 
-fn attend_f32(
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    scale: f32,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
-    attend(q, keys, values, scale, scores, out)
-}
-
 #[allow(clippy::too_many_arguments)]
 fn attend_f32_many(
     q: &[f32],
@@ -136,7 +123,7 @@ fn attend_f32_many(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    super::attend_many_with(attend_f32, q, lens, keys, values, scale, scores, out)
+    super::attend_many_with(attend::<f32>, q, lens, keys, values, scale, scores, out)
 }
 
 /// The reference attention on this set's dot and axpy; one body for f16 and

@@ -317,7 +317,6 @@ pub(crate) static ISA: Isa = Isa {
     dot_f16,
     axpy_f16,
     attend_f16,
-    attend_f32,
     attend_f32_many,
     swiglu,
 };

@@ -50,16 +50,10 @@ impl KvStore {
 
 /// What attention needs from a cache element type.
 trait KvElem: Copy + Send + Sync + 'static {
-    /// Whether prefill widens a KV head's rows to f32 once per batch (see
-    /// [`attention`]) instead of reading this type per query.
-    const WIDEN_FOR_PREFILL: bool;
     fn from_f32(x: f32) -> Self;
-    /// `dst[i] = src[i]` as f32.
-    fn widen(src: &[Self], dst: &mut [f32]);
-    /// `sum k[i] * q[i]`
-    fn dot(k: &[Self], q: &[f32]) -> f32;
-    /// `out[i] += s * v[i]`
-    fn axpy(out: &mut [f32], s: f32, v: &[Self]);
+    /// Cached rows as f32: borrowed when they already are, else widened into
+    /// `scratch` (for prefill, which reads every row once per query).
+    fn rows_f32<'a>(rows: &'a [Self], scratch: &'a mut Vec<f32>) -> &'a [f32];
     /// One head's attention, see [`attend`].
     fn attend(
         q: &[f32],
@@ -68,25 +62,18 @@ trait KvElem: Copy + Send + Sync + 'static {
         scale: f32,
         scores: &mut [f32],
         out: &mut [f32],
-    ) {
-        kernels::scalar::attend_with(Self::dot, Self::axpy, q, keys, values, scale, scores, out)
-    }
+    );
 }
 
 impl KvElem for f16 {
-    const WIDEN_FOR_PREFILL: bool = true;
     fn from_f32(x: f32) -> Self {
         f16::from_f32(x)
     }
-    fn widen(src: &[Self], dst: &mut [f32]) {
+    fn rows_f32<'a>(rows: &'a [Self], scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        scratch.resize(rows.len(), 0.0);
         // F16C where the CPU has it (detected by `half`)
-        src.convert_to_f32_slice(dst)
-    }
-    fn dot(k: &[Self], q: &[f32]) -> f32 {
-        kernels::dot_f16(k, q)
-    }
-    fn axpy(out: &mut [f32], s: f32, v: &[Self]) {
-        kernels::axpy_f16(out, s, v)
+        rows.convert_to_f32_slice(scratch);
+        scratch
     }
     /// The kernel set's fused attention: scores, softmax and the weighted
     /// sum of values in one pass per head, `out` held in registers.
@@ -103,18 +90,11 @@ impl KvElem for f16 {
 }
 
 impl KvElem for f32 {
-    const WIDEN_FOR_PREFILL: bool = false;
     fn from_f32(x: f32) -> Self {
         x
     }
-    fn widen(src: &[Self], dst: &mut [f32]) {
-        dst.copy_from_slice(src)
-    }
-    fn dot(k: &[Self], q: &[f32]) -> f32 {
-        kernels::Kernels::active().dot_f32(k, q)
-    }
-    fn axpy(out: &mut [f32], s: f32, v: &[Self]) {
-        kernels::scalar::axpy_f32(out, s, v)
+    fn rows_f32<'a>(rows: &'a [Self], _scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        rows
     }
     fn attend(
         q: &[f32],
@@ -145,7 +125,7 @@ struct Scratch {
     gate: Vec<f32>,
     up: Vec<f32>,
     /// One KV head's cached keys and values widened to f32 for a prefill
-    /// batch, `[positions, head_dim]` each; grown on demand.
+    /// batch (f16 cache only), `[positions, head_dim]` each; grown on demand.
     wide_k: Vec<f32>,
     wide_v: Vec<f32>,
 }
@@ -539,19 +519,16 @@ fn attention<E: KvElem>(
     assert!(s.att.len() >= n * qd);
     let q = &s.q;
     let pool = crate::pool::global();
-    if E::WIDEN_FOR_PREFILL && n >= WIDEN_MIN_TOKENS && group <= kernels::MAX_ATTEND_QUERIES {
+    if n >= BATCHED_ATTENTION_MIN_TOKENS && group <= kernels::MAX_ATTEND_QUERIES {
         // Every query of the batch in a KV head's group reads the same cached
         // rows: widen them to f32 once, instead of converting them again for
         // each of the batch's `n * group` queries (prefill spent a fifth of
         // its time in attention, much of it converting).
         let len = pos0 + n;
-        s.wide_k.resize(len * hd, 0.0);
-        s.wide_v.resize(len * hd, 0.0);
         for kh in 0..c.num_kv_heads {
             let base = layer_base + kh * head_stride;
-            E::widen(&kc[base..base + len * hd], &mut s.wide_k[..len * hd]);
-            E::widen(&vc[base..base + len * hd], &mut s.wide_v[..len * hd]);
-            let (keys, values) = (&s.wide_k, &s.wide_v);
+            let keys = E::rows_f32(&kc[base..base + len * hd], &mut s.wide_k);
+            let values = E::rows_f32(&vc[base..base + len * hd], &mut s.wide_v);
             // One task per run of tokens: its queries (every head of the
             // group for each token) walk the cached rows together.
             let tokens_per_task = (QUERIES_PER_TASK / group).max(1);
@@ -628,10 +605,10 @@ fn attention<E: KvElem>(
     });
 }
 
-/// Batches from this many tokens widen the KV cache once per head (see
+/// Batches from this many tokens take the batched attention path (see
 /// [`attention`]); a single decoded token reads each cached row once per
 /// query head anyway.
-const WIDEN_MIN_TOKENS: usize = 8;
+const BATCHED_ATTENTION_MIN_TOKENS: usize = 8;
 
 /// Queries one prefill attention task takes (a run of tokens times the heads
 /// sharing a KV head): enough that each L1-sized block of keys and values
