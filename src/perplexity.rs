@@ -46,8 +46,8 @@ pub fn perplexity(
     ctx: usize,
     mut progress: impl FnMut(usize, usize, f64),
 ) -> Result<PerplexityResult> {
-    let tok = model.tokenizer();
-    let (tokens, chunks) = windows(model, text, ctx)?;
+    let windows = Windows::new(model, text, ctx)?;
+    let chunks = windows.chunks;
     let vocab = model.config().vocab_size;
     let mut session = Session::new(
         model,
@@ -61,11 +61,7 @@ pub fn perplexity(
     let mut scored = 0usize;
     let mut window = Vec::with_capacity(ctx);
     for c in 0..chunks {
-        window.clear();
-        window.extend_from_slice(&tokens[c * ctx..(c + 1) * ctx]);
-        if tok.adds_bos() {
-            window[0] = tok.bos_id().expect("a tokenizer that adds BOS has one");
-        }
+        windows.fill(c, &mut window);
         session.reset();
         let logits = session.forward_from(&window, first)?;
         for (row, &next) in logits.chunks_exact(vocab).zip(&window[first + 1..]) {
@@ -124,9 +120,9 @@ pub fn perplexity_kl(
             base.config().vocab_size
         )));
     }
-    let tok = model.tokenizer();
-    let (tokens, chunks) = windows(model, text, ctx)?;
-    if base.tokenizer().encode(text, true)? != tokens {
+    let windows = Windows::new(model, text, ctx)?;
+    let chunks = windows.chunks;
+    if base.tokenizer().encode(text, true)? != windows.tokens {
         return Err(Error::InvalidArgument(format!(
             "{}: its tokenizer splits the text differently from the model's",
             base.path().display()
@@ -142,11 +138,7 @@ pub fn perplexity_kl(
     let mut stats: Vec<RowStats> = Vec::with_capacity(chunks * (ctx - first - 1));
     let mut window = Vec::with_capacity(ctx);
     for c in 0..chunks {
-        window.clear();
-        window.extend_from_slice(&tokens[c * ctx..(c + 1) * ctx]);
-        if tok.adds_bos() {
-            window[0] = tok.bos_id().expect("a tokenizer that adds BOS has one");
-        }
+        windows.fill(c, &mut window);
         session.reset();
         base_session.reset();
         let logits = session.forward_from(&window, first)?;
@@ -209,22 +201,55 @@ fn compare_rows(base: &[f32], model: &[f32], next: usize) -> RowStats {
     }
 }
 
-/// Tokenizes `text` for `model` and counts its full windows of `ctx` tokens.
-fn windows(model: &Model, text: &str, ctx: usize) -> Result<(Vec<u32>, usize)> {
-    if ctx < 4 {
-        return Err(Error::InvalidArgument(format!(
-            "--ctx {ctx} is too small for perplexity (at least 4)"
-        )));
+/// A text cut into llama.cpp's evaluation windows for one model.
+pub(crate) struct Windows {
+    /// The whole text's tokens.
+    pub(crate) tokens: Vec<u32>,
+    /// Number of full windows.
+    pub(crate) chunks: usize,
+    ctx: usize,
+    /// What each window's first token becomes (the model's BOS, if it adds
+    /// one).
+    first_token: Option<u32>,
+}
+
+impl Windows {
+    /// Tokenizes `text` for `model` and counts its full windows of `ctx`
+    /// tokens.
+    pub(crate) fn new(model: &Model, text: &str, ctx: usize) -> Result<Self> {
+        if ctx < 4 {
+            return Err(Error::InvalidArgument(format!(
+                "--ctx {ctx} is too small for perplexity (at least 4)"
+            )));
+        }
+        let tok = model.tokenizer();
+        let tokens = tok.encode(text, true)?;
+        let chunks = tokens.len() / ctx;
+        if chunks == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "the text has {} tokens, fewer than one window of --ctx {ctx}",
+                tokens.len()
+            )));
+        }
+        let first_token = tok
+            .adds_bos()
+            .then(|| tok.bos_id().expect("a tokenizer that adds BOS has one"));
+        Ok(Self {
+            tokens,
+            chunks,
+            ctx,
+            first_token,
+        })
     }
-    let tokens = model.tokenizer().encode(text, true)?;
-    let chunks = tokens.len() / ctx;
-    if chunks == 0 {
-        return Err(Error::InvalidArgument(format!(
-            "the text has {} tokens, fewer than one window of --ctx {ctx}",
-            tokens.len()
-        )));
+
+    /// Window `c` into `window`.
+    pub(crate) fn fill(&self, c: usize, window: &mut Vec<u32>) {
+        window.clear();
+        window.extend_from_slice(&self.tokens[c * self.ctx..(c + 1) * self.ctx]);
+        if let Some(t) = self.first_token {
+            window[0] = t;
+        }
     }
-    Ok((tokens, chunks))
 }
 
 /// `log_softmax(logits)[i]`, accumulated in f64.

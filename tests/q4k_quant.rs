@@ -2,12 +2,14 @@
 //! larger squared error than plain min/max affine quantization through the
 //! same 6-bit group stage, an element bound from the stored scales, exact round
 //! trips of representable groups, zero and constant groups, refusal of
-//! NaN/Inf and of values whose scales overflow f16.
+//! NaN/Inf and of values whose scales overflow f16; and the same for the
+//! importance-weighted encoder under its weighted error.
 
 use half::f16;
 use nibble::quant::{
     dequantize_q4k_row, encode_matrix, q4k_pack_scales, q4k_unpack_scales, quantize_q4k_row,
-    quantize_q4k_row_minmax, QuantError, TensorType, WeightView, Q4K_GROUP, Q4K_SCALE_BYTES,
+    quantize_q4k_row_minmax, quantize_q4k_row_weighted, QuantError, TensorType, WeightView,
+    Q4K_GROUP, Q4K_SCALE_BYTES,
 };
 use proptest::prelude::*;
 
@@ -42,6 +44,26 @@ fn sq_err(x: &[f32], y: &[f32]) -> f64 {
         .zip(y)
         .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
         .sum()
+}
+
+/// `Σ w (x - y)²`.
+fn weighted_sq_err(x: &[f32], y: &[f32], w: &[f32]) -> f64 {
+    x.iter()
+        .zip(y)
+        .zip(w)
+        .map(|((&a, &b), &w)| w as f64 * (a as f64 - b as f64).powi(2))
+        .sum()
+}
+
+fn encode_weighted(x: &[f32], importance: &[f32]) -> Result<Encoded, QuantError> {
+    let ng = x.len().div_ceil(Q4K_GROUP);
+    let mut e = Encoded {
+        qs: vec![0; x.len() / 2],
+        dm: vec![f16::ZERO; 2 * ng],
+        sc: vec![0; ng * Q4K_SCALE_BYTES],
+    };
+    quantize_q4k_row_weighted(x, importance, &mut e.qs, &mut e.dm, &mut e.sc)?;
+    Ok(e)
 }
 
 /// `(d * sc, dmin * m)` of the sub-block holding element `i`.
@@ -90,8 +112,60 @@ fn rows() -> impl Strategy<Value = Vec<f32>> {
         })
 }
 
+/// Column importances shaped like activation statistics: most channels of
+/// ordinary strength, some nearly silent or exactly zero, a few outliers
+/// thousands of times stronger (the channels weighting exists for).
+fn rows_with_importance() -> impl Strategy<Value = (Vec<f32>, Vec<f32>)> {
+    rows().prop_flat_map(|x| {
+        let n = x.len();
+        let importance = prop_oneof![
+            6 => 0.1f32..2.0,
+            1 => Just(0.0f32),
+            1 => 1e-6f32..1e-3,
+            1 => 50.0f32..5000.0,
+        ];
+        (Just(x), prop::collection::vec(importance, n))
+    })
+}
+
+/// A deterministic xorshift stream of uniforms in (0, 1).
+fn uniforms(mut seed: u32) -> impl FnMut() -> f32 {
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        (seed as f32 + 0.5) / (u32::MAX as f32 + 1.0)
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Under importances, the weighted encoder's weighted squared error
+    /// never exceeds plain min/max's (the property, for the error
+    /// the weighted encoder minimizes).
+    #[test]
+    fn weighted_never_worse_than_minmax((x, w) in rows_with_importance()) {
+        let weighted = decode(&encode_weighted(&x, &w).unwrap());
+        let plain = decode(&encode_with(quantize_q4k_row_minmax, &x).unwrap());
+        for g in 0..x.len().div_ceil(Q4K_GROUP) {
+            let r = g * Q4K_GROUP..x.len().min((g + 1) * Q4K_GROUP);
+            let ew = weighted_sq_err(&x[r.clone()], &weighted[r.clone()], &w[r.clone()]);
+            let ep = weighted_sq_err(&x[r.clone()], &plain[r.clone()], &w[r]);
+            prop_assert!(ew <= ep * (1.0 + 1e-5) + 1e-30, "group {g}: weighted {ew} > min/max {ep}");
+        }
+    }
+
+    /// Importance 1 everywhere is the unweighted encoder, byte for byte
+    /// (it takes the portable path, the unweighted one the AVX2 lanes).
+    #[test]
+    fn unit_importance_is_the_unweighted_encoding(x in rows()) {
+        let a = encode_weighted(&x, &vec![1.0; x.len()]).unwrap();
+        let b = encode_with(quantize_q4k_row, &x).unwrap();
+        prop_assert_eq!(&a.qs, &b.qs);
+        prop_assert_eq!(&a.dm, &b.dm);
+        prop_assert_eq!(&a.sc, &b.sc);
+    }
 
     /// The searched fit never loses to plain min/max (up to the rounding of
     /// the encoder's f32 error sums).
@@ -168,13 +242,7 @@ proptest! {
 /// merely tie: it cuts the squared error of min/max by a clear margin.
 #[test]
 fn search_beats_minmax_on_gaussian_rows() {
-    let mut seed = 0x2545_f491u32;
-    let mut uniform = || {
-        seed ^= seed << 13;
-        seed ^= seed >> 17;
-        seed ^= seed << 5;
-        (seed as f32 + 0.5) / (u32::MAX as f32 + 1.0)
-    };
+    let mut uniform = uniforms(0x2545_f491);
     // sum of 4 uniforms: close enough to a normal distribution
     let x: Vec<f32> = (0..64 * Q4K_GROUP)
         .map(|_| (0..4).map(|_| uniform()).sum::<f32>() - 2.0)
@@ -185,6 +253,47 @@ fn search_beats_minmax_on_gaussian_rows() {
         &decode(&encode_with(quantize_q4k_row_minmax, &x).unwrap()),
     );
     assert!(s < 0.9 * p, "searched {s} vs min/max {p}");
+}
+
+/// Weighting pays: on Gaussian rows with log-uniform column importances
+/// (1 to 1000), the weighted encoder's importance-weighted error is well
+/// below the unweighted encoder's, which spends its accuracy evenly.
+#[test]
+fn importance_moves_error_off_strong_columns() {
+    let cols = 4 * Q4K_GROUP;
+    let mut u = uniforms(0x9e37_79b9);
+    let importance: Vec<f32> = (0..cols).map(|_| 10f32.powf(3.0 * u())).collect();
+    let (mut weighted, mut unweighted) = (0f64, 0f64);
+    for _ in 0..16 {
+        let x: Vec<f32> = (0..cols)
+            .map(|_| (0..4).map(|_| u()).sum::<f32>() - 2.0)
+            .collect();
+        let yw = decode(&encode_weighted(&x, &importance).unwrap());
+        let yu = decode(&encode_with(quantize_q4k_row, &x).unwrap());
+        weighted += weighted_sq_err(&x, &yw, &importance);
+        unweighted += weighted_sq_err(&x, &yu, &importance);
+    }
+    assert!(
+        weighted < 0.8 * unweighted,
+        "weighted {weighted} vs unweighted {unweighted}"
+    );
+}
+
+#[test]
+fn bad_importances_are_errors() {
+    let x = vec![0.5f32; 64];
+    let mut w = vec![1.0f32; 64];
+    assert!(matches!(
+        encode_weighted(&x, &w[..32]),
+        Err(QuantError::BadLength { .. })
+    ));
+    for bad in [-1.0, f32::NAN, f32::INFINITY] {
+        w[40] = bad;
+        match encode_weighted(&x, &w) {
+            Err(QuantError::BadImportance { column: 40, .. }) => {}
+            other => panic!("importance {bad}: {:?}", other.map(|_| ())),
+        }
+    }
 }
 
 #[test]

@@ -6,9 +6,11 @@
 
 mod config;
 mod session;
+mod stats;
 
 pub use config::{Config, RopeScaling};
 pub use session::{KvType, Session, SessionOptions};
+pub use stats::{collect_activation_stats, ActivationStats};
 
 use crate::error::{Error, Result};
 use crate::format::names::{self, LayerTensor};

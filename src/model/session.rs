@@ -1,6 +1,7 @@
 //! One sequence's state: the KV cache and the scratch buffers of the forward
 //! pass, all allocated when the session is created.
 
+use super::stats::{add_squares, ActivationStats, LayerSums};
 use super::{Config, LayerWeights, Model, RopeScaling, Weights};
 use crate::error::{Error, Result};
 use crate::kernels;
@@ -168,6 +169,8 @@ pub struct Session<'m> {
     rope_sin: Vec<f32>,
     s: Scratch,
     logits: Vec<f32>,
+    /// Matrix-input statistics, while collecting.
+    stats: Option<Box<ActivationStats>>,
 }
 
 impl<'m> Session<'m> {
@@ -201,6 +204,7 @@ impl<'m> Session<'m> {
             rope_sin,
             s: Scratch::default(),
             logits: Vec::new(),
+            stats: None,
         })
     }
 
@@ -251,6 +255,20 @@ impl<'m> Session<'m> {
     /// Forgets every token (like `truncate(0)`), keeping the allocations.
     pub fn reset(&mut self) {
         self.tokens.clear();
+    }
+
+    /// From now on, adds the squares of every matrix's input columns of
+    /// every processed token to fresh [`ActivationStats`] (discarding any
+    /// collected before). The output projection's input counts only for the
+    /// positions whose logits are asked for.
+    pub fn collect_activation_stats(&mut self) {
+        self.stats = Some(Box::new(ActivationStats::new(self.model.config())));
+    }
+
+    /// The statistics collected since [`Session::collect_activation_stats`],
+    /// ending the collection.
+    pub fn take_activation_stats(&mut self) -> Option<ActivationStats> {
+        self.stats.take().map(|b| *b)
     }
 
     /// Processes `tokens` after those already in the cache and returns the
@@ -348,7 +366,11 @@ impl<'m> Session<'m> {
                 &mut self.v_cache,
                 &self.rope_cos,
                 &self.rope_sin,
+                self.stats.as_mut().map(|st| &mut st.layers[l]),
             );
+        }
+        if let Some(st) = &mut self.stats {
+            st.layer_rows += n as u64;
         }
         self.tokens.extend_from_slice(tokens);
     }
@@ -366,6 +388,10 @@ impl<'m> Session<'m> {
                 c.rms_norm_eps,
                 &mut s.xn[t * h..(t + 1) * h],
             );
+        }
+        if let Some(st) = &mut self.stats {
+            add_squares(&mut st.output_in, &s.xn[row0 * h..(row0 + rows) * h]);
+            st.output_rows += rows as u64;
         }
         let vocab = c.vocab_size;
         kernels::matmul(
@@ -391,6 +417,7 @@ fn layer(
     v_cache: &mut KvStore,
     rope_cos: &[f32],
     rope_sin: &[f32],
+    mut stats: Option<&mut LayerSums>,
 ) {
     let (h, qd, kvd, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
     let hd = c.head_dim;
@@ -403,6 +430,9 @@ fn layer(
     // Attention.
     norm_rows(pool, &s.x[..n * h], w.attn_norm, eps, &mut s.xn[..n * h]);
     let xn = &s.xn[..n * h];
+    if let Some(st) = stats.as_deref_mut() {
+        add_squares(&mut st.attention_in, xn);
+    }
     kernels::matmul_many(
         xn,
         n,
@@ -443,12 +473,18 @@ fn layer(
         (KvStore::F32(k), KvStore::F32(v)) => attention::<f32>(c, l, n, pos0, ctx, s, k, v),
         _ => unreachable!("keys and values share one type"),
     }
+    if let Some(st) = stats.as_deref_mut() {
+        add_squares(&mut st.heads, &s.att[..n * qd]);
+    }
     kernels::matmul(&w.o, &s.att[..n * qd], n, &mut s.proj[..n * h]);
     add_rows(pool, &mut s.x[..n * h], &s.proj[..n * h], h);
 
     // SwiGLU MLP.
     norm_rows(pool, &s.x[..n * h], w.ffn_norm, eps, &mut s.xn[..n * h]);
     let xn = &s.xn[..n * h];
+    if let Some(st) = stats.as_deref_mut() {
+        add_squares(&mut st.mlp_in, xn);
+    }
     kernels::matmul_many(
         xn,
         n,
@@ -461,6 +497,9 @@ fn layer(
     pool.for_rows_mut(&mut s.gate[..n * ffn], ffn, &|first, rows| {
         kernels::swiglu(rows, &up[first * ffn..first * ffn + rows.len()])
     });
+    if let Some(st) = stats {
+        add_squares(&mut st.swiglu, &s.gate[..n * ffn]);
+    }
     kernels::matmul(&w.down, &s.gate[..n * ffn], n, &mut s.proj[..n * h]);
     add_rows(pool, &mut s.x[..n * h], &s.proj[..n * h], h);
 }

@@ -23,8 +23,9 @@ mod x86;
 
 pub use q4::{dequantize_q4_row, q4_max_scale, quantize_q4_row, Q4_CANDIDATE_DIVISORS};
 pub use q4k::{
-    dequantize_q4k_row, fit_sub_block, q4k_pack_scales, q4k_unpack_scales, quantize_q4k_row,
-    quantize_q4k_row_minmax, Q4K_DELTAS, Q4K_GROUP, Q4K_REFITS, Q4K_SCALE_BYTES, Q4K_SUBS,
+    dequantize_q4k_row, fit_sub_block, fit_sub_block_weighted, q4k_pack_scales, q4k_unpack_scales,
+    quantize_q4k_row, quantize_q4k_row_minmax, quantize_q4k_row_weighted, Q4K_DELTAS, Q4K_GROUP,
+    Q4K_REFITS, Q4K_SCALE_BYTES, Q4K_SUBS,
 };
 pub use q8::{dequantize_q8_row, dequantize_q8r_row, quantize_q8_row, quantize_q8r_row};
 
@@ -180,6 +181,12 @@ pub enum QuantError {
     BadLength {
         len: usize,
     },
+    /// An importance weight (of column `column`) that is negative or not
+    /// finite.
+    BadImportance {
+        column: usize,
+        value: f32,
+    },
 }
 
 impl fmt::Display for QuantError {
@@ -196,6 +203,12 @@ impl fmt::Display for QuantError {
             }
             Self::BadLength { len } => {
                 write!(f, "row length {len} is not a whole number of blocks")
+            }
+            Self::BadImportance { column, value } => {
+                write!(
+                    f,
+                    "importance of column {column} is {value}; it must be finite and not negative"
+                )
             }
         }
     }
@@ -476,6 +489,18 @@ pub fn take_rows<'a>(
 /// alignment needed). The one row encoder behind [`encode_matrix`] and the
 /// converters; same rules as [`encode_matrix`].
 pub fn encode_row(ty: TensorType, x: &[f32], planes: [&mut [u8]; 3]) -> Result<(), QuantError> {
+    encode_row_weighted(ty, x, None, planes)
+}
+
+/// [`encode_row`], with the error the quantizer minimizes weighted by each
+/// column's `importance` where the type's encoder can use it (`q4k`); other
+/// types ignore it.
+pub fn encode_row_weighted(
+    ty: TensorType,
+    x: &[f32],
+    importance: Option<&[f32]>,
+    planes: [&mut [u8]; 3],
+) -> Result<(), QuantError> {
     if !x.len().is_multiple_of(ty.cols_multiple())
         || planes
             .iter()
@@ -508,7 +533,10 @@ pub fn encode_row(ty: TensorType, x: &[f32], planes: [&mut [u8]; 3]) -> Result<(
         TensorType::Q8 => quantize_q8_row(x, bytemuck::cast_slice_mut(p0), &mut halves)?,
         TensorType::Q8R => halves[0] = quantize_q8r_row(x, bytemuck::cast_slice_mut(p0))?,
         TensorType::Q4 => quantize_q4_row(x, p0, &mut halves)?,
-        TensorType::Q4K => quantize_q4k_row(x, p0, &mut halves, p2)?,
+        TensorType::Q4K => match importance {
+            Some(imp) => quantize_q4k_row_weighted(x, imp, p0, &mut halves, p2)?,
+            None => quantize_q4k_row(x, p0, &mut halves, p2)?,
+        },
     }
     for (o, h) in p1.chunks_exact_mut(2).zip(&halves) {
         o.copy_from_slice(&h.to_bits().to_le_bytes());

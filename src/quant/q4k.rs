@@ -22,6 +22,11 @@
 //! weights re-rounded against the quantized values. The plain min/max fit is
 //! run through the same group stage, and the group keeps whichever of the two
 //! has the smaller squared error, so the search never loses to min/max.
+//!
+//! With column importances ([`quantize_q4k_row_weighted`]) every squared
+//! error above, in the search, the refits and the final choice, is weighted
+//! by its column's importance; importance 1 everywhere gives the unweighted
+//! encoding bit for bit.
 
 use super::{check_finite, QuantError, BLOCK};
 use half::f16;
@@ -86,19 +91,21 @@ fn pairwise_sum8(a: [f32; 8]) -> f32 {
 }
 
 /// Levels of a sub-block under scale `s > 0` and offset `o` (`x ≈ s * l -
-/// o`), with the squared error and the sums a least-squares refit needs:
-/// `(Σ e², Σ l, Σ l², Σ l x)`.
+/// o`), with the `w`-weighted squared error and the weighted sums a
+/// least-squares refit needs: `(Σ w e², Σ w l, Σ w l², Σ w l x)`. With every
+/// weight 1 each product by `w` is exact, so these are the unweighted sums
+/// bit for bit.
 #[inline(always)]
-fn sub_error(x: &[f32; BLOCK], s: f32, o: f32) -> (f32, f32, f32, f32) {
+fn sub_error(x: &[f32; BLOCK], w: &[f32; BLOCK], s: f32, o: f32) -> (f32, f32, f32, f32) {
     let (mut e2, mut sl, mut sll, mut slx) = ([0f32; 8], [0f32; 8], [0f32; 8], [0f32; 8]);
-    for c in x.chunks_exact(8) {
+    for (c, cw) in x.chunks_exact(8).zip(w.chunks_exact(8)) {
         for k in 0..8 {
             let l = round_clamp((c[k] + o) / s, QMAX);
             let e = c[k] - (s * l - o);
-            e2[k] += e * e;
-            sl[k] += l;
-            sll[k] += l * l;
-            slx[k] += l * c[k];
+            e2[k] += cw[k] * (e * e);
+            sl[k] += cw[k] * l;
+            sll[k] += cw[k] * (l * l);
+            slx[k] += cw[k] * (l * c[k]);
         }
     }
     (
@@ -109,12 +116,12 @@ fn sub_error(x: &[f32; BLOCK], s: f32, o: f32) -> (f32, f32, f32, f32) {
     )
 }
 
-/// Least-squares `(s, o)` for fixed levels: the line `x = s * l + b` through
-/// the points, with `o = -b` kept at or above 0 (a sub-block's minimum is at
-/// most 0); `None` if the levels do not determine a positive scale.
+/// Weighted least-squares `(s, o)` for fixed levels (`n` = Σ w, the other
+/// sums weighted likewise): the line `x = s * l + b` through the points, with
+/// `o = -b` kept at or above 0 (a sub-block's minimum is at most 0); `None`
+/// if the levels do not determine a positive scale.
 #[inline(always)]
-fn refit(sl: f32, sll: f32, slx: f32, sx: f32) -> Option<(f32, f32)> {
-    let n = BLOCK as f32;
+fn refit(n: f32, sl: f32, sll: f32, slx: f32, sx: f32) -> Option<(f32, f32)> {
     let det = n * sll - sl * sl;
     if det <= 0.0 {
         return None;
@@ -125,15 +132,19 @@ fn refit(sl: f32, sll: f32, slx: f32, sx: f32) -> Option<(f32, f32)> {
     (s > 0.0 && s.is_finite() && o.is_finite()).then_some((s, o))
 }
 
+/// Weight 1 for every value: plain squared error.
+const UNWEIGHTED: [f32; BLOCK] = [1.0; BLOCK];
+
 /// A sub-block's float `(scale, offset)`, `x ≈ scale * q - offset` with
 /// `scale >= 0`, `offset >= 0`. With `search == false` the plain min/max fit
 /// `((max - min) / 15, -min)` where `min = min(min x, 0)`; otherwise the
-/// least-squared-error candidate among that and, for each `δ` of
-/// [`Q4K_DELTAS`], [`Q4K_REFITS`] least-squares refits starting from the
-/// levels `round((x - min) * (15 + δ) / (max - min))` (a later candidate must
-/// be strictly better).
+/// candidate of least `w`-weighted squared error among that and, for each
+/// `δ` of [`Q4K_DELTAS`], [`Q4K_REFITS`] weighted least-squares refits
+/// starting from the levels `round((x - min) * (15 + δ) / (max - min))` (a
+/// later candidate must be strictly better). Weights are non-negative and
+/// finite; all 1 ([`fit_sub_block`]) is the unweighted fit.
 #[inline(always)]
-pub fn fit_sub_block(x: &[f32; BLOCK], search: bool) -> (f32, f32) {
+pub fn fit_sub_block_weighted(x: &[f32; BLOCK], w: &[f32; BLOCK], search: bool) -> (f32, f32) {
     let min = x.iter().fold(0f32, |a, &v| a.min(v));
     let max = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
     if max <= min {
@@ -146,32 +157,33 @@ pub fn fit_sub_block(x: &[f32; BLOCK], search: bool) -> (f32, f32) {
     if !search || s0 == 0.0 || !s0.is_finite() {
         return best;
     }
-    let (mut best_err, ..) = sub_error(x, s0, -min);
-    let mut sxl = [0f32; 8];
-    for c in x.chunks_exact(8) {
+    let (mut best_err, ..) = sub_error(x, w, s0, -min);
+    let (mut sxl, mut swl) = ([0f32; 8], [0f32; 8]);
+    for (c, cw) in x.chunks_exact(8).zip(w.chunks_exact(8)) {
         for k in 0..8 {
-            sxl[k] += c[k];
+            sxl[k] += cw[k] * c[k];
+            swl[k] += cw[k];
         }
     }
-    let sx = pairwise_sum8(sxl);
+    let (sx, n) = (pairwise_sum8(sxl), pairwise_sum8(swl));
     for delta in Q4K_DELTAS {
         let iscale = (QMAX + delta) / range;
         let (mut sl, mut sll, mut slx) = ([0f32; 8], [0f32; 8], [0f32; 8]);
-        for c in x.chunks_exact(8) {
+        for (c, cw) in x.chunks_exact(8).zip(w.chunks_exact(8)) {
             for k in 0..8 {
                 let l = round_clamp((c[k] - min) * iscale, QMAX);
-                sl[k] += l;
-                sll[k] += l * l;
-                slx[k] += l * c[k];
+                sl[k] += cw[k] * l;
+                sll[k] += cw[k] * (l * l);
+                slx[k] += cw[k] * (l * c[k]);
             }
         }
         let (mut sl, mut sll, mut slx) =
             (pairwise_sum8(sl), pairwise_sum8(sll), pairwise_sum8(slx));
         for _ in 0..Q4K_REFITS {
-            let Some((s, o)) = refit(sl, sll, slx, sx) else {
+            let Some((s, o)) = refit(n, sl, sll, slx, sx) else {
                 break;
             };
-            let (e, a, b, c) = sub_error(x, s, o);
+            let (e, a, b, c) = sub_error(x, w, s, o);
             if e < best_err {
                 best = (s, o);
                 best_err = e;
@@ -180,6 +192,12 @@ pub fn fit_sub_block(x: &[f32; BLOCK], search: bool) -> (f32, f32) {
         }
     }
     best
+}
+
+/// [`fit_sub_block_weighted`] with every weight 1.
+#[inline(always)]
+pub fn fit_sub_block(x: &[f32; BLOCK], search: bool) -> (f32, f32) {
+    fit_sub_block_weighted(x, &UNWEIGHTED, search)
 }
 
 /// One encoded group of `n` sub-blocks (8, or fewer for a row's last group);
@@ -191,15 +209,16 @@ struct Group {
     m: [u8; Q4K_SUBS],
     /// Levels 0..=15, one per weight.
     q: [u8; Q4K_GROUP],
-    /// Squared error of the decoded group (f32, sub-block by sub-block).
+    /// Weighted squared error of the decoded group (f32, sub-block by
+    /// sub-block).
     err: f32,
 }
 
 /// The group stage: 6-bit `sc`, `m` against `d = f16(max s / 63)`, `dmin =
 /// f16(max o / 63)`, then the levels re-rounded against the stored values.
-/// `x` holds `fits.len()` sub-blocks.
+/// `x` holds `fits.len()` sub-blocks, `w` their weights (`None`: all 1).
 #[inline(always)]
-fn encode_group(x: &[f32], fits: &[(f32, f32)]) -> Result<Group, QuantError> {
+fn encode_group(x: &[f32], w: Option<&[f32]>, fits: &[(f32, f32)]) -> Result<Group, QuantError> {
     let smax = fits.iter().fold(0f32, |a, f| a.max(f.0));
     let omax = fits.iter().fold(0f32, |a, f| a.max(f.1));
     let d = super::scale_to_f16(smax / SMAX, x)?;
@@ -228,9 +247,10 @@ fn encode_group(x: &[f32], fits: &[(f32, f32)]) -> Result<Group, QuantError> {
         g.m[k] = m as u8;
         let (s, o) = (df * sc, dminf * m);
         let xs = &x[k * BLOCK..(k + 1) * BLOCK];
+        let ws = w.map_or(&UNWEIGHTED[..], |w| &w[k * BLOCK..(k + 1) * BLOCK]);
         let qs = &mut g.q[k * BLOCK..(k + 1) * BLOCK];
         let mut e2 = [0f32; 8];
-        for (j, (&v, q)) in xs.iter().zip(qs.iter_mut()).enumerate() {
+        for (j, ((&v, &wj), q)) in xs.iter().zip(ws).zip(qs.iter_mut()).enumerate() {
             let l = if s > 0.0 {
                 round_clamp((v + o) / s, QMAX)
             } else {
@@ -238,21 +258,28 @@ fn encode_group(x: &[f32], fits: &[(f32, f32)]) -> Result<Group, QuantError> {
             };
             *q = l as u8;
             let e = v - (s * l - o);
-            e2[j % 8] += e * e;
+            e2[j % 8] += wj * (e * e);
         }
         g.err += pairwise_sum8(e2);
     }
     Ok(g)
 }
 
-/// [`fit_sub_block`] of each sub-block of a group (unused entries zero). A
-/// function, not a closure, so that it inlines into the AVX2 entry point.
+/// [`fit_sub_block_weighted`] of each sub-block of a group (unused entries
+/// zero), under weights `w` (`None`: all 1). A function, not a closure, so
+/// that it inlines into the AVX2 entry point.
 #[inline(always)]
-fn fit_group(x: &[f32], search: bool) -> [(f32, f32); Q4K_SUBS] {
+fn fit_group(x: &[f32], w: Option<&[f32]>, search: bool) -> [(f32, f32); Q4K_SUBS] {
     let mut fits = [(0f32, 0f32); Q4K_SUBS];
-    for (f, sub) in fits.iter_mut().zip(x.chunks_exact(BLOCK)) {
+    for (k, (f, sub)) in fits.iter_mut().zip(x.chunks_exact(BLOCK)).enumerate() {
         let sub: &[f32; BLOCK] = sub.try_into().expect("a sub-block is BLOCK values");
-        *f = fit_sub_block(sub, search);
+        let ws = match w {
+            Some(w) => w[k * BLOCK..(k + 1) * BLOCK]
+                .try_into()
+                .expect("a sub-block is BLOCK values"),
+            None => &UNWEIGHTED,
+        };
+        *f = fit_sub_block_weighted(sub, ws, search);
     }
     fits
 }
@@ -260,30 +287,34 @@ fn fit_group(x: &[f32], search: bool) -> [(f32, f32); Q4K_SUBS] {
 /// Where a group's searched sub-block fits come from: the same numbers by
 /// every implementation.
 trait Fitter {
-    /// `fit_group(x, true)`.
-    fn searched_fits(x: &[f32]) -> [(f32, f32); Q4K_SUBS];
+    /// `fit_group(x, w, true)`.
+    fn searched_fits(x: &[f32], w: Option<&[f32]>) -> [(f32, f32); Q4K_SUBS];
 }
 
 struct PortableFits;
 
 impl Fitter for PortableFits {
     #[inline(always)]
-    fn searched_fits(x: &[f32]) -> [(f32, f32); Q4K_SUBS] {
-        fit_group(x, true)
+    fn searched_fits(x: &[f32], w: Option<&[f32]>) -> [(f32, f32); Q4K_SUBS] {
+        fit_group(x, w, true)
     }
 }
 
 /// Encodes one group (a whole number of sub-blocks, at most 8), choosing
 /// between the min/max fit and the searched fit (`search == false`: min/max
-/// only).
+/// only) by their `w`-weighted squared error.
 #[inline(always)]
-fn quantize_group<F: Fitter>(x: &[f32], search: bool) -> Result<Group, QuantError> {
+fn quantize_group<F: Fitter>(
+    x: &[f32],
+    w: Option<&[f32]>,
+    search: bool,
+) -> Result<Group, QuantError> {
     let n = x.len() / BLOCK;
-    let plain = encode_group(x, &fit_group(x, false)[..n])?;
+    let plain = encode_group(x, w, &fit_group(x, None, false)[..n])?;
     if !search {
         return Ok(plain);
     }
-    let searched = encode_group(x, &F::searched_fits(x)[..n])?;
+    let searched = encode_group(x, w, &F::searched_fits(x, w)[..n])?;
     Ok(if searched.err < plain.err {
         searched
     } else {
@@ -302,7 +333,36 @@ pub fn quantize_q4k_row(
     dm: &mut [f16],
     sc: &mut [u8],
 ) -> Result<(), QuantError> {
-    quantize_rows(x, qs, dm, sc, true)
+    quantize_rows(x, None, qs, dm, sc, true)
+}
+
+/// [`quantize_q4k_row`] minimizing the error weighted by each column's
+/// `importance` (one non-negative value per weight of the row, typically the
+/// mean square of the input that column multiplies, see
+/// [`crate::model::ActivationStats`]): the searched fits and the choice
+/// between them and min/max weigh each weight's squared error by its
+/// column's importance. That is the expected squared error of the matrix's
+/// output when input channels are uncorrelated; weighing it further by the
+/// weight's own magnitude, as llama.cpp does, measured worse (KL 0.066 vs
+/// 0.062 on the perturbed SmolLM2, `benches/RESULTS.md`).
+pub fn quantize_q4k_row_weighted(
+    x: &[f32],
+    importance: &[f32],
+    qs: &mut [u8],
+    dm: &mut [f16],
+    sc: &mut [u8],
+) -> Result<(), QuantError> {
+    if importance.len() != x.len() {
+        return Err(QuantError::BadLength { len: x.len() });
+    }
+    if let Some((column, &value)) = importance
+        .iter()
+        .enumerate()
+        .find(|(_, v)| !(v.is_finite() && **v >= 0.0))
+    {
+        return Err(QuantError::BadImportance { column, value });
+    }
+    quantize_rows(x, Some(importance), qs, dm, sc, true)
 }
 
 /// The baseline of [`quantize_q4k_row`]: every sub-block fitted by plain
@@ -313,11 +373,12 @@ pub fn quantize_q4k_row_minmax(
     dm: &mut [f16],
     sc: &mut [u8],
 ) -> Result<(), QuantError> {
-    quantize_rows(x, qs, dm, sc, false)
+    quantize_rows(x, None, qs, dm, sc, false)
 }
 
 fn quantize_rows(
     x: &[f32],
+    importance: Option<&[f32]>,
     qs: &mut [u8],
     dm: &mut [f16],
     sc: &mut [u8],
@@ -326,9 +387,9 @@ fn quantize_rows(
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 was just detected.
-        return unsafe { quantize_rows_avx2(x, qs, dm, sc, search) };
+        return unsafe { quantize_rows_avx2(x, importance, qs, dm, sc, search) };
     }
-    quantize_rows_any::<PortableFits>(x, qs, dm, sc, search)
+    quantize_rows_any::<PortableFits>(x, importance, qs, dm, sc, search)
 }
 
 /// The same code compiled for AVX2, with the searched fits of a whole group
@@ -340,12 +401,13 @@ fn quantize_rows(
 #[target_feature(enable = "avx2")]
 unsafe fn quantize_rows_avx2(
     x: &[f32],
+    importance: Option<&[f32]>,
     qs: &mut [u8],
     dm: &mut [f16],
     sc: &mut [u8],
     search: bool,
 ) -> Result<(), QuantError> {
-    quantize_rows_any::<avx2::LaneFits>(x, qs, dm, sc, search)
+    quantize_rows_any::<avx2::LaneFits>(x, importance, qs, dm, sc, search)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -360,12 +422,12 @@ mod avx2 {
 
     impl Fitter for LaneFits {
         #[inline(always)]
-        fn searched_fits(x: &[f32]) -> [(f32, f32); Q4K_SUBS] {
-            match <&[f32; Q4K_GROUP]>::try_from(x) {
+        fn searched_fits(x: &[f32], w: Option<&[f32]>) -> [(f32, f32); Q4K_SUBS] {
+            match (<&[f32; Q4K_GROUP]>::try_from(x), w) {
                 // SAFETY: AVX2 is available (see `LaneFits`).
-                Ok(g) => unsafe { fit_lanes(g) },
-                // a row's short last group
-                Err(_) => fit_group(x, true),
+                (Ok(g), None) => unsafe { fit_lanes(g) },
+                // a row's short last group, or weighted values
+                _ => fit_group(x, w, true),
             }
         }
     }
@@ -516,6 +578,7 @@ mod avx2 {
 #[inline(always)]
 fn quantize_rows_any<F: Fitter>(
     x: &[f32],
+    importance: Option<&[f32]>,
     qs: &mut [u8],
     dm: &mut [f16],
     sc: &mut [u8],
@@ -532,7 +595,8 @@ fn quantize_rows_any<F: Fitter>(
     check_finite(x)?;
     let groups = x.chunks(Q4K_GROUP).zip(qs.chunks_mut(Q4K_GROUP / 2));
     for (gi, (xg, qg)) in groups.enumerate() {
-        let g = quantize_group::<F>(xg, search).map_err(|e| match e {
+        let wg = importance.map(|imp| &imp[gi * Q4K_GROUP..gi * Q4K_GROUP + xg.len()]);
+        let g = quantize_group::<F>(xg, wg, search).map_err(|e| match e {
             QuantError::TooLarge { index, value } => QuantError::TooLarge {
                 index: index + gi * Q4K_GROUP,
                 value,
@@ -596,7 +660,7 @@ mod tests {
             if simd {
                 quantize_q4k_row(x, &mut qs, &mut dm, &mut sc)?;
             } else {
-                quantize_rows_any::<PortableFits>(x, &mut qs, &mut dm, &mut sc, true)?;
+                quantize_rows_any::<PortableFits>(x, None, &mut qs, &mut dm, &mut sc, true)?;
             }
             Ok((qs, dm.iter().map(|h| h.to_bits()).collect(), sc))
         };

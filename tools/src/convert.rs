@@ -50,6 +50,7 @@
 //! failure never leaves a partial `.nbl`.
 
 use crate::hf::{read_json, LlamaConfig, RopeScaling, TokenizerInfo};
+use crate::imatrix::Importance;
 use crate::source::{Source, SourceTensor};
 pub use crate::ConvertError;
 use crate::ToolError;
@@ -57,7 +58,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use nibble::format::names::{self, LayerTensor};
 use nibble::format::{keys, Metadata, NblWriter, Value};
 use nibble::quant::{
-    encode_row, split_rows, take_rows, tensor_planes, QuantError, TensorType, BLOCK, Q4K_GROUP,
+    encode_row_weighted, split_rows, take_rows, tensor_planes, QuantError, TensorType, BLOCK,
+    Q4K_GROUP,
 };
 use rayon::prelude::*;
 use std::fmt;
@@ -207,6 +209,9 @@ pub struct ConvertOptions {
     pub overrides: Vec<TypeOverride>,
     /// Draw a progress bar on stderr (only when stderr is a terminal).
     pub progress: bool,
+    /// An importance file (`nibble-tools imatrix`): q4k matrices minimize
+    /// their rounding error weighted by each input column's mean square.
+    pub imatrix: Option<PathBuf>,
 }
 
 impl ConvertOptions {
@@ -217,7 +222,36 @@ impl ConvertOptions {
             quant,
             overrides: Vec::new(),
             progress: false,
+            imatrix: None,
         }
+    }
+
+    /// The importance file's columns, checked against the planned matrices:
+    /// `None` without `--imatrix`; an error if a matrix's column count
+    /// differs or no matrix has importances (a different model's file).
+    pub(crate) fn importance(&self, plan: &[Planned]) -> Result<Option<Importance>, ToolError> {
+        let Some(path) = &self.imatrix else {
+            return Ok(None);
+        };
+        let imp = Importance::load(path)?;
+        let mut matched = 0;
+        for p in plan.iter().filter(|p| p.role != Role::Norm) {
+            let cols = *p.shape.last().expect("planned shapes are non-empty");
+            if imp
+                .columns(&p.name, cols)
+                .map_err(|e| ToolError::new(path, e))?
+                .is_some()
+            {
+                matched += 1;
+            }
+        }
+        if matched == 0 {
+            return Err(ToolError::new(
+                path,
+                "no matrix of this model has importances in it (statistics of a different model?)",
+            ));
+        }
+        Ok(Some(imp))
     }
 
     /// The stored type of each planned tensor, or an error naming the first
@@ -270,6 +304,9 @@ impl ConvertOptions {
                 "; overrides (name contains pattern): {}",
                 list.join(", ")
             ));
+        }
+        if self.imatrix.is_some() {
+            s.push_str("; q4k rounding weighted by activation statistics");
         }
         s
     }
@@ -440,6 +477,7 @@ pub fn convert(options: &ConvertOptions) -> Result<ConvertSummary, ConvertError>
         .tensor_types(&plan)
         .map_err(|e| ToolError::new(dir, e))?;
     let metadata = metadata(&config, &tokenizer, options, source_files);
+    let importance = options.importance(&plan)?;
 
     let total_bytes: u64 = plan
         .iter()
@@ -452,8 +490,15 @@ pub fn convert(options: &ConvertOptions) -> Result<ConvertSummary, ConvertError>
 
     let writer =
         NblWriter::create(&options.output).map_err(|e| output_error(&options.output, e))?;
-    let (writer, matrix_weights, matrix_bytes) =
-        encode_and_write(&source, &plan, &types, options, writer, &bar)?;
+    let (writer, matrix_weights, matrix_bytes) = encode_and_write(
+        &source,
+        &plan,
+        &types,
+        importance.as_ref(),
+        options,
+        writer,
+        &bar,
+    )?;
     bar.finish_and_clear();
     let output_bytes = writer
         .finish(&metadata)
@@ -487,6 +532,7 @@ fn encode_and_write(
     source: &Source,
     plan: &[Planned],
     types: &[TensorType],
+    importance: Option<&Importance>,
     options: &ConvertOptions,
     mut writer: NblWriter,
     bar: &ProgressBar,
@@ -532,7 +578,18 @@ fn encode_and_write(
             let t = &source.tensors()[&p.name];
             bar.set_message(p.name.clone());
             let mut buf = recycled.try_recv().unwrap_or_default();
-            let len = match encode_tensor(source, t, &p.shape, &read_batches, ty, &mut buf, bar) {
+            let cols = *p.shape.last().expect("planned shapes are non-empty");
+            let columns = importance
+                .and_then(|imp| imp.columns(&p.name, cols).expect("checked by importance()"));
+            let len = match encode_tensor(
+                source,
+                t,
+                &p.shape,
+                &read_batches,
+                (ty, columns),
+                &mut buf,
+                bar,
+            ) {
                 Ok(len) => len,
                 Err(e) => {
                     encode_error = Some(ToolError::new(
@@ -678,7 +735,8 @@ fn batches(t: &SourceTensor, shape: &[usize]) -> impl Iterator<Item = std::ops::
         .map(move |r| r..(r + per_batch).min(rows))
 }
 
-/// Converts tensor `t` of shape `shape` to `ty`, leaving its on-disk bytes at
+/// Converts tensor `t` of shape `shape` to `ty` (its rounding weighted by
+/// the column importances, if any), leaving its on-disk bytes at
 /// the start of `buf` and returning their length. Each batch is taken once
 /// `batch_read` says the reader thread has brought it into memory (if that
 /// thread is gone, the batch is simply read on access).
@@ -687,7 +745,7 @@ fn encode_tensor(
     t: &SourceTensor,
     shape: &[usize],
     batch_read: &std::sync::mpsc::Receiver<()>,
-    ty: TensorType,
+    (ty, importance): (TensorType, Option<&[f32]>),
     buf: &mut Vec<u32>,
     bar: &ProgressBar,
 ) -> Result<usize, QuantError> {
@@ -716,7 +774,8 @@ fn encode_tensor(
                 || vec![0f32; cols],
                 |x, (r, (s, planes))| {
                     t.dtype.decode(s, x);
-                    encode_row(ty, x, planes).map_err(|e| e.offset((row0 + r) * cols))
+                    encode_row_weighted(ty, x, importance, planes)
+                        .map_err(|e| e.offset((row0 + r) * cols))
                 },
             )?;
         source.release(t, row0 * row_src, row1 * row_src);

@@ -15,6 +15,7 @@
 pub mod convert;
 pub mod gguf;
 pub mod hf;
+pub mod imatrix;
 pub mod inspect;
 pub mod perturb;
 pub mod report;

@@ -86,6 +86,28 @@ enum Command {
         /// source tensor's RMS), measured against the source checkpoint.
         #[arg(long)]
         report: bool,
+        /// Importance file from `nibble-tools imatrix`: q4k matrices then
+        /// minimize rounding error weighted by how strongly each input
+        /// channel is driven.
+        #[arg(long, value_name = "FILE")]
+        imatrix: Option<PathBuf>,
+    },
+    /// Run a (full-precision) .nbl model over a calibration text and save
+    /// each matrix's input statistics (mean square per column) for
+    /// `convert --imatrix`.
+    Imatrix {
+        /// The model, ideally the f32 or f16 conversion.
+        #[arg(short, long)]
+        model: PathBuf,
+        /// Calibration text (UTF-8); not the text you evaluate on.
+        #[arg(short, long)]
+        file: PathBuf,
+        /// The importance file to write (safetensors).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Tokens per window (each window starts from an empty cache).
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
     },
     /// Write a copy of a HuggingFace checkpoint with Gaussian noise of a
     /// quarter of the local Q4_1 step added to every matrix (moves weights
@@ -151,10 +173,12 @@ fn run(cli: Cli) -> Result<(), ToolError> {
             quant,
             tensor_types,
             report,
+            imatrix,
         } => {
             remove_partial_output_on_interrupt(&output)?;
             let mut options = ConvertOptions::new(&input, &output, quant.into());
             options.overrides = tensor_types;
+            options.imatrix = imatrix;
             options.progress = std::io::stderr().is_terminal();
             let summary = convert(&options)?;
             println!("wrote {}: {summary}", output.display());
@@ -168,6 +192,27 @@ fn run(cli: Cli) -> Result<(), ToolError> {
                 let errors = nibble_tools::report::quantization_report(&input, &output)?;
                 print!("{}", nibble_tools::report::Report(&errors));
             }
+        }
+        Command::Imatrix {
+            model,
+            file,
+            output,
+            ctx,
+        } => {
+            let s = nibble_tools::imatrix::collect(
+                &model,
+                &file,
+                ctx,
+                &output,
+                std::io::stderr().is_terminal(),
+            )?;
+            println!(
+                "wrote {}: {} matrices, {} tokens, {:.1} s",
+                output.display(),
+                s.matrices,
+                s.tokens,
+                s.seconds
+            );
         }
         Command::Perturb {
             input,

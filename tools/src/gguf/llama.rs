@@ -14,7 +14,7 @@ use crate::hf::{LlamaConfig, RopeScaling, TokenizerInfo, DEFAULT_ROPE_THETA};
 use crate::ToolError;
 use nibble::format::names::{self, LayerTensor};
 use nibble::format::NblWriter;
-use nibble::quant::{encode_row, split_rows, take_rows, tensor_planes, TensorType};
+use nibble::quant::{encode_row_weighted, split_rows, take_rows, tensor_planes, TensorType};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -366,6 +366,7 @@ pub fn convert(options: &ConvertOptions) -> Result<ConvertSummary, ToolError> {
         .tensor_types(&plan)
         .map_err(|e| ToolError::new(&options.input, e))?;
     let metadata = convert::metadata(&model.config, &model.tokenizer, options, vec![file_name]);
+    let importance = options.importance(&plan)?;
 
     let total: u64 = plan
         .iter()
@@ -383,12 +384,15 @@ pub fn convert(options: &ConvertOptions) -> Result<ConvertSummary, ToolError> {
         bar.set_message(p.name.clone());
         let t = model.gguf_tensor(&p.name).expect("checked at open");
         model.file.will_read(t);
+        let columns = importance
+            .as_ref()
+            .and_then(|imp| imp.columns(&p.name, cols).expect("checked by importance()"));
         encode(
             &model,
             &p.name,
             rows,
             cols,
-            ty,
+            (ty, columns),
             &mut staging,
             &mut buf,
             &bar,
@@ -417,7 +421,8 @@ pub fn convert(options: &ConvertOptions) -> Result<ConvertSummary, ToolError> {
     })
 }
 
-/// Decodes HF tensor `name` batch by batch and stores it as `ty` in `out`
+/// Decodes HF tensor `name` batch by batch and stores it as `ty` (rounding
+/// weighted by the column importances, if any) in `out`
 /// (`.nbl` layout: for quantized types each plane of all rows in turn).
 #[allow(clippy::too_many_arguments)]
 fn encode(
@@ -425,7 +430,7 @@ fn encode(
     name: &str,
     rows: usize,
     cols: usize,
-    ty: TensorType,
+    (ty, importance): (TensorType, Option<&[f32]>),
     staging: &mut Vec<f32>,
     out: &mut Vec<u8>,
     bar: &indicatif::ProgressBar,
@@ -449,7 +454,8 @@ fn encode(
             .zip(split_rows(ty, cols, batch))
             .enumerate()
             .try_for_each(|(r, (x, planes))| {
-                encode_row(ty, x, planes).map_err(|e| format!("{}", e.offset((row0 + r) * cols)))
+                encode_row_weighted(ty, x, importance, planes)
+                    .map_err(|e| format!("{}", e.offset((row0 + r) * cols)))
             })?;
         bar.inc(((row1 - row0) * cols) as u64);
         row0 = row1;
