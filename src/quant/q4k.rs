@@ -18,15 +18,17 @@
 //!
 //! Encoding (deterministic): per sub-block a least-squares search for a float
 //! scale and minimum ([`fit_sub_block`]), then the group's 6-bit quantization
-//! of those against `d = max scale / 63`, `dmin = max min / 63`, and the
-//! weights re-rounded against the quantized values. The plain min/max fit is
-//! run through the same group stage, and the group keeps whichever of the two
-//! has the smaller squared error, so the search never loses to min/max.
+//! of those against `d = max scale / 63`, `dmin = max min / 63`, a local
+//! search of each sub-block's 6-bit pair and a least-squares refit of `d`,
+//! `dmin` ([`encode_group`]), and the weights re-rounded against the
+//! quantized values. The plain min/max fit is run through the plain group
+//! stage, and the group keeps whichever of the two has the smaller squared
+//! error, so the search never loses to min/max.
 //!
 //! With column importances ([`quantize_q4k_row_weighted`]) every squared
 //! error above, in the search, the refits and the final choice, is weighted
-//! by its column's importance, and the group stage searches further
-//! ([`encode_group`]); neither ever accepts a larger error.
+//! by its column's importance; importance 1 everywhere gives the unweighted
+//! encoding bit for bit.
 
 use super::{check_finite, QuantError, BLOCK};
 use half::f16;
@@ -215,7 +217,7 @@ struct Group {
 }
 
 /// Offsets `(Δsc, Δm)` tried around each sub-block's rounded 6-bit scale and
-/// minimum by the weighted group stage, in this order.
+/// minimum by the careful group stage, in this order.
 const NEIGHBOURS: [(f32, f32); 24] = {
     let mut out = [(0f32, 0f32); 24];
     let mut i = 0;
@@ -238,29 +240,35 @@ const NEIGHBOURS: [(f32, f32); 24] = {
 /// f16(max o / 63)`, then the levels re-rounded against the stored values.
 /// `x` holds `fits.len()` sub-blocks, `w` their weights (`None`: all 1).
 ///
-/// Weighted encoding (`w` given) searches further, since it is the careful
-/// path: each sub-block also tries the 24 `(sc, m)` within 2 steps of the
-/// rounded pair, and the group then tries the least-squares `(d, dmin)` for
-/// the chosen `sc`, `m` and levels, keeping it if the error drops. On the
-/// perturbed SmolLM2 this took q4k's KL from 0.062 to 0.053; it is not the
-/// unweighted default because it makes conversion about 7 times slower.
+/// With `careful` (the searched fits) it goes further: each sub-block also
+/// tries the 24 `(sc, m)` within 2 steps of the rounded pair, and the group
+/// then tries the least-squares `(d, dmin)` for the chosen `sc`, `m` and
+/// levels, keeping it if the error drops. Rounding the 6-bit scales was most
+/// of q4k's error on SmolLM2's on-grid weights: this took its KL from 0.0166
+/// to 0.0104 there (0.157 to 0.142 off the grid, 0.062 to 0.053 with
+/// importances) for a 3.3 times slower conversion (`benches/RESULTS.md`).
 #[inline(always)]
-fn encode_group(x: &[f32], w: Option<&[f32]>, fits: &[(f32, f32)]) -> Result<Group, QuantError> {
+fn encode_group(
+    x: &[f32],
+    w: Option<&[f32]>,
+    fits: &[(f32, f32)],
+    careful: bool,
+) -> Result<Group, QuantError> {
     let smax = fits.iter().fold(0f32, |a, f| a.max(f.0));
     let omax = fits.iter().fold(0f32, |a, f| a.max(f.1));
     let d = super::scale_to_f16(smax / SMAX, x)?;
     let dmin = super::scale_to_f16(omax / SMAX, x)?;
-    let Some(w) = w else {
-        return Ok(group_stage(x, None, fits, d, dmin));
-    };
-    let g = group_stage(x, Some(w), fits, d, dmin);
+    let g = group_stage(x, w, fits, d, dmin, careful);
+    if !careful {
+        return Ok(g);
+    }
     let Some((d2, dmin2)) = refit_group_scales(x, w, &g, fits.len()) else {
         return Ok(g);
     };
     if (d2.to_bits(), dmin2.to_bits()) == (d.to_bits(), dmin.to_bits()) {
         return Ok(g);
     }
-    let g2 = group_stage(x, Some(w), fits, d2, dmin2);
+    let g2 = group_stage(x, w, fits, d2, dmin2, true);
     Ok(if g2.err < g.err { g2 } else { g })
 }
 
@@ -269,13 +277,13 @@ fn encode_group(x: &[f32], w: Option<&[f32]>, fits: &[(f32, f32)]) -> Result<Gro
 /// (sums in f64, in element order), as f16; `None` if they are not
 /// determined, `d` is not positive, `dmin` is negative or either is not a
 /// finite f16.
-fn refit_group_scales(x: &[f32], w: &[f32], g: &Group, n: usize) -> Option<(f16, f16)> {
+fn refit_group_scales(x: &[f32], w: Option<&[f32]>, g: &Group, n: usize) -> Option<(f16, f16)> {
     let (mut saa, mut sab, mut sbb, mut sax, mut sbx) = (0f64, 0f64, 0f64, 0f64, 0f64);
     for j in 0..n * BLOCK {
         let k = j / BLOCK;
         let a = g.sc[k] as f64 * g.q[j] as f64;
         let b = g.m[k] as f64;
-        let (wj, xj) = (w[j] as f64, x[j] as f64);
+        let (wj, xj) = (w.map_or(1.0, |w| w[j] as f64), x[j] as f64);
         saa += wj * a * a;
         sab += wj * a * b;
         sbb += wj * b * b;
@@ -296,9 +304,17 @@ fn refit_group_scales(x: &[f32], w: &[f32], g: &Group, n: usize) -> Option<(f16,
 }
 
 /// Stores each fit against `d` and `dmin`: `sc`, `m` rounded (and, when
-/// weighted, the best of their [`NEIGHBOURS`] too), levels re-rounded.
+/// `careful`, the best of their [`NEIGHBOURS`] instead if better), levels
+/// re-rounded.
 #[inline(always)]
-fn group_stage(x: &[f32], w: Option<&[f32]>, fits: &[(f32, f32)], d: f16, dmin: f16) -> Group {
+fn group_stage(
+    x: &[f32],
+    w: Option<&[f32]>,
+    fits: &[(f32, f32)],
+    d: f16,
+    dmin: f16,
+    careful: bool,
+) -> Group {
     let (df, dminf) = (d.to_f32_const(), dmin.to_f32_const());
     let mut g = Group {
         d,
@@ -325,7 +341,7 @@ fn group_stage(x: &[f32], w: Option<&[f32]>, fits: &[(f32, f32)], d: f16, dmin: 
         let qs = &mut g.q[k * BLOCK..(k + 1) * BLOCK];
         let (mut best_sc, mut best_m) = (sc, m);
         let mut best_err = sub_levels(xs, ws, df * sc, dminf * m, qs);
-        if w.is_some() {
+        if careful {
             for (a, b) in NEIGHBOURS {
                 let (c, o) = (sc + a, m + b);
                 // a zero `d` (`dmin`) makes every `sc` (`m`) the same
@@ -413,11 +429,11 @@ fn quantize_group<F: Fitter>(
     search: bool,
 ) -> Result<Group, QuantError> {
     let n = x.len() / BLOCK;
-    let plain = encode_group(x, w, &fit_group(x, None, false)[..n])?;
+    let plain = encode_group(x, w, &fit_group(x, None, false)[..n], false)?;
     if !search {
         return Ok(plain);
     }
-    let searched = encode_group(x, w, &F::searched_fits(x, w)[..n])?;
+    let searched = encode_group(x, w, &F::searched_fits(x, w)[..n], true)?;
     Ok(if searched.err < plain.err {
         searched
     } else {
@@ -442,13 +458,13 @@ pub fn quantize_q4k_row(
 /// [`quantize_q4k_row`] minimizing the error weighted by each column's
 /// `importance` (one non-negative value per weight of the row, typically the
 /// mean square of the input that column multiplies, see
-/// [`crate::model::ActivationStats`]): the searched fits, the wider group
-/// stage of [`encode_group`] and the choice between the searched and the
-/// min/max fits weigh each weight's squared error by its column's
-/// importance. That is the expected squared error of the matrix's
-/// output when input channels are uncorrelated; weighing it further by the
-/// weight's own magnitude, as llama.cpp does, measured worse (KL 0.066 vs
-/// 0.062 on the perturbed SmolLM2, `benches/RESULTS.md`).
+/// [`crate::model::ActivationStats`]): the searched fits, the group stage
+/// and the choice between the searched and the min/max fits weigh each
+/// weight's squared error by its column's importance. That is the expected
+/// squared error of the matrix's output when input channels are
+/// uncorrelated; weighing it further by the weight's own magnitude, as
+/// llama.cpp does, measured worse (KL 0.066 vs 0.062 on the perturbed
+/// SmolLM2, `benches/RESULTS.md`).
 pub fn quantize_q4k_row_weighted(
     x: &[f32],
     importance: &[f32],
