@@ -252,7 +252,7 @@ const NEIGHBOURS: [(f32, f32); 24] = {
 /// levels, keeping it if the error drops. Rounding the 6-bit scales was most
 /// of q4k's error on SmolLM2's on-grid weights: this took its KL from 0.0166
 /// to 0.0104 there (0.157 to 0.142 off the grid, 0.062 to 0.053 with
-/// importances) for a 3.3 times slower conversion (`benches/RESULTS.md`).
+/// importances) for 2.7 times the conversion time (`benches/RESULTS.md`).
 #[inline(always)]
 fn encode_group(
     x: &[f32],
