@@ -119,9 +119,11 @@ pub(super) fn swiglu(gate: &mut [f32], up: &[f32]) {
 /// (0..=15) with signed 8-bit activations, in eight i32 lanes. The 4-bit
 /// bodies below ([`q4_body`], [`q4k_body`], [`q4_rows8_body`]) are generic
 /// over it and `#[inline(always)]`: each set instantiates them in its own
-/// `#[target_feature]` functions. Every form sums the same four bytes into
-/// each i32 lane (lane `i`: bytes `4i..4i + 4`), exactly, so the lanes hold
-/// the same integers in every set.
+/// `#[target_feature]` functions. Every form sums the same products into
+/// each i32 lane, exactly, so the lanes hold the same integers in every set.
+///
+/// Safety (every method): only called from functions that enable AVX2 and
+/// the implementor's instructions (`#[inline(always)]`, so they compile there).
 pub(super) trait ByteDot {
     /// Per-token precomputation for [`ByteDot::q4_dot`] from the activations.
     unsafe fn q4_prep(a: __m256i) -> __m256i;
