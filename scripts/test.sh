@@ -10,10 +10,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo test --workspace --profile fasttest
 # The runtime's golden tests once more on every other x86 kernel set: the
-# scalar reference, and AVX2 where the run above used AVX-512.
+# scalar reference, AVX2 where the run above used AVX-512 or AVX-VNNI, and
+# AVX-VNNI where the run above used AVX-512.
 NIBBLE_KERNELS=scalar cargo test --profile fasttest --test tiny_golden
-if grep -qw avx512_vnni /proc/cpuinfo 2>/dev/null && grep -qw avx2 /proc/cpuinfo; then
+if grep -qw 'avx512_vnni\|avx_vnni' /proc/cpuinfo 2>/dev/null && grep -qw avx2 /proc/cpuinfo; then
   NIBBLE_KERNELS=avx2 cargo test --profile fasttest --test tiny_golden
+fi
+if grep -qw avx512_vnni /proc/cpuinfo 2>/dev/null && grep -qw avx_vnni /proc/cpuinfo; then
+  NIBBLE_KERNELS=avxvnni cargo test --profile fasttest --test tiny_golden
 fi
 if [[ -x scripts/test-aarch64.sh ]]; then
   ./scripts/test-aarch64.sh

@@ -15,9 +15,7 @@
 // loops say that more plainly than zipped iterators.
 #![allow(clippy::needless_range_loop)]
 
-use super::{
-    dispatch_tile, Isa, KRows, KernelSet, LanesKernel, Q4Lanes, MAX_TILE, MAX_TILE_T, Q4K_ACT_SUBS,
-};
+use super::{Isa, KRows, KernelSet, LanesKernel, Q4Lanes, MAX_TILE, MAX_TILE_T, Q4K_ACT_SUBS};
 use crate::quant::BLOCK;
 use half::f16;
 use std::arch::x86_64::*;
@@ -49,8 +47,8 @@ static ISA: Isa = Isa {
 };
 
 // The safe wrappers below are only stored in `ISA`, which `isa()` hands out
-// after detecting AVX2, FMA and F16C, and in `avx512::ISA`, which checks the
-// same features besides its own. Each one checks the slice lengths the unsafe
+// after detecting AVX2, FMA and F16C, and in `avx512::ISA` and
+// `avxvnni::ISA`, which check the same features besides their own. Each one checks the slice lengths the unsafe
 // body relies on.
 
 pub(super) fn quantize_act(x: &[f32], qs: &mut [i8], d: &mut [f32], blocks: usize) {
@@ -117,22 +115,95 @@ pub(super) fn swiglu(gate: &mut [f32], up: &[f32]) {
     unsafe { swiglu_avx2(gate, up) }
 }
 
-/// 8 × the pair sums of the activations: computed once per activation
-/// block and reused for every row.
-#[inline(always)]
-unsafe fn q4_prep(a: __m256i) -> __m256i {
-    _mm256_maddubs_epi16(_mm256_set1_epi8(8), a)
+/// How a set forms the integer dot products of unsigned 4-bit weights
+/// (0..=15) with signed 8-bit activations, in eight i32 lanes. The 4-bit
+/// bodies below ([`q4_body`], [`q4k_body`], [`q4_rows8_body`]) are generic
+/// over it and `#[inline(always)]`: each set instantiates them in its own
+/// `#[target_feature]` functions. Every form sums the same products into
+/// each i32 lane, exactly, so the lanes hold the same integers in every set.
+///
+/// Safety (every method): only called from functions that enable AVX2 and
+/// the implementor's instructions (`#[inline(always)]`, so they compile there).
+pub(super) trait ByteDot {
+    /// Per-token precomputation for [`ByteDot::q4_dot`] from the activations.
+    unsafe fn q4_prep(a: __m256i) -> __m256i;
+    /// `sum (q - 8) * a` for the nibbles `q` of one block.
+    unsafe fn q4_dot(q: __m256i, a: __m256i, prep: __m256i) -> __m256i;
+    /// The multipliers of [`ByteDot::q4k_step`] from q4k's 6-bit scales, one
+    /// per i32 lane.
+    unsafe fn q4k_scales(sc: __m256i) -> __m256i;
+    /// `isum + s * (sum q0 * a0 + sum q1 * a1)` per lane, with `s` lanes from
+    /// [`ByteDot::q4k_scales`] (`q1`, `a1` zero for an odd sub-block).
+    unsafe fn q4k_step(
+        isum: __m256i,
+        q0: __m256i,
+        a0: __m256i,
+        q1: __m256i,
+        a1: __m256i,
+        s: __m256i,
+    ) -> __m256i;
+    /// `sum_k c[k] * a[k] - 8 * asum` per lane, `a[k]` the four activation
+    /// bytes at `a.add(k)` broadcast (see [`q4_rows8_body`]).
+    unsafe fn rows8_dot(c: &[__m256i; 8], a: *const i32, asum: i32) -> __m256i;
 }
 
-/// `sum (q - 8) * a` for unsigned nibbles `q` (0..=15) in eight i32 lanes:
-/// the nibbles are used unsigned in `vpmaddubsw`, then 8 × the pair sums of
-/// `a` (`prep`) are subtracted at 16 bits: per pair
-/// `q0*a0 + q1*a1 - 8*(a0 + a1)`, each part below 2^15 in magnitude, so
-/// nothing saturates.
-#[inline(always)]
-unsafe fn q4_dot(q: __m256i, a: __m256i, prep: __m256i) -> __m256i {
-    let p = _mm256_sub_epi16(_mm256_maddubs_epi16(q, a), prep);
-    _mm256_madd_epi16(p, _mm256_set1_epi16(1))
+/// AVX2: `vpmaddubsw` (u8 × i8 → pairs of i16) then `vpmaddwd`.
+pub(super) struct Maddubs;
+
+impl ByteDot for Maddubs {
+    /// 8 × the pair sums of the activations: computed once per activation
+    /// block and reused for every row.
+    #[inline(always)]
+    unsafe fn q4_prep(a: __m256i) -> __m256i {
+        _mm256_maddubs_epi16(_mm256_set1_epi8(8), a)
+    }
+
+    /// The nibbles are used unsigned in `vpmaddubsw`, then 8 × the pair sums
+    /// of `a` (`prep`) are subtracted at 16 bits: per pair
+    /// `q0*a0 + q1*a1 - 8*(a0 + a1)`, each part below 2^15 in magnitude, so
+    /// nothing saturates.
+    #[inline(always)]
+    unsafe fn q4_dot(q: __m256i, a: __m256i, prep: __m256i) -> __m256i {
+        let p = _mm256_sub_epi16(_mm256_maddubs_epi16(q, a), prep);
+        _mm256_madd_epi16(p, _mm256_set1_epi16(1))
+    }
+
+    /// Each scale in both i16 halves of its lane, for `vpmaddwd`.
+    #[inline(always)]
+    unsafe fn q4k_scales(sc: __m256i) -> __m256i {
+        _mm256_or_si256(sc, _mm256_slli_epi32(sc, 16))
+    }
+
+    /// The two `vpmaddubsw` products (at most `2 * 15 * 127` per i16) add in
+    /// i16 (at most 7620), and `vpmaddwd` multiplies the pairs by the scale.
+    #[inline(always)]
+    unsafe fn q4k_step(
+        isum: __m256i,
+        q0: __m256i,
+        a0: __m256i,
+        q1: __m256i,
+        a1: __m256i,
+        s: __m256i,
+    ) -> __m256i {
+        let p = _mm256_add_epi16(_mm256_maddubs_epi16(q0, a0), _mm256_maddubs_epi16(q1, a1));
+        _mm256_add_epi32(isum, _mm256_madd_epi16(p, s))
+    }
+
+    /// `vpmaddubsw` per group: the eight i16 partial sums of a lane add up
+    /// exactly, each at most 2·15·127 = 3810 in magnitude, eight of them
+    /// 30480 < 2^15; then `vpmaddwd` with ones widens them.
+    #[inline(always)]
+    unsafe fn rows8_dot(c: &[__m256i; 8], a: *const i32, asum: i32) -> __m256i {
+        let mut s16 = _mm256_maddubs_epi16(c[0], _mm256_set1_epi32(a.read_unaligned()));
+        for (k, ck) in c.iter().enumerate().skip(1) {
+            let ak = _mm256_set1_epi32(a.add(k).read_unaligned());
+            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(*ck, ak));
+        }
+        _mm256_sub_epi32(
+            _mm256_madd_epi16(s16, _mm256_set1_epi16(1)),
+            _mm256_set1_epi32(8 * asum),
+        )
+    }
 }
 
 /// `sum w * a` for 8-bit weights sign-extended to i16 (`w[0]`: elements
@@ -165,10 +236,11 @@ unsafe fn prefetch_next_tile<const R: usize>(
 
 /// `R` rows of 4-bit blocks × `T` quantized activation rows.
 ///
-/// Safety: the caller checks `w.len() >= R * nb * 16`, `wd.len() >= R * nb`,
-/// `aq.len() >= T * nb * 32`, `ad.len() >= T * nb`.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_body<const R: usize, const T: usize>(
+/// Safety: AVX2, FMA, F16C and what `D` uses are enabled; the caller checks
+/// `w.len() >= R * nb * 16`, `wd.len() >= R * nb`, `aq.len() >= T * nb * 32`,
+/// `ad.len() >= T * nb`.
+#[inline(always)]
+pub(super) unsafe fn q4_body<D: ByteDot, const R: usize, const T: usize>(
     w: &[u8],
     wd: &[f16],
     aq: &[i8],
@@ -191,7 +263,7 @@ unsafe fn q4_body<const R: usize, const T: usize>(
             let mut c = [_mm256_setzero_si256(); T];
             for t in 0..T {
                 a[t] = _mm256_loadu_si256(ap.add((t * nb + blk) * BLOCK) as *const __m256i);
-                c[t] = q4_prep(a[t]);
+                c[t] = D::q4_prep(a[t]);
             }
             for r in 0..R {
                 let raw = _mm_loadu_si128(wp.add(r * row_bytes + blk * 16) as *const __m128i);
@@ -200,7 +272,7 @@ unsafe fn q4_body<const R: usize, const T: usize>(
                 }
                 let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), mask);
                 for t in 0..T {
-                    let s = q4_dot(q, a[t], c[t]);
+                    let s = D::q4_dot(q, a[t], c[t]);
                     let scale = _mm256_set1_ps(prod[r][t][j]);
                     acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[r][t]);
                 }
@@ -273,7 +345,7 @@ unsafe fn q8_body<const R: usize, const T: usize>(
     }
 }
 
-super::tile_fn!(pub(super) q4_tile, q4_body, 16, i8);
+super::tile_fn!(pub(super) q4_tile, q4_body_avx2, q4_body, Maddubs, "avx2,fma,f16c", 16, i8);
 super::tile_fn!(pub(super) q8_tile, q8_body, BLOCK, i16);
 
 /// The 8 sub-blocks' `(sc, m)` of the group whose 12 packed scale bytes are
@@ -307,11 +379,11 @@ const _: () = assert!(Q4K_ACT_SUBS == 4);
 /// half group ([`Q4K_ACT_SUBS`] sub-blocks). A half's `Σ_k sc_k Σ q a` is
 /// summed in integers and converted once: per pair of sub-blocks and row, one
 /// 32-byte load holds both sub-blocks' nibbles, the low nibbles meet each
-/// sub-block's first 16 activations and the high nibbles its last 16
-/// (`vpmaddubsw`, at most `2 * 15 * 127` per i16), the two add (at most 7620)
-/// and `vpmaddwd` multiplies them by the sub-blocks' 6-bit scales (`sc_k` in
-/// the low 128-bit lane, `sc_{k+1}` in the high one). Each i32 lane gathers at
-/// most `2 * 2 * 7620 * 63 < 2^21` per half, so its conversion is exact. Per
+/// sub-block's first 16 activations and the high nibbles its last 16, and
+/// [`ByteDot::q4k_step`] multiplies both products' lane sums by the
+/// sub-blocks' 6-bit scales (`sc_k` in the low 128-bit lane, `sc_{k+1}` in
+/// the high one). Each i32 lane gathers at most `2 * 2 * 7620 * 63 < 2^21`
+/// per half, so its conversion is exact. Per
 /// half and row: `d` times that, times the token's scale of the half; per group
 /// and row `dmin * m_k * Σ a` of the 8 sub-blocks in one vector, each lane
 /// times its half's scale, subtracted. With two tokens, `vphaddd` first puts
@@ -319,10 +391,11 @@ const _: () = assert!(Q4K_ACT_SUBS == 4);
 /// 7): half the conversions and float accumulators, so the 4 × 2 tile spills
 /// less.
 ///
-/// Safety: the caller checks the slices with [`KRows::check`] for `R` rows
-/// and `aq`, `ad`, `asum` for `T` tokens.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4k_body<const R: usize, const T: usize>(
+/// Safety: AVX2, FMA, F16C and what `D` uses are enabled; the caller checks
+/// the slices with [`KRows::check`] for `R` rows and `aq`, `ad`, `asum` for
+/// `T` tokens.
+#[inline(always)]
+pub(super) unsafe fn q4k_body<D: ByteDot, const R: usize, const T: usize>(
     w: KRows,
     aq: &[i8],
     ad: &[f32],
@@ -332,10 +405,10 @@ unsafe fn q4k_body<const R: usize, const T: usize>(
 ) {
     let mut acc = [[_mm256_setzero_ps(); T]; R];
     for g in 0..nb / 8 {
-        q4k_group(w, aq, ad, asum, nb, g, 8, &mut acc);
+        q4k_group::<D, R, T>(w, aq, ad, asum, nb, g, 8, &mut acc);
     }
     if !nb.is_multiple_of(8) {
-        q4k_group(w, aq, ad, asum, nb, nb / 8, nb % 8, &mut acc);
+        q4k_group::<D, R, T>(w, aq, ad, asum, nb, nb / 8, nb % 8, &mut acc);
     }
     if T == 2 {
         for r in 0..R {
@@ -359,7 +432,7 @@ unsafe fn q4k_body<const R: usize, const T: usize>(
 /// Safety: as [`q4k_body`], with `8 * g + nk <= nb`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn q4k_group<const R: usize, const T: usize>(
+unsafe fn q4k_group<D: ByteDot, const R: usize, const T: usize>(
     w: KRows,
     aq: &[i8],
     ad: &[f32],
@@ -379,14 +452,14 @@ unsafe fn q4k_group<const R: usize, const T: usize>(
         w.sc.as_ptr(),
         aq.as_ptr(),
     );
-    // each row's 6-bit scales, twice per i32 lane: the i16 multipliers of
-    // `vpmaddwd` after a `vpermd`; its `d` broadcast
+    // each row's 6-bit scales as `D::q4k_step` multiplies them (after a
+    // `vpermd`); its `d` broadcast
     let mut sc2 = [_mm256_setzero_si256(); R];
     let mut dv = [_mm256_setzero_ps(); R];
     for r in 0..R {
         let gi = r * ng + g;
         let (sc, _) = unpack_q4k_scales(sp.add(gi * 12));
-        sc2[r] = _mm256_or_si256(sc, _mm256_slli_epi32(sc, 16));
+        sc2[r] = D::q4k_scales(sc);
         let dd = _mm256_cvtph_ps(_mm_set1_epi32(dp.add(gi).read_unaligned()));
         dv[r] = _mm256_permute_ps(dd, 0b00_00_00_00);
     }
@@ -407,7 +480,7 @@ unsafe fn q4k_group<const R: usize, const T: usize>(
         first: 8 * g,
     };
     let half = |h: usize, k0: usize, k1: usize, acc: &mut [[__m256; T]; R]| {
-        q4k_half::<R, T>(span, k0, k1, &sc2, &dv, &ah, h, acc)
+        q4k_half::<D, R, T>(span, k0, k1, &sc2, &dv, &ah, h, acc)
     };
     if nk == 8 {
         // a whole group: constant bounds, so both halves unroll
@@ -472,7 +545,7 @@ struct Q4kSpan {
 /// Safety: as [`q4k_body`], with `span.first + k1 <= span.nb`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn q4k_half<const R: usize, const T: usize>(
+unsafe fn q4k_half<D: ByteDot, const R: usize, const T: usize>(
     span: Q4kSpan,
     k0: usize,
     k1: usize,
@@ -482,7 +555,7 @@ unsafe fn q4k_half<const R: usize, const T: usize>(
     h: usize,
     acc: &mut [[__m256; T]; R],
 ) {
-    let isum = q4k_half_isum::<R, T>(span, k0, k1, sc2);
+    let isum = q4k_half_isum::<D, R, T>(span, k0, k1, sc2);
     if T == 2 {
         // both tokens' sums in one register (see `q4k_body`); `T - 1` is
         // token 1, spelled so that the T = 1 instantiation still compiles
@@ -509,7 +582,7 @@ unsafe fn q4k_half<const R: usize, const T: usize>(
 ///
 /// Safety: as [`q4k_body`], with `span.first + k1 <= span.nb`.
 #[inline(always)]
-unsafe fn q4k_half_isum<const R: usize, const T: usize>(
+unsafe fn q4k_half_isum<D: ByteDot, const R: usize, const T: usize>(
     span: Q4kSpan,
     k0: usize,
     k1: usize,
@@ -547,11 +620,7 @@ unsafe fn q4k_half_isum<const R: usize, const T: usize>(
             let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
             let s = _mm256_permutevar8x32_epi32(sc2[r], pick);
             for t in 0..T {
-                let p = _mm256_add_epi16(
-                    _mm256_maddubs_epi16(lo, alo[t]),
-                    _mm256_maddubs_epi16(hi, ahi[t]),
-                );
-                isum[r][t] = _mm256_add_epi32(isum[r][t], _mm256_madd_epi16(p, s));
+                isum[r][t] = D::q4k_step(isum[r][t], lo, alo[t], hi, ahi[t], s);
             }
         }
         k += 2;
@@ -568,41 +637,25 @@ unsafe fn q4k_half_isum<const R: usize, const T: usize>(
             let raw = _mm_loadu_si128(wp.add(r * row_bytes + blk * 16) as *const __m128i);
             let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), mask);
             let s = _mm256_permutevar8x32_epi32(sc2[r], pick);
+            let zero = _mm256_setzero_si256();
             for t in 0..T {
-                let p = _mm256_maddubs_epi16(q, a[t]);
-                isum[r][t] = _mm256_add_epi32(isum[r][t], _mm256_madd_epi16(p, s));
+                isum[r][t] = D::q4k_step(isum[r][t], q, a[t], zero, zero, s);
             }
         }
     }
     isum
 }
 
-/// See [`super::Q4kTileFn`].
-#[allow(clippy::too_many_arguments)]
-pub(super) fn q4k_tile(
-    w: KRows,
-    aq: &[i8],
-    ad: &[f32],
-    asum: &[i32],
-    nb: usize,
-    nr: usize,
-    nt: usize,
-    out: &mut [f32; MAX_TILE],
-) {
-    w.check(nb, nr);
-    assert!(
-        aq.len() >= nt * nb * BLOCK
-            && ad.len() >= nt * nb.div_ceil(Q4K_ACT_SUBS)
-            && asum.len() >= nt * nb,
-        "q4k tile: activations shorter than the tile"
-    );
-    // SAFETY: only reachable through a table handed out after AVX2, FMA and
-    // F16C were detected; slice lengths checked just above.
-    unsafe { dispatch_tile!(nr, nt, q4k_body(w, aq, ad, asum, nb, out)) }
-}
+super::q4k_tile_fn!(
+    pub(super) q4k_tile,
+    q4k_tile_avx2,
+    q4k_body,
+    Maddubs,
+    "avx2,fma,f16c"
+);
 
-/// Tokens per call of [`q4_rows8`].
-const ROWS8_TOKENS: usize = 4;
+/// Tokens per call of a rows-in-lanes kernel made by [`rows8_fn!`].
+pub(super) const ROWS8_TOKENS: usize = 4;
 
 pub(super) const Q4_ROWS8: Q4Lanes = Q4Lanes {
     rows: 8,
@@ -610,9 +663,9 @@ pub(super) const Q4_ROWS8: Q4Lanes = Q4Lanes {
     kernel: LanesKernel::Q4(q4_rows8),
 };
 
-/// See [`super::Q4LanesFn`]: 8 rows.
+/// Checks the slices of a [`super::Q4LanesFn`] call on 8 rows.
 #[allow(clippy::too_many_arguments)]
-fn q4_rows8(
+pub(super) fn check_rows8(
     w: &[u8],
     row_bytes: usize,
     wd: &[f16],
@@ -621,7 +674,6 @@ fn q4_rows8(
     ad: &[f32],
     asum: &[i32],
     nt: usize,
-    out: &mut [f32; MAX_TILE],
 ) {
     assert!(
         (1..=ROWS8_TOKENS).contains(&nt)
@@ -633,26 +685,74 @@ fn q4_rows8(
             && asum.len() >= nt * nb,
         "q4_rows8: slices shorter than the tile"
     );
-    // SAFETY: only reachable through a table handed out after AVX2, FMA and
-    // F16C were detected; the slice lengths were checked just above.
-    unsafe {
-        match nt {
-            1 => q4_rows8_avx2::<1>(w, row_bytes, wd, nb, aq, ad, asum, out),
-            2 => q4_rows8_avx2::<2>(w, row_bytes, wd, nb, aq, ad, asum, out),
-            3 => q4_rows8_avx2::<3>(w, row_bytes, wd, nb, aq, ad, asum, out),
-            _ => q4_rows8_avx2::<4>(w, row_bytes, wd, nb, aq, ad, asum, out),
-        }
-    }
 }
 
-/// 8 rows × `T` tokens, rows in lanes. Per block: unpack the 8 rows' nibbles
-/// and transpose them as a matrix of 4-byte groups so that register `k` holds
-/// weights `4k..4k+4` of all 8 rows, then per token broadcast the matching 4
-/// activation bytes and `vpmaddubsw`. The eight i16 partial sums of a lane add up exactly: each
-/// is at most 2·15·127 = 3810 in magnitude, eight of them 30480 < 2^15.
-#[target_feature(enable = "avx2,fma,f16c")]
+/// Makes `$name`, a [`super::Q4LanesFn`] on 8 rows: a safe wrapper that
+/// checks the slices ([`check_rows8`]) and calls `$inner::<T>`, a
+/// `#[target_feature(enable = $features)]` instance of
+/// `q4_rows8_body::<$dot, T>` per token count.
+macro_rules! rows8_fn {
+    ($name:ident, $inner:ident, $dot:ty, $features:literal) => {
+        #[target_feature(enable = $features)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $inner<const T: usize>(
+            w: &[u8],
+            row_bytes: usize,
+            wd: &[f16],
+            nb: usize,
+            aq: &[i8],
+            ad: &[f32],
+            asum: &[i32],
+            out: &mut [f32; MAX_TILE],
+        ) {
+            // SAFETY: the caller checked the slices for `T` tokens.
+            unsafe {
+                $crate::kernels::avx2::q4_rows8_body::<$dot, T>(
+                    w, row_bytes, wd, nb, aq, ad, asum, out,
+                )
+            }
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        fn $name(
+            w: &[u8],
+            row_bytes: usize,
+            wd: &[f16],
+            nb: usize,
+            aq: &[i8],
+            ad: &[f32],
+            asum: &[i32],
+            nt: usize,
+            out: &mut [f32; MAX_TILE],
+        ) {
+            $crate::kernels::avx2::check_rows8(w, row_bytes, wd, nb, aq, ad, asum, nt);
+            // SAFETY: only reachable through a table handed out after the
+            // features were detected; the slice lengths were checked above.
+            unsafe {
+                match nt {
+                    1 => $inner::<1>(w, row_bytes, wd, nb, aq, ad, asum, out),
+                    2 => $inner::<2>(w, row_bytes, wd, nb, aq, ad, asum, out),
+                    3 => $inner::<3>(w, row_bytes, wd, nb, aq, ad, asum, out),
+                    _ => $inner::<4>(w, row_bytes, wd, nb, aq, ad, asum, out),
+                }
+            }
+        }
+    };
+}
+pub(super) use rows8_fn;
+
+rows8_fn!(q4_rows8, q4_rows8_avx2, Maddubs, "avx2,fma,f16c");
+
+/// 8 rows × `T` tokens, rows in lanes. Per block: the 8 rows' nibbles with
+/// register `k` holding weights `4k..4k+4` of all 8 rows ([`nibbles_8_rows`]),
+/// then per token [`ByteDot::rows8_dot`] against the matching 4 activation
+/// bytes broadcast.
+///
+/// Safety: AVX2, FMA, F16C and what `D` uses are enabled; the slices passed
+/// [`check_rows8`] for `T` tokens.
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn q4_rows8_avx2<const T: usize>(
+pub(super) unsafe fn q4_rows8_body<D: ByteDot, const T: usize>(
     w: &[u8],
     row_bytes: usize,
     wd: &[f16],
@@ -662,26 +762,10 @@ unsafe fn q4_rows8_avx2<const T: usize>(
     asum: &[i32],
     out: &mut [f32; MAX_TILE],
 ) {
-    let mask = _mm256_set1_epi8(0x0f);
-    let ones = _mm256_set1_epi16(1);
     let (wp, dp, ap) = (w.as_ptr(), wd.as_ptr() as *const u16, aq.as_ptr());
     let mut acc = [_mm256_setzero_ps(); T];
     for b in 0..nb {
-        // rows r and r + 4 share a register (one per 128-bit lane), so the
-        // low nibbles of 4 registers hold weights 0..16 of all 8 rows and the
-        // high nibbles weights 16..32
-        let mut lo = [_mm256_setzero_si256(); 4];
-        let mut hi = [_mm256_setzero_si256(); 4];
-        for r in 0..4 {
-            let pair = _mm256_loadu2_m128i(
-                wp.add((r + 4) * row_bytes + b * 16) as *const __m128i,
-                wp.add(r * row_bytes + b * 16) as *const __m128i,
-            );
-            lo[r] = _mm256_and_si256(pair, mask);
-            hi[r] = _mm256_and_si256(_mm256_srli_epi16(pair, 4), mask);
-        }
-        let (c0, c1) = (transpose4x4_epi32(&lo), transpose4x4_epi32(&hi));
-        let c = [c0[0], c0[1], c0[2], c0[3], c1[0], c1[1], c1[2], c1[3]];
+        let c = nibbles_8_rows(wp.add(b * 16), row_bytes);
         let dw = _mm256_cvtph_ps(_mm_set_epi16(
             *dp.add(7 * nb + b) as i16,
             *dp.add(6 * nb + b) as i16,
@@ -694,15 +778,7 @@ unsafe fn q4_rows8_avx2<const T: usize>(
         ));
         for t in 0..T {
             let a = ap.add((t * nb + b) * BLOCK) as *const i32;
-            let mut s16 = _mm256_maddubs_epi16(c[0], _mm256_set1_epi32(a.read_unaligned()));
-            for (k, ck) in c.iter().enumerate().skip(1) {
-                let ak = _mm256_set1_epi32(a.add(k).read_unaligned());
-                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(*ck, ak));
-            }
-            let s32 = _mm256_sub_epi32(
-                _mm256_madd_epi16(s16, ones),
-                _mm256_set1_epi32(8 * asum[t * nb + b]),
-            );
+            let s32 = D::rows8_dot(&c, a, asum[t * nb + b]);
             let scale = _mm256_mul_ps(dw, _mm256_set1_ps(ad[t * nb + b]));
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), scale, acc[t]);
         }
@@ -714,6 +790,30 @@ unsafe fn q4_rows8_avx2<const T: usize>(
             out[r * MAX_TILE_T + t] = x;
         }
     }
+}
+
+/// The 32 nibbles of one block of 8 rows (`p`: row 0's 16 bytes, rows
+/// `row_bytes` apart) with the rows in lanes, as unsigned bytes: `out[k]`
+/// holds weights `4k..4k + 4` of all 8 rows in row order (low nibbles:
+/// weights 0..16, high: 16..32). Rows `r` and `r + 4` share a register (one
+/// per 128-bit lane) before a transpose of 4-byte groups within each lane.
+///
+/// Safety: AVX2 enabled; the 8 rows' 16 bytes are readable.
+#[inline(always)]
+pub(super) unsafe fn nibbles_8_rows(p: *const u8, row_bytes: usize) -> [__m256i; 8] {
+    let mask = _mm256_set1_epi8(0x0f);
+    let mut lo = [_mm256_setzero_si256(); 4];
+    let mut hi = [_mm256_setzero_si256(); 4];
+    for r in 0..4 {
+        let pair = _mm256_loadu2_m128i(
+            p.add((r + 4) * row_bytes) as *const __m128i,
+            p.add(r * row_bytes) as *const __m128i,
+        );
+        lo[r] = _mm256_and_si256(pair, mask);
+        hi[r] = _mm256_and_si256(_mm256_srli_epi16(pair, 4), mask);
+    }
+    let (c0, c1) = (transpose4x4_epi32(&lo), transpose4x4_epi32(&hi));
+    [c0[0], c0[1], c0[2], c0[3], c1[0], c1[1], c1[2], c1[3]]
 }
 
 /// Within each 128-bit lane, `out[k]` = 32-bit element `k` of every

@@ -31,6 +31,8 @@ pub mod scalar;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avxvnni;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 
@@ -137,8 +139,28 @@ pub(crate) use dispatch_tile;
 /// `#[target_feature]` function generic over the tile shape whose only
 /// precondition is those slice lengths. Only for bodies whose features the
 /// owning [`Isa`] table checks before it is handed out.
-#[cfg(target_arch = "x86_64")]
+///
+/// The longer form first makes that body, `$inner`: a `#[target_feature]`
+/// instance of the `#[inline(always)]` body `$body::<$dot, R, T>`, generic
+/// over how a set forms its integer dot products.
+#[allow(unused_macros)]
 macro_rules! tile_fn {
+    ($vis:vis $name:ident, $inner:ident, $body:ident, $dot:ty, $features:literal, $row_bytes:expr, $act:ty) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $inner<const R: usize, const T: usize>(
+            w: &[u8],
+            wd: &[f16],
+            aq: &[$act],
+            ad: &[f32],
+            nb: usize,
+            out: &mut [f32; MAX_TILE],
+        ) {
+            // SAFETY: the caller checked the slice lengths for an R×T tile.
+            unsafe { $body::<$dot, R, T>(w, wd, aq, ad, nb, out) }
+        }
+
+        $crate::kernels::tile_fn!($vis $name, $inner, $row_bytes, $act);
+    };
     ($vis:vis $name:ident, $body:ident, $row_bytes:expr, $act:ty) => {
         #[allow(clippy::too_many_arguments)]
         $vis fn $name(
@@ -161,19 +183,19 @@ macro_rules! tile_fn {
             // SAFETY: only reachable through an `Isa` table handed out after
             // every feature the body enables was detected; slice lengths
             // checked just above.
-            unsafe { super::dispatch_tile!(nr, nt, $body(w, wd, aq, ad, nb, out)) }
+            unsafe { $crate::kernels::dispatch_tile!(nr, nt, $body(w, wd, aq, ad, nb, out)) }
         }
     };
 }
-#[cfg(target_arch = "x86_64")]
-use tile_fn;
+#[allow(unused_imports)]
+pub(crate) use tile_fn;
 
 /// Makes a q4k tile function for a SIMD set's [`Q4kTileFn`] slot: a
 /// `#[target_feature]` instance of the set's body `$body::<$dot, R, T>` per
 /// tile shape, and a safe wrapper that checks the slices and picks the shape.
-#[cfg(target_arch = "aarch64")]
+#[allow(unused_macros)]
 macro_rules! q4k_tile_fn {
-    ($name:ident, $inner:ident, $body:ident, $dot:ty, $features:literal) => {
+    ($vis:vis $name:ident, $inner:ident, $body:ident, $dot:ty, $features:literal) => {
         #[target_feature(enable = $features)]
         unsafe fn $inner<const R: usize, const T: usize>(
             w: KRows,
@@ -188,7 +210,7 @@ macro_rules! q4k_tile_fn {
         }
 
         #[allow(clippy::too_many_arguments)]
-        fn $name(
+        $vis fn $name(
             w: KRows,
             aq: &[i8],
             ad: &[f32],
@@ -207,11 +229,11 @@ macro_rules! q4k_tile_fn {
             );
             // SAFETY: only reachable through a table handed out after the
             // features were detected; slice lengths checked just above.
-            unsafe { dispatch_tile!(nr, nt, $inner(w, aq, ad, asum, nb, out)) }
+            unsafe { $crate::kernels::dispatch_tile!(nr, nt, $inner(w, aq, ad, asum, nb, out)) }
         }
     };
 }
-#[cfg(target_arch = "aarch64")]
+#[allow(unused_imports)]
 pub(crate) use q4k_tile_fn;
 
 /// Prefill kernel for 4-bit weights with the rows in the vector lanes:
@@ -428,6 +450,8 @@ pub enum KernelSet {
     Scalar,
     /// x86-64 AVX2 + FMA + F16C.
     Avx2,
+    /// x86-64 AVX2 + FMA + F16C with AVX-VNNI (256-bit `vpdpbusd`, VEX).
+    AvxVnni,
     /// x86-64 AVX-512 F/BW/VL + VNNI (`vpdpbusd`) on 256-bit vectors, plus F16C/FMA.
     Avx512,
     /// aarch64 NEON without the dot-product extension.
@@ -437,9 +461,10 @@ pub enum KernelSet {
 }
 
 impl KernelSet {
-    pub const ALL: [KernelSet; 5] = [
+    pub const ALL: [KernelSet; 6] = [
         Self::Scalar,
         Self::Avx2,
+        Self::AvxVnni,
         Self::Avx512,
         Self::Neon,
         Self::NeonDotprod,
@@ -449,6 +474,7 @@ impl KernelSet {
         match self {
             Self::Scalar => "scalar",
             Self::Avx2 => "avx2",
+            Self::AvxVnni => "avxvnni",
             Self::Avx512 => "avx512",
             Self::Neon => "neon",
             Self::NeonDotprod => "neon-dotprod",
@@ -461,6 +487,7 @@ impl KernelSet {
         Some(match s.trim().to_ascii_lowercase().as_str() {
             "scalar" => Self::Scalar,
             "avx2" => Self::Avx2,
+            "avxvnni" => Self::AvxVnni,
             "avx512" => Self::Avx512,
             "neon" => {
                 if Self::NeonDotprod.is_supported() {
@@ -496,6 +523,8 @@ impl KernelSet {
             #[cfg(target_arch = "x86_64")]
             Self::Avx2 => avx2::isa(),
             #[cfg(target_arch = "x86_64")]
+            Self::AvxVnni => avxvnni::isa(),
+            #[cfg(target_arch = "x86_64")]
             Self::Avx512 => avx512::isa(),
             #[cfg(target_arch = "aarch64")]
             Self::Neon => neon::isa_plain(),
@@ -525,7 +554,7 @@ impl fmt::Display for KernelError {
         match self {
             Self::UnknownName(s) => write!(
                 f,
-                "{KERNELS_ENV}={s:?} is not a kernel set (use scalar, avx2, avx512, neon or neon-nodot)"
+                "{KERNELS_ENV}={s:?} is not a kernel set (use scalar, avx2, avxvnni, avx512, neon or neon-nodot)"
             ),
             Self::Unsupported(k) => {
                 let have: Vec<_> = KernelSet::available().iter().map(|k| k.name()).collect();

@@ -18,9 +18,7 @@
 // loops say that more plainly than zipped iterators.
 #![allow(clippy::needless_range_loop)]
 
-use super::{
-    dispatch_tile, q4k_tile_fn, Isa, KRows, KernelSet, MAX_TILE, MAX_TILE_T, Q4K_ACT_SUBS,
-};
+use super::{q4k_tile_fn, tile_fn, Isa, KRows, KernelSet, MAX_TILE, MAX_TILE_T, Q4K_ACT_SUBS};
 use crate::quant::{q4k_unpack_scales, BLOCK, Q4K_SCALE_BYTES};
 use half::f16;
 use std::arch::aarch64::*;
@@ -360,46 +358,6 @@ unsafe fn q8_body<D: BlockDot, const R: usize, const T: usize>(
             out[r * MAX_TILE_T + t] = vaddvq_f32(acc[r][t]);
         }
     }
-}
-
-macro_rules! tile_fn {
-    ($name:ident, $inner:ident, $body:ident, $dot:ty, $features:literal, $row_bytes:expr, $act:ty) => {
-        #[target_feature(enable = $features)]
-        unsafe fn $inner<const R: usize, const T: usize>(
-            w: &[u8],
-            wd: &[f16],
-            aq: &[$act],
-            ad: &[f32],
-            nb: usize,
-            out: &mut [f32; MAX_TILE],
-        ) {
-            // SAFETY: the caller checked the slice lengths for an R×T tile.
-            unsafe { $body::<$dot, R, T>(w, wd, aq, ad, nb, out) }
-        }
-
-        #[allow(clippy::too_many_arguments)]
-        fn $name(
-            w: &[u8],
-            wd: &[f16],
-            aq: &[$act],
-            ad: &[f32],
-            nb: usize,
-            nr: usize,
-            nt: usize,
-            out: &mut [f32; MAX_TILE],
-        ) {
-            assert!(
-                w.len() >= nr * nb * $row_bytes
-                    && wd.len() >= nr * nb
-                    && aq.len() >= nt * nb * BLOCK
-                    && ad.len() >= nt * nb,
-                "tile: slices shorter than the tile"
-            );
-            // SAFETY: only reachable through a table handed out after the
-            // features were detected; slice lengths checked just above.
-            unsafe { dispatch_tile!(nr, nt, $inner(w, wd, aq, ad, nb, out)) }
-        }
-    };
 }
 
 // The q4k tile's per-group vectors of block sums (one 4-lane vector or
