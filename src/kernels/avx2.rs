@@ -37,7 +37,7 @@ static ISA: Isa = Isa {
     q8_tile,
     q4k_tile,
     q4_lanes: Some(Q4_ROWS8),
-    q4k_lanes: None,
+    q4k_lanes: Some(Q4K_ROWS8),
     dot_f32,
     dot_f16,
     axpy_f16,
@@ -742,6 +742,173 @@ macro_rules! rows8_fn {
 pub(super) use rows8_fn;
 
 rows8_fn!(q4_rows8, q4_rows8_avx2, Maddubs, "avx2,fma,f16c");
+
+/// Makes `$name`, a [`super::Q4kLanesFn`] on 8 rows: a safe wrapper that
+/// checks the slices and calls `$inner::<T>`, a
+/// `#[target_feature(enable = $features)]` instance of
+/// `q4k_rows8_body::<$dot, T>` per token count.
+macro_rules! q4k_rows8_fn {
+    ($name:ident, $inner:ident, $dot:ty, $features:literal) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $inner<const T: usize>(
+            w: $crate::kernels::KRows,
+            nb: usize,
+            aq: &[i8],
+            ad: &[f32],
+            asum: &[i32],
+            out: &mut [f32; MAX_TILE],
+        ) {
+            // SAFETY: the caller checked the slices for 8 rows and `T` tokens.
+            unsafe { $crate::kernels::avx2::q4k_rows8_body::<$dot, T>(w, nb, aq, ad, asum, out) }
+        }
+
+        /// See [`super::Q4kLanesFn`]: 8 rows, one per i32 lane.
+        #[allow(clippy::too_many_arguments)]
+        fn $name(
+            w: $crate::kernels::KRows,
+            nb: usize,
+            aq: &[i8],
+            ad: &[f32],
+            asum: &[i32],
+            nt: usize,
+            out: &mut [f32; MAX_TILE],
+        ) {
+            $crate::kernels::avx2::check_q4k_rows8(&w, nb, aq, ad, asum, nt);
+            // SAFETY: only reachable through a table handed out after the
+            // features were detected; the slice lengths were checked above.
+            unsafe {
+                match nt {
+                    1 => $inner::<1>(w, nb, aq, ad, asum, out),
+                    2 => $inner::<2>(w, nb, aq, ad, asum, out),
+                    3 => $inner::<3>(w, nb, aq, ad, asum, out),
+                    _ => $inner::<4>(w, nb, aq, ad, asum, out),
+                }
+            }
+        }
+    };
+}
+pub(super) use q4k_rows8_fn;
+
+q4k_rows8_fn!(q4k_rows8, q4k_rows8_avx2, Maddubs, "avx2,fma,f16c");
+
+pub(super) const Q4K_ROWS8: Q4Lanes = Q4Lanes {
+    rows: 8,
+    tokens: ROWS8_TOKENS,
+    kernel: LanesKernel::Q4K(q4k_rows8),
+};
+
+/// What [`q4k_rows8_body`] relies on: 8 rows of `nb` blocks and `nt` tokens
+/// of activations.
+pub(super) fn check_q4k_rows8(
+    w: &KRows,
+    nb: usize,
+    aq: &[i8],
+    ad: &[f32],
+    asum: &[i32],
+    nt: usize,
+) {
+    w.check(nb, 8);
+    assert!(
+        (1..=ROWS8_TOKENS).contains(&nt)
+            && aq.len() >= nt * nb * BLOCK
+            && ad.len() >= nt * nb.div_ceil(Q4K_ACT_SUBS)
+            && asum.len() >= nt * nb,
+        "q4k_rows8: activations shorter than the tile"
+    );
+}
+
+/// 8 q4k rows × `T` tokens, rows in lanes (the 256-bit form of the AVX-512
+/// set's `q4k_rows16_vnni`): per sub-block the rows' nibbles
+/// ([`nibbles_8_rows`]) meet the activations in [`ByteDot::rows8_dot`] with
+/// no offset (q4k's levels are unsigned; exact in either form), the sum is
+/// scaled by the rows' `d * sc` times the token's scale of the half group,
+/// and the rows' `dmin * m` times `d_a * Σ a` is subtracted. The rows'
+/// scales are unpacked once per group and transposed.
+///
+/// Safety: AVX2, FMA, F16C and what `D` uses are enabled; the slices passed
+/// [`check_q4k_rows8`] for `T` tokens.
+#[inline(always)]
+pub(super) unsafe fn q4k_rows8_body<D: ByteDot, const T: usize>(
+    w: KRows,
+    nb: usize,
+    aq: &[i8],
+    ad: &[f32],
+    asum: &[i32],
+    out: &mut [f32; MAX_TILE],
+) {
+    let (ng, nh) = (nb.div_ceil(8), nb.div_ceil(Q4K_ACT_SUBS));
+    let row_bytes = nb * 16;
+    let (wp, ap) = (w.qs.as_ptr(), aq.as_ptr());
+    let (dp, sp) = (w.dm.as_ptr() as *const i32, w.sc.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); T];
+    for g in 0..ng {
+        let nk = (nb - 8 * g).min(8);
+        // per row: (d * sc, dmin * m) of the group's sub-blocks
+        let mut dsc = [_mm256_setzero_ps(); 8];
+        let mut dmn = [_mm256_setzero_ps(); 8];
+        for r in 0..8 {
+            let gi = r * ng + g;
+            // (d, dmin) in alternate lanes
+            let dd = _mm256_cvtph_ps(_mm_set1_epi32(dp.add(gi).read_unaligned()));
+            let (sc, m) = unpack_q4k_scales(sp.add(gi * 12));
+            dsc[r] = _mm256_mul_ps(_mm256_permute_ps(dd, 0b00_00_00_00), _mm256_cvtepi32_ps(sc));
+            dmn[r] = _mm256_mul_ps(_mm256_permute_ps(dd, 0b01_01_01_01), _mm256_cvtepi32_ps(m));
+        }
+        let (dsc, dmn) = (transpose_8x8(dsc), transpose_8x8(dmn));
+        for k in 0..nk {
+            let blk = 8 * g + k;
+            let c = nibbles_8_rows(wp.add(blk * 16), row_bytes);
+            for t in 0..T {
+                let a = ap.add((t * nb + blk) * BLOCK) as *const i32;
+                // no offset: q4k's levels are unsigned
+                let s = D::rows8_dot(&c, a, 0);
+                let at = ad[t * nh + blk / Q4K_ACT_SUBS];
+                let scale = _mm256_mul_ps(dsc[k], _mm256_set1_ps(at));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[t]);
+                let amin = _mm256_set1_ps(at * asum[t * nb + blk] as f32);
+                acc[t] = _mm256_fnmadd_ps(dmn[k], amin, acc[t]);
+            }
+        }
+    }
+    for t in 0..T {
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc[t]);
+        for (r, &x) in lanes.iter().enumerate() {
+            out[r * MAX_TILE_T + t] = x;
+        }
+    }
+}
+
+/// An 8×8 transpose of f32 values: `out[j]` lane `r` = `v[r]` lane `j`.
+#[inline(always)]
+unsafe fn transpose_8x8(v: [__m256; 8]) -> [__m256; 8] {
+    // t[2i], t[2i + 1]: rows 2i, 2i + 1 interleaved (low / high pairs)
+    let t: [__m256; 8] = std::array::from_fn(|i| {
+        let (x, y) = (v[i & !1], v[i | 1]);
+        if i % 2 == 0 {
+            _mm256_unpacklo_ps(x, y)
+        } else {
+            _mm256_unpackhi_ps(x, y)
+        }
+    });
+    // u[4h + m]: rows 4h..4h + 4 of columns m (low lane) and m + 4 (high)
+    let u: [__m256; 8] = std::array::from_fn(|i| {
+        let h = i / 4 * 4;
+        match i % 4 {
+            0 => _mm256_shuffle_ps::<0x44>(t[h], t[h + 2]),
+            1 => _mm256_shuffle_ps::<0xee>(t[h], t[h + 2]),
+            2 => _mm256_shuffle_ps::<0x44>(t[h + 1], t[h + 3]),
+            _ => _mm256_shuffle_ps::<0xee>(t[h + 1], t[h + 3]),
+        }
+    });
+    std::array::from_fn(|j| {
+        if j < 4 {
+            _mm256_permute2f128_ps::<0x20>(u[j], u[4 + j])
+        } else {
+            _mm256_permute2f128_ps::<0x31>(u[j - 4], u[j])
+        }
+    })
+}
 
 /// 8 rows × `T` tokens, rows in lanes. Per block: the 8 rows' nibbles with
 /// register `k` holding weights `4k..4k+4` of all 8 rows ([`nibbles_8_rows`]),

@@ -10,8 +10,8 @@
 //! The bodies are private and only reachable through the table [`isa`]
 //! returns after detecting every feature they use.
 
-use super::avx2::{self, q4_body, q4k_body, rows8_fn, ByteDot, ROWS8_TOKENS};
-use super::{Isa, KRows, KernelSet, LanesKernel, Q4Lanes, MAX_TILE, MAX_TILE_T, Q4K_ACT_SUBS};
+use super::avx2::{self, q4_body, q4k_body, q4k_rows8_fn, rows8_fn, ByteDot, ROWS8_TOKENS};
+use super::{Isa, KRows, KernelSet, LanesKernel, Q4Lanes, MAX_TILE};
 use crate::quant::BLOCK;
 use half::f16;
 use std::arch::x86_64::*;
@@ -132,132 +132,10 @@ impl ByteDot for Vnni {
     }
 }
 
+q4k_rows8_fn!(q4k_rows8, q4k_rows8_vnni, Vnni, "avx2,fma,f16c,avxvnni");
+
 const Q4K_ROWS8: Q4Lanes = Q4Lanes {
     rows: 8,
     tokens: ROWS8_TOKENS,
     kernel: LanesKernel::Q4K(q4k_rows8),
 };
-
-/// See [`super::Q4kLanesFn`]: 8 rows, one per i32 lane.
-#[allow(clippy::too_many_arguments)]
-fn q4k_rows8(
-    w: KRows,
-    nb: usize,
-    aq: &[i8],
-    ad: &[f32],
-    asum: &[i32],
-    nt: usize,
-    out: &mut [f32; MAX_TILE],
-) {
-    w.check(nb, 8);
-    assert!(
-        (1..=ROWS8_TOKENS).contains(&nt)
-            && aq.len() >= nt * nb * BLOCK
-            && ad.len() >= nt * nb.div_ceil(Q4K_ACT_SUBS)
-            && asum.len() >= nt * nb,
-        "q4k_rows8: activations shorter than the tile"
-    );
-    // SAFETY: only reachable through `ISA`, handed out after every feature
-    // the body enables was detected; the slice lengths were checked above.
-    unsafe {
-        match nt {
-            1 => q4k_rows8_vnni::<1>(w, nb, aq, ad, asum, out),
-            2 => q4k_rows8_vnni::<2>(w, nb, aq, ad, asum, out),
-            3 => q4k_rows8_vnni::<3>(w, nb, aq, ad, asum, out),
-            _ => q4k_rows8_vnni::<4>(w, nb, aq, ad, asum, out),
-        }
-    }
-}
-
-/// 8 q4k rows × `T` tokens, rows in lanes (the 256-bit form of the AVX-512
-/// set's `q4k_rows16_vnni`): per sub-block the rows' nibbles
-/// ([`avx2::nibbles_8_rows`]) meet the activations in `vpdpbusd` from zero
-/// (the unsigned levels; exact, as [`Vnni::rows8_dot`]), the sum is scaled by
-/// the rows' `d * sc` times the token's scale of the half group, and the rows'
-/// `dmin * m` times `d_a * Σ a` is subtracted. The rows' scales are unpacked
-/// once per group and transposed.
-///
-/// Safety: the caller checks `w` with [`KRows::check`] for 8 rows and the
-/// activations for `T` tokens.
-#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-unsafe fn q4k_rows8_vnni<const T: usize>(
-    w: KRows,
-    nb: usize,
-    aq: &[i8],
-    ad: &[f32],
-    asum: &[i32],
-    out: &mut [f32; MAX_TILE],
-) {
-    let (ng, nh) = (nb.div_ceil(8), nb.div_ceil(Q4K_ACT_SUBS));
-    let row_bytes = nb * 16;
-    let (wp, ap) = (w.qs.as_ptr(), aq.as_ptr());
-    let (dp, sp) = (w.dm.as_ptr() as *const i32, w.sc.as_ptr());
-    let mut acc = [_mm256_setzero_ps(); T];
-    for g in 0..ng {
-        let nk = (nb - 8 * g).min(8);
-        // per row: (d * sc, dmin * m) of the group's sub-blocks
-        let mut dsc = [_mm256_setzero_ps(); 8];
-        let mut dmn = [_mm256_setzero_ps(); 8];
-        for r in 0..8 {
-            let gi = r * ng + g;
-            // (d, dmin) in alternate lanes
-            let dd = _mm256_cvtph_ps(_mm_set1_epi32(dp.add(gi).read_unaligned()));
-            let (sc, m) = avx2::unpack_q4k_scales(sp.add(gi * 12));
-            dsc[r] = _mm256_mul_ps(_mm256_permute_ps(dd, 0b00_00_00_00), _mm256_cvtepi32_ps(sc));
-            dmn[r] = _mm256_mul_ps(_mm256_permute_ps(dd, 0b01_01_01_01), _mm256_cvtepi32_ps(m));
-        }
-        let (dsc, dmn) = (transpose_8x8(dsc), transpose_8x8(dmn));
-        for k in 0..nk {
-            let blk = 8 * g + k;
-            let c = avx2::nibbles_8_rows(wp.add(blk * 16), row_bytes);
-            for t in 0..T {
-                let a = ap.add((t * nb + blk) * BLOCK) as *const i32;
-                // no offset: q4k's levels are unsigned
-                let s = Vnni::rows8_dot(&c, a, 0);
-                let at = ad[t * nh + blk / Q4K_ACT_SUBS];
-                let scale = _mm256_mul_ps(dsc[k], _mm256_set1_ps(at));
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[t]);
-                let amin = _mm256_set1_ps(at * asum[t * nb + blk] as f32);
-                acc[t] = _mm256_fnmadd_ps(dmn[k], amin, acc[t]);
-            }
-        }
-    }
-    for t in 0..T {
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), acc[t]);
-        for (r, &x) in lanes.iter().enumerate() {
-            out[r * MAX_TILE_T + t] = x;
-        }
-    }
-}
-
-/// An 8×8 transpose of f32 values: `out[j]` lane `r` = `v[r]` lane `j`.
-#[inline(always)]
-unsafe fn transpose_8x8(v: [__m256; 8]) -> [__m256; 8] {
-    // t[2i], t[2i + 1]: rows 2i, 2i + 1 interleaved (low / high pairs)
-    let t: [__m256; 8] = std::array::from_fn(|i| {
-        let (x, y) = (v[i & !1], v[i | 1]);
-        if i % 2 == 0 {
-            _mm256_unpacklo_ps(x, y)
-        } else {
-            _mm256_unpackhi_ps(x, y)
-        }
-    });
-    // u[4h + m]: rows 4h..4h + 4 of columns m (low lane) and m + 4 (high)
-    let u: [__m256; 8] = std::array::from_fn(|i| {
-        let h = i / 4 * 4;
-        match i % 4 {
-            0 => _mm256_shuffle_ps::<0x44>(t[h], t[h + 2]),
-            1 => _mm256_shuffle_ps::<0xee>(t[h], t[h + 2]),
-            2 => _mm256_shuffle_ps::<0x44>(t[h + 1], t[h + 3]),
-            _ => _mm256_shuffle_ps::<0xee>(t[h + 1], t[h + 3]),
-        }
-    });
-    std::array::from_fn(|j| {
-        if j < 4 {
-            _mm256_permute2f128_ps::<0x20>(u[j], u[4 + j])
-        } else {
-            _mm256_permute2f128_ps::<0x31>(u[j - 4], u[j])
-        }
-    })
-}
