@@ -15,7 +15,7 @@
 //! `tests/reader_hostile.rs` to build corrupted files.
 
 use nibble::format::{keys, Metadata, NblWriter, Value, HEADER_LEN};
-use nibble::quant::{encode_matrix, TensorType};
+use nibble::quant::{encode_matrix, encode_matrix_weighted, TensorType};
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -25,6 +25,9 @@ pub struct Tensor {
     pub ty: TensorType,
     pub shape: Vec<u64>,
     pub source: Vec<f32>,
+    /// One importance per column, weighting the encoder's error (q4k's
+    /// importance-weighted variant, SPEC section 6); `None`: unweighted.
+    pub importance: Option<Vec<f32>>,
 }
 
 pub struct Vector {
@@ -41,6 +44,31 @@ fn tensor(name: &'static str, ty: TensorType, shape: &[u64], source: Vec<f32>) -
         ty,
         shape: shape.to_vec(),
         source,
+        importance: None,
+    }
+}
+
+/// Two q4k rows of one group, off any grid (a fixed pseudo-random walk), and
+/// importances spanning five decades with two zero columns, so the weighted
+/// encoding differs from the unweighted one (`tests/spec_vectors.rs`).
+fn q4k_weighted() -> Tensor {
+    let mut state = 0x2545_f491u32;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        state as f32 / u32::MAX as f32
+    };
+    let source: Vec<f32> = (0..512).map(|_| next() * 2.0 - 0.7).collect();
+    let importance: Vec<f32> = (0..256)
+        .map(|j| match j {
+            5 | 200 => 0.0,
+            _ => 10f32.powi(j * 7 % 5 - 2) * (1.0 + next()),
+        })
+        .collect();
+    Tensor {
+        importance: Some(importance),
+        ..tensor("q4k.weighted", TensorType::Q4K, &[2, 256], source)
     }
 }
 
@@ -301,11 +329,13 @@ pub fn vectors() -> Vec<Vector> {
             about: "one q4k matrix of 2 rows x 1 group: the q4 edge blocks as sub-blocks, \
                     and a group on the q4k grid (exact) with positive, negative, mixed and \
                     constant sub-blocks; one of 2 rows x 352 (a whole group, then a short \
-                    group of 3 sub-blocks)",
+                    group of 3 sub-blocks); one of 2 rows x 256 off the grid, encoded with \
+                    per-column importances (the weighted variant)",
             metadata: note("q4k groups"),
             tensors: vec![
                 tensor("q4k.matrix", TensorType::Q4K, &[2, 256], q4k_rows()),
                 tensor("q4k.short", TensorType::Q4K, &[2, 352], q4k_short_rows()),
+                q4k_weighted(),
             ],
         },
         Vector {
@@ -401,13 +431,20 @@ pub fn generate(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
         let mut w = NblWriter::create(&path)?;
         for t in &v.tensors {
             let cols = *t.shape.last().unwrap() as usize;
-            let bytes = encode_matrix(t.ty, cols, &t.source)?;
+            let bytes = encode_matrix_weighted(t.ty, cols, &t.source, t.importance.as_deref())?;
             w.add_tensor(t.name, t.ty, &t.shape, &bytes)?;
         }
         w.finish(&v.metadata)?;
         let bytes = std::fs::read(&path)?;
-        let sources: Vec<(&str, &[f32])> =
-            v.tensors.iter().map(|t| (t.name, &t.source[..])).collect();
+        let sources: Vec<Source> = v
+            .tensors
+            .iter()
+            .map(|t| Source {
+                name: t.name,
+                values: &t.source,
+                importance: t.importance.as_deref(),
+            })
+            .collect();
         std::fs::write(
             dir.join(format!("{}.txt", v.file)),
             describe(v.file, v.about, &bytes, &sources)?,
@@ -423,7 +460,11 @@ pub fn generate(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
              metadata value of unknown type 200 (skipped) and a tensor of unknown type 100 \
              (the file opens; only that tensor is unusable)",
             &future,
-            &[("known", &[1.0, -2.0, 0.5])],
+            &[Source {
+                name: "known",
+                values: &[1.0, -2.0, 0.5],
+                importance: None,
+            }],
         )?,
     )?;
     Ok(())
@@ -754,7 +795,14 @@ pub fn render_raw_value(type_id: u8, v: &[u8]) -> String {
 }
 
 /// The `.txt` companion of a vector, from its raw bytes.
-pub fn describe(file: &str, about: &str, b: &[u8], sources: &[(&str, &[f32])]) -> Res<String> {
+/// What was fed to the encoder for one tensor.
+pub struct Source<'a> {
+    pub name: &'a str,
+    pub values: &'a [f32],
+    pub importance: Option<&'a [f32]>,
+}
+
+pub fn describe(file: &str, about: &str, b: &[u8], sources: &[Source]) -> Res<String> {
     let mut o = String::new();
     writeln!(o, "# {file}.nbl: {about}.")?;
     writeln!(
@@ -819,15 +867,26 @@ pub fn describe(file: &str, about: &str, b: &[u8], sources: &[(&str, &[f32])]) -
         for c in data.chunks(32) {
             writeln!(o, "{}", hex(c))?;
         }
-        if let Some((_, src)) = sources.iter().find(|(n, _)| *n == e.name) {
+        if let Some(src) = sources.iter().find(|s| s.name == e.name) {
             writeln!(
                 o,
                 "\nsource {} ({} values fed to the encoder)",
                 e.name,
-                src.len()
+                src.values.len()
             )?;
-            for &x in *src {
+            for &x in src.values {
                 writeln!(o, "{}", f32_line(x))?;
+            }
+            if let Some(w) = src.importance {
+                writeln!(
+                    o,
+                    "\nimportance {} ({} values, one per column, weighting the encoder's error)",
+                    e.name,
+                    w.len()
+                )?;
+                for &x in w {
+                    writeln!(o, "{}", f32_line(x))?;
+                }
             }
         }
         match decode_raw(e.type_id, &e.shape, data) {

@@ -104,7 +104,7 @@ fn parse_txt(path: &Path) -> Txt {
                 block = Some(Some(first_word()));
             }
             "unusable" => t.unusable.push(first_word()),
-            "data" | "source" => block = Some(None),
+            "data" | "source" | "importance" => block = Some(None),
             _ => {
                 t.fields.insert(head.to_owned(), rest.to_owned());
             }
@@ -291,5 +291,49 @@ fn spec_worked_examples_are_current() {
         between("worked-example-q4k"),
         make_vectors::spec_example_q4k(),
         "SPEC.md's q4k worked example is stale"
+    );
+}
+
+/// The weighted q4k vector exercises the weighting: its committed bytes are
+/// the weighted encoder's, and the unweighted encoder would write other
+/// bytes with a larger importance-weighted error.
+#[test]
+fn weighted_q4k_vector_is_not_the_unweighted_encoding() {
+    use nibble::quant::{encode_matrix, encode_matrix_weighted, WeightView};
+    let t = make_vectors::vectors()
+        .into_iter()
+        .flat_map(|v| v.tensors)
+        .find(|t| t.name == "q4k.weighted")
+        .expect("the q4k vector has a weighted tensor");
+    let w = t.importance.as_deref().unwrap();
+    let weighted = encode_matrix_weighted(TensorType::Q4K, 256, &t.source, Some(w)).unwrap();
+    let plain = encode_matrix(TensorType::Q4K, 256, &t.source).unwrap();
+    assert_ne!(weighted, plain);
+    let file = NblFile::open(&vectors_dir().join("q4k.nbl")).unwrap();
+    assert_eq!(reader_values(&file, "q4k.weighted").unwrap(), {
+        let m = WeightView::from_bytes(TensorType::Q4K, 2, 256, &weighted).unwrap();
+        let mut out = vec![0f32; 512];
+        for (r, row) in out.chunks_exact_mut(256).enumerate() {
+            m.dequantize_row(r, row);
+        }
+        out
+    });
+    let err = |bytes: &[u8]| {
+        let m = WeightView::from_bytes(TensorType::Q4K, 2, 256, bytes).unwrap();
+        let mut row = vec![0f32; 256];
+        let mut e = 0f64;
+        for r in 0..2 {
+            m.dequantize_row(r, &mut row);
+            for (j, (y, x)) in row.iter().zip(&t.source[r * 256..]).enumerate() {
+                e += w[j] as f64 * ((y - x) as f64).powi(2);
+            }
+        }
+        e
+    };
+    assert!(
+        err(&weighted) < err(&plain),
+        "{} vs {}",
+        err(&weighted),
+        err(&plain)
     );
 }

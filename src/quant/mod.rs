@@ -416,7 +416,22 @@ impl<'a> WeightView<'a> {
 /// block scale beyond it for the quantized types): a model with such weights
 /// is corrupt.
 pub fn encode_matrix(ty: TensorType, cols: usize, src: &[f32]) -> Result<Vec<u8>, QuantError> {
-    if cols == 0 || !cols.is_multiple_of(ty.cols_multiple()) || !src.len().is_multiple_of(cols) {
+    encode_matrix_weighted(ty, cols, src, None)
+}
+
+/// [`encode_matrix`] with one importance per column for every row (see
+/// [`encode_row_weighted`]); `None` is [`encode_matrix`].
+pub fn encode_matrix_weighted(
+    ty: TensorType,
+    cols: usize,
+    src: &[f32],
+    importance: Option<&[f32]>,
+) -> Result<Vec<u8>, QuantError> {
+    if cols == 0
+        || !cols.is_multiple_of(ty.cols_multiple())
+        || !src.len().is_multiple_of(cols)
+        || importance.is_some_and(|w| w.len() != cols)
+    {
         return Err(QuantError::BadLength { len: cols });
     }
     let rows = src.len() / cols;
@@ -427,7 +442,7 @@ pub fn encode_matrix(ty: TensorType, cols: usize, src: &[f32]) -> Result<Vec<u8>
         .zip(split_rows(ty, cols, planes))
         .enumerate()
     {
-        encode_row(ty, row, planes).map_err(|e| e.offset(r * cols))?;
+        encode_row_weighted(ty, row, importance, planes).map_err(|e| e.offset(r * cols))?;
     }
     Ok(out)
 }
