@@ -71,13 +71,7 @@ pub fn bench(model: &Model, o: &BenchOptions) -> Result<BenchResult> {
         return Err(Error::InvalidArgument("-r must be at least 1".into()));
     }
     let ctx = o.prompt_tokens.max(o.depth + o.gen_tokens).max(1);
-    let mut session = Session::new(
-        model,
-        SessionOptions {
-            ctx: Some(ctx),
-            ..SessionOptions::default()
-        },
-    )?;
+    let mut session = Session::new(model, SessionOptions::with_ctx(ctx))?;
     let vocab = model.config().vocab_size as u32;
     let mut rng = Rng::new(1234);
     let mut random = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.next_u32() % vocab).collect() };

@@ -49,13 +49,7 @@ pub fn perplexity(
     let windows = Windows::new(model, text, ctx)?;
     let chunks = windows.chunks;
     let vocab = model.config().vocab_size;
-    let mut session = Session::new(
-        model,
-        SessionOptions {
-            ctx: Some(ctx),
-            ..SessionOptions::default()
-        },
-    )?;
+    let mut session = Session::new(model, SessionOptions::with_ctx(ctx))?;
     let first = ctx / 2;
     let mut nll_sum = 0f64;
     let mut scored = 0usize;
@@ -128,10 +122,7 @@ pub fn perplexity_kl(
             base.path().display()
         )));
     }
-    let opts = SessionOptions {
-        ctx: Some(ctx),
-        ..SessionOptions::default()
-    };
+    let opts = SessionOptions::with_ctx(ctx);
     let mut session = Session::new(model, opts.clone())?;
     let mut base_session = Session::new(base, opts)?;
     let first = ctx / 2;

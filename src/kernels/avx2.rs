@@ -870,9 +870,16 @@ pub(super) unsafe fn q4k_rows8_body<D: ByteDot, const T: usize>(
             }
         }
     }
-    for t in 0..T {
+    store_rows_in_lanes(&acc, out);
+}
+
+/// Writes a rows-in-lanes kernel's sums: lane `r` of `acc[t]` is row `r`,
+/// token `t`.
+#[inline(always)]
+unsafe fn store_rows_in_lanes<const T: usize>(acc: &[__m256; T], out: &mut [f32; MAX_TILE]) {
+    for (t, v) in acc.iter().enumerate() {
         let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), acc[t]);
+        _mm256_storeu_ps(lanes.as_mut_ptr(), *v);
         for (r, &x) in lanes.iter().enumerate() {
             out[r * MAX_TILE_T + t] = x;
         }
@@ -950,13 +957,7 @@ pub(super) unsafe fn q4_rows8_body<D: ByteDot, const T: usize>(
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), scale, acc[t]);
         }
     }
-    for t in 0..T {
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), acc[t]);
-        for (r, &x) in lanes.iter().enumerate() {
-            out[r * MAX_TILE_T + t] = x;
-        }
-    }
+    store_rows_in_lanes(&acc, out);
 }
 
 /// The 32 nibbles of one block of 8 rows (`p`: row 0's 16 bytes, rows

@@ -21,6 +21,16 @@ pub struct SessionOptions {
     pub kv_type: KvType,
 }
 
+impl SessionOptions {
+    /// A context of `ctx` tokens, everything else default.
+    pub fn with_ctx(ctx: usize) -> Self {
+        Self {
+            ctx: Some(ctx),
+            ..Self::default()
+        }
+    }
+}
+
 /// Element type of the KV cache.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KvType {
@@ -143,7 +153,7 @@ struct Scratch {
 /// use nibble::{Model, Session, SessionOptions};
 ///
 /// let model = Model::open(&path)?;
-/// let mut session = Session::new(&model, SessionOptions { ctx: Some(64), ..Default::default() })?;
+/// let mut session = Session::new(&model, SessionOptions::with_ctx(64))?;
 /// let vocab = model.config().vocab_size;
 /// // Logits predicting the token after [1, 42, 7]...
 /// let next = nibble::sampler::argmax(session.forward(&[1, 42, 7])?);

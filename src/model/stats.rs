@@ -23,13 +23,7 @@ pub fn collect_activation_stats(
     mut progress: impl FnMut(usize, usize),
 ) -> Result<ActivationStats> {
     let windows = Windows::new(model, text, ctx)?;
-    let mut session = Session::new(
-        model,
-        SessionOptions {
-            ctx: Some(ctx),
-            ..SessionOptions::default()
-        },
-    )?;
+    let mut session = Session::new(model, SessionOptions::with_ctx(ctx))?;
     session.collect_activation_stats();
     let mut window = Vec::with_capacity(ctx);
     for c in 0..windows.chunks {
