@@ -407,7 +407,7 @@ fn mixed_metadata() -> Metadata {
     );
     m.set(
         keys::TOKENIZER_JSON,
-        Value::Str(r#"{"model":{"type":"WordLevel","vocab":{"<unk>":0,"<s>":1,"</s>":2,"héllo":3},"unk_token":"<unk>"}}"#.into()),
+        Value::PackedStr(r#"{"model":{"type":"WordLevel","vocab":{"<unk>":0,"<s>":1,"</s>":2,"héllo":3},"unk_token":"<unk>"}}"#.into()),
     );
     m.set(
         keys::SOURCE_FILES,
@@ -456,7 +456,7 @@ pub fn generate(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
         dir.join("future.txt"),
         describe(
             "future",
-            "a file from a later minor version: version 1.1, an optional flag bit, a \
+            "a file from a later minor version: version 1.9, an optional flag bit, a \
              metadata value of unknown type 200 (skipped) and a tensor of unknown type 100 \
              (the file opens; only that tensor is unusable)",
             &future,
@@ -470,7 +470,7 @@ pub fn generate(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// A valid v1.0 file patched into what a later minor version could write.
+/// A valid v1.1 file patched into what a later minor version could write.
 fn future_file(dir: &Path) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
     let path = dir.join(".future-base.nbl");
     let mut w = NblWriter::create(&path)?;
@@ -493,7 +493,7 @@ fn future_file(dir: &Path) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
     w.finish(&m)?;
     let mut b = std::fs::read(&path)?;
     std::fs::remove_file(&path)?;
-    b[6..8].copy_from_slice(&1u16.to_le_bytes());
+    b[6..8].copy_from_slice(&9u16.to_le_bytes());
     b[8..12].copy_from_slice(&0x0001_0000u32.to_le_bytes());
     for e in raw_metadata(&b)? {
         if e.key == "future.value" {
@@ -789,6 +789,13 @@ pub fn render_raw_value(type_id: u8, v: &[u8]) -> String {
                 p += 8 + len;
             }
             format!("str[] [{}]", items.join(", "))
+        }
+        7 => {
+            let mut text = Vec::new();
+            std::io::Read::read_to_end(&mut flate2::read::ZlibDecoder::new(&v[8..]), &mut text)
+                .unwrap();
+            assert_eq!(text.len() as u64, u64_at(v, 0));
+            format!("packed str {}", s(&text))
         }
         t => format!("type{t} (unknown, skipped) {}", hex(v)),
     }

@@ -122,6 +122,7 @@ fn render_value(v: &Value) -> String {
         Value::F32(x) => format!("f32 {}", f32_line(*x)),
         Value::Bool(x) => format!("bool {x}"),
         Value::Str(s) => format!("str {}", json(s)),
+        Value::PackedStr(s) => format!("packed str {}", json(s)),
         Value::U32Array(a) => {
             let items: Vec<String> = a.iter().map(u32::to_string).collect();
             format!("u32[] [{}]", items.join(", "))

@@ -48,7 +48,17 @@ pub enum Value {
     Str(String),
     U32Array(Vec<u32>),
     StrArray(Vec<String>),
+    /// A string stored zlib-compressed (type 7): for the large, repetitive
+    /// `tokenizer.json`, whose 1.5 MB in a small model would otherwise cost
+    /// as much as a tensor's worth of extra bits. Read, it is a string like
+    /// any other ([`Metadata::get_str`]).
+    PackedStr(String),
 }
+
+/// The longest packed string a reader inflates (256 MiB): the declared
+/// length is checked against it before any allocation, so a hostile file
+/// cannot make a tiny stream expand without bound.
+pub const MAX_PACKED_STR_LEN: u64 = 1 << 28;
 
 impl Value {
     pub fn type_id(&self) -> u8 {
@@ -60,6 +70,7 @@ impl Value {
             Self::Str(_) => 4,
             Self::U32Array(_) => 5,
             Self::StrArray(_) => 6,
+            Self::PackedStr(_) => 7,
         }
     }
 
@@ -82,6 +93,13 @@ impl Value {
                     out.extend_from_slice(&(s.len() as u64).to_le_bytes());
                     out.extend_from_slice(s.as_bytes());
                 }
+            }
+            Self::PackedStr(s) => {
+                out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+                let mut z = flate2::write::ZlibEncoder::new(out, flate2::Compression::best());
+                // Writing into a Vec cannot fail.
+                std::io::Write::write_all(&mut z, s.as_bytes()).expect("in-memory write");
+                z.finish().expect("in-memory write");
             }
         }
     }
@@ -158,9 +176,43 @@ impl Value {
                 }
                 Self::StrArray(v)
             }
+            7 => {
+                let mut c = Cursor::new(bytes, "metadata packed string");
+                let len = c.u64()?;
+                if len > MAX_PACKED_STR_LEN {
+                    return Err(bad(&format!(
+                        "packed string of {len} bytes exceeds the {MAX_PACKED_STR_LEN}-byte limit"
+                    )));
+                }
+                let stream = c.take(c.remaining())?;
+                Self::PackedStr(utf8(&inflate(stream, len as usize).map_err(|e| bad(&e))?)?)
+            }
             _ => return Ok(None),
         }))
     }
+}
+
+/// Inflates a zlib stream that must fill `stream` exactly and yield exactly
+/// `len` bytes.
+fn inflate(stream: &[u8], len: usize) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut z = flate2::read::ZlibDecoder::new(stream);
+    // Grow as the stream really produces bytes rather than trusting `len`.
+    let mut out = Vec::with_capacity(len.min(stream.len().saturating_mul(8)));
+    (&mut z)
+        .take(len as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| format!("packed string does not inflate: {e}"))?;
+    if out.len() != len {
+        return Err(format!(
+            "packed string inflates to {} bytes, its header says {len}",
+            out.len()
+        ));
+    }
+    if z.total_in() != stream.len() as u64 {
+        return Err("trailing bytes after the packed string's zlib stream".into());
+    }
+    Ok(out)
 }
 
 /// Ordered metadata. Unknown keys are kept (and ignored by the runtime);
@@ -241,7 +293,7 @@ impl Metadata {
 
     pub fn get_str(&self, key: &str) -> Result<Option<&str>, FormatError> {
         self.typed(key, "a string", |v| match v {
-            Value::Str(x) => Some(x.as_str()),
+            Value::Str(x) | Value::PackedStr(x) => Some(x.as_str()),
             _ => None,
         })
     }
@@ -321,7 +373,57 @@ mod tests {
         m.set("e", Value::Str("héllo".into()));
         m.set("f", Value::U32Array(vec![1, 2, 3]));
         m.set("g", Value::StrArray(vec!["x".into(), "".into()]));
-        assert_eq!(Metadata::decode(&m.encode()).unwrap(), m);
+        m.set("h", Value::PackedStr("wörd ".repeat(1000)));
+        m.set("i", Value::PackedStr(String::new()));
+        let bytes = m.encode();
+        assert!(
+            bytes.len() < 1000,
+            "the repetitive string is stored compressed"
+        );
+        let back = Metadata::decode(&bytes).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(
+            back.get_str("h").unwrap(),
+            Some("wörd ".repeat(1000).as_str())
+        );
+    }
+
+    /// One packed-string entry with the declared length and stream given.
+    fn packed_entry(len: u64, stream: &[u8]) -> Vec<u8> {
+        let mut bytes = 1u32.to_le_bytes().to_vec();
+        put_name(&mut bytes, "k");
+        bytes.push(7);
+        bytes.extend_from_slice(&(8 + stream.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&len.to_le_bytes());
+        bytes.extend_from_slice(stream);
+        bytes
+    }
+
+    fn zlib(data: &[u8]) -> Vec<u8> {
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut z, data).unwrap();
+        z.finish().unwrap()
+    }
+
+    #[test]
+    fn hostile_packed_strings_are_errors() {
+        let text = "abc".repeat(100);
+        let z = zlib(text.as_bytes());
+        assert!(Metadata::decode(&packed_entry(300, &z)).is_ok());
+        let err = |b: Vec<u8>| Metadata::decode(&b).unwrap_err().to_string();
+        assert!(err(packed_entry(299, &z)).contains("its header says 299"));
+        assert!(err(packed_entry(301, &z)).contains("its header says 301"));
+        assert!(err(packed_entry(u64::MAX, &z)).contains("limit"));
+        assert!(err(packed_entry(300, &z[..z.len() - 1])).contains("inflate"));
+        let mut bad_sum = z.clone();
+        *bad_sum.last_mut().unwrap() ^= 1;
+        assert!(err(packed_entry(300, &bad_sum)).contains("inflate"));
+        let mut trailing = z.clone();
+        trailing.push(0);
+        assert!(err(packed_entry(300, &trailing)).contains("trailing"));
+        assert!(err(packed_entry(0, &[])).contains("inflate"));
+        // Inflates fine, but not to UTF-8.
+        assert!(err(packed_entry(2, &zlib(&[0xff, 0xfe]))).contains("UTF-8"));
     }
 
     #[test]

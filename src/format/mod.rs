@@ -26,8 +26,9 @@ use std::fmt;
 pub const MAGIC: [u8; 4] = *b"NBL\x1a";
 /// Readers reject any other major version.
 pub const VERSION_MAJOR: u16 = 1;
-/// Minor versions only add metadata keys or tensor types; readers accept any.
-pub const VERSION_MINOR: u16 = 0;
+/// Minor versions only add metadata keys, value types or tensor types;
+/// readers accept any. 1.1 added the packed (zlib) string value type.
+pub const VERSION_MINOR: u16 = 1;
 pub const HEADER_LEN: usize = 80;
 /// The data section starts on a page boundary so it can be mapped on its own.
 pub const DATA_ALIGN: u64 = 4096;

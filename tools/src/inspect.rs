@@ -38,7 +38,10 @@ fn type_name(t: &TensorInfo) -> String {
 fn show_value(key: &str, v: &Value) -> String {
     match v {
         Value::Str(s) if key == keys::TOKENIZER_JSON => format!("<{} bytes of JSON>", s.len()),
-        Value::Str(s) => {
+        Value::PackedStr(s) if key == keys::TOKENIZER_JSON => {
+            format!("<{} bytes of JSON, stored zlib-packed>", s.len())
+        }
+        Value::Str(s) | Value::PackedStr(s) => {
             let escaped: String = s.escape_debug().collect();
             if escaped.chars().count() > SHOW_CHARS {
                 let cut: String = escaped.chars().take(SHOW_CHARS).collect();
@@ -141,7 +144,10 @@ pub fn json_report(path: &Path, file: &NblFile) -> serde_json::Value {
                 Value::Str(s) if k == keys::TOKENIZER_JSON => {
                     json!({"abbreviated": true, "bytes": s.len()})
                 }
-                Value::Str(s) => json!(s),
+                Value::PackedStr(s) if k == keys::TOKENIZER_JSON => {
+                    json!({"abbreviated": true, "bytes": s.len(), "packed": true})
+                }
+                Value::Str(s) | Value::PackedStr(s) => json!(s),
                 Value::U32(x) => json!(x),
                 Value::U64(x) => json!(x),
                 Value::F32(x) => json!(x),

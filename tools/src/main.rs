@@ -73,7 +73,8 @@ enum Command {
         output: PathBuf,
         /// Weight type policy (norms always stay f32; under q4 and q4k the
         /// output projection stays 8-bit, as q8r; in a grouped-query model
-        /// v_proj gets f16 under q8 and q8 under q4). q4k is 4-bit affine with
+        /// v_proj gets f16 under q8, q8 under q4, and q8 under q4k after the
+        /// first quarter of the layers). q4k is 4-bit affine with
         /// 6-bit sub-block scales: far more accurate than q4 at the same size.
         #[arg(long, value_enum, default_value = "q4k")]
         quant: Quant,

@@ -238,6 +238,9 @@ fn bf16_gqa_converts_to_every_type() {
                 TensorType::F16
             } else if name.ends_with("v_proj.weight") && quant == QuantPolicy::Q4 {
                 TensorType::Q8
+            } else if name == names::LayerTensor::V.name(1) && quant == QuantPolicy::Q4K {
+                // past the first quarter of the two layers
+                TensorType::Q8
             } else {
                 match quant {
                     QuantPolicy::F32 => TensorType::F32,
@@ -390,7 +393,7 @@ fn conversion_is_byte_for_byte_deterministic() {
 
 #[test]
 fn policy_falls_back_to_f16_for_odd_widths() {
-    use nibble_tools::convert::Role;
+    use nibble_tools::convert::{is_early_layer, Role};
     assert_eq!(
         QuantPolicy::Q4.tensor_type(Role::Matrix, 48),
         TensorType::F16
@@ -405,17 +408,25 @@ fn policy_falls_back_to_f16_for_odd_widths() {
     );
     assert_eq!(QuantPolicy::Q8.tensor_type(Role::Norm, 64), TensorType::F32);
     assert_eq!(
-        QuantPolicy::Q8.tensor_type(Role::GroupedValue, 64),
+        QuantPolicy::Q8.tensor_type(Role::GroupedValue { early: false }, 64),
         TensorType::F16
     );
     assert_eq!(
-        QuantPolicy::Q4.tensor_type(Role::GroupedValue, 64),
+        QuantPolicy::Q4.tensor_type(Role::GroupedValue { early: true }, 64),
         TensorType::Q8
     );
     assert_eq!(
-        QuantPolicy::Q4K.tensor_type(Role::GroupedValue, 512),
+        QuantPolicy::Q4K.tensor_type(Role::GroupedValue { early: true }, 512),
         TensorType::Q4K
     );
+    assert_eq!(
+        QuantPolicy::Q4K.tensor_type(Role::GroupedValue { early: false }, 512),
+        TensorType::Q8
+    );
+    // SmolLM2's 30 layers: the first 8 early; one layer is early
+    let early: Vec<usize> = (0..30).filter(|&l| is_early_layer(l, 30)).collect();
+    assert_eq!(early, (0..8).collect::<Vec<_>>());
+    assert!(is_early_layer(0, 1) && !is_early_layer(1, 2));
     // q4k: whole sub-blocks (a row may end in a short group), else f16
     assert_eq!(
         QuantPolicy::Q4K.tensor_type(Role::Matrix, 512),

@@ -123,7 +123,8 @@ fn sharded_synth_equals_single_file_after_conversion() {
 }
 
 /// q4k end to end: a checkpoint with 256-multiple widths converts with every
-/// matrix but the output projection in q4k, at 4.5 bits per weight for those,
+/// matrix but the output projection (q8r) and the grouped-query v_proj of
+/// its second layer (q8) in q4k, at 4.5 bits per weight for those,
 /// passes `verify`, and runs: its logits stay close to the f32 model's, and
 /// closer than q4's per-matrix error would suggest is needed (see the bound).
 #[test]
@@ -143,6 +144,8 @@ fn q4k_converts_and_runs() {
             TensorType::F32
         } else if info.name == "lm_head.weight" {
             TensorType::Q8R
+        } else if info.name == "model.layers.1.self_attn.v_proj.weight" {
+            TensorType::Q8
         } else {
             TensorType::Q4K
         };
