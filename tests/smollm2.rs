@@ -172,6 +172,29 @@ fn q4_top1_agreement_bound() {
 
 const Q4_BOUND: f64 = 0.72;
 
+#[test]
+fn q4k_top1_agreement_bound() {
+    let (agree, total) = teacher_forced_agreement("q4k");
+    assert!(agree as f64 >= Q4K_BOUND * total as f64, "{agree}/{total}");
+}
+
+// Measured 231/240 (96.3%) on 2026-12-05, with `v_proj` at q8 after the
+// first quarter of the layers.
+const Q4K_BOUND: f64 = 0.95;
+
+/// The size of llama.cpp's Q4_0 of this model (`llama-quantize` of its F16
+/// GGUF, build 11312; `benches/RESULTS.md`): issue 5 asks for q4 in a file no
+/// larger, so the default policy (embedded tokenizer and the bits `v_proj`
+/// gets included) must keep q4k under it.
+const LLAMA_CPP_Q4_0_BYTES: u64 = 91_726_912;
+
+#[test]
+fn q4k_file_is_no_larger_than_llama_cpp_q4_0() {
+    let len = std::fs::metadata(smollm2_nbl("q4k")).unwrap().len();
+    eprintln!("q4k file {len} bytes, llama.cpp Q4_0 {LLAMA_CPP_Q4_0_BYTES}");
+    assert!(len <= LLAMA_CPP_Q4_0_BYTES, "{len} bytes");
+}
+
 /// The second-half NLL of the first two 512-token windows of the evaluation
 /// text, against the per-window values in perplexity.json (fast check of
 /// long-context attention; the full run is below).
