@@ -117,10 +117,32 @@ fn f32_greedy_continuations_match() {
     }
 }
 
-/// Top-1 agreement with the f32 goldens over every prompt position, and how
-/// many greedy tokens match before the first divergence.
-fn quantized_agreement(quant: &str) -> (usize, usize, usize, usize) {
-    let (mut agree, mut total, mut greedy_ok, mut greedy_total) = (0, 0, 0, 0);
+/// How a quantized conversion's logits compare with the f32 goldens over
+/// every prompt position of the tiny models.
+struct Agreement {
+    /// Positions whose top-1 token matches the golden one, of `total`.
+    agree: usize,
+    total: usize,
+    /// Greedy tokens generated before the first divergence, of `greedy_total`.
+    greedy_ok: usize,
+    greedy_total: usize,
+    /// Root mean square, over positions, of the error of the gap between the
+    /// golden top-1 and top-2 logits: the noise a near-tie has to survive.
+    gap_error_rms: f64,
+    /// The golden top-1/top-2 margin of every position.
+    margins: Vec<f64>,
+}
+
+fn quantized_agreement(quant: &str) -> Agreement {
+    let mut a = Agreement {
+        agree: 0,
+        total: 0,
+        greedy_ok: 0,
+        greedy_total: 0,
+        gap_error_rms: 0.0,
+        margins: vec![],
+    };
+    let mut gap_sq = 0f64;
     for name in ["tiny-mha", "tiny-gqa-small"] {
         let model = Model::open(tiny_nbl(name, quant)).unwrap();
         let vocab = model.config().vocab_size;
@@ -129,52 +151,110 @@ fn quantized_agreement(quant: &str) -> (usize, usize, usize, usize) {
             let mut s = session(&model, KvType::F32);
             let logits = s.forward_all(&g.ids).unwrap();
             for (ours, theirs) in logits.chunks(vocab).zip(g.logits.chunks(vocab)) {
-                agree += (argmax(ours) == argmax(theirs)) as usize;
-                total += 1;
+                let top1 = argmax(theirs);
+                let top2 = (0..vocab)
+                    .filter(|&i| i != top1)
+                    .max_by(|&i, &j| theirs[i].total_cmp(&theirs[j]))
+                    .unwrap();
+                let margin = (theirs[top1] - theirs[top2]) as f64;
+                gap_sq += ((ours[top1] - ours[top2]) as f64 - margin).powi(2);
+                a.margins.push(margin);
+                a.agree += (argmax(ours) == top1) as usize;
+                a.total += 1;
             }
             let ours = greedy(&model, &g.ids, g.greedy.len());
-            greedy_ok += ours
+            a.greedy_ok += ours
                 .iter()
                 .zip(&g.greedy)
                 .take_while(|(a, b)| a == b)
                 .count();
-            greedy_total += g.greedy.len();
+            a.greedy_total += g.greedy.len();
         }
     }
-    eprintln!("{quant}: top-1 {agree}/{total}, greedy prefix {greedy_ok}/{greedy_total}");
-    (agree, total, greedy_ok, greedy_total)
+    a.gap_error_rms = (gap_sq / a.total as f64).sqrt();
+    // If the gap error were Gaussian with that spread, position i would flip
+    // with probability Φ(-margin_i / σ): what any rounding of this accuracy
+    // should expect on these positions.
+    let flip = |m: &f64| 0.5 * erfc(m / (a.gap_error_rms * std::f64::consts::SQRT_2));
+    let expected: f64 = a.margins.iter().map(flip).sum();
+    let none: f64 = a.margins.iter().map(|m| 1.0 - flip(m)).product();
+    eprintln!(
+        "{quant}: top-1 {}/{}, greedy prefix {}/{}, top-1/top-2 gap error rms {:.4}: \
+         {expected:.2} flips expected, P(no flip) {none:.3}",
+        a.agree, a.total, a.greedy_ok, a.greedy_total, a.gap_error_rms
+    );
+    a
+}
+
+/// Complementary error function (Numerical Recipes' `erfcc`, |error| < 1.2e-7).
+fn erfc(x: f64) -> f64 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let c = [
+        -1.265_512_23,
+        1.000_023_68,
+        0.374_091_96,
+        0.096_784_18,
+        -0.186_288_06,
+        0.278_868_07,
+        -1.135_203_98,
+        1.488_515_87,
+        -0.822_152_23,
+        0.170_872_77,
+    ];
+    let poly = c.iter().rev().fold(0.0, |acc, &k| acc * t + k);
+    let r = t * (-z * z + poly).exp();
+    if x >= 0.0 {
+        r
+    } else {
+        2.0 - r
+    }
 }
 
 // The tiny models are deliberately sharp (weights N(0, 2/hidden), top-1/top-2
 // margins down to 0.013), so rounding flips near-ties. The bounds sit just
 // under what nibble measures. q8 (16-bit activations): 80/82 top-1 = 97.6%,
 // 73/96 greedy tokens before the first divergence; the two misses are
-// tiny-gqa-small len33 position 13 (golden margin 0.013) and len7 position 5
-// (margin 0.086). With 8-bit activations it was 76/82 and 58/96; a NumPy
+// tiny-gqa-small len7 position 5 and len33 position 30 (golden margins 0.086
+// and 0.082). With 8-bit activations it was 76/82 and 58/96; a NumPy
 // emulation with q8 weights and f32 activations gives 81/82, so what remains
-// is weight rounding: the issue's 99% is not reached on these 82 positions.
+// is weight rounding.
+//
+// Why the issue's 99% is not asserted: on 82 positions it means 82 of 82.
+// q8's error of the golden top-1/top-2 gap has an rms of 0.063 here (f16
+// weights: 0.0027), and against the 82 golden margins that predicts 2.2
+// flips, with a 9% chance of none — so no rounding with q8's accuracy can be
+// relied on to reach it; only the gap error is asserted, so that a loss of
+// q8 accuracy fails here whichever near-ties it happens to flip.
 // tiny-sharded has tiny-mha's weights (41/41 again) and tiny-gqa-small-bf16
 // tiny-gqa-small's in bf16 (38/41 against its bf16-computed goldens), so they
 // add no independent positions and are left out. q4: 37/82 top-1 (32/82
 // before tiny-gqa-small's v_proj went to q8 under the q4 policy).
 #[test]
 fn q8_agrees_with_f32_goldens() {
-    let (agree, total, greedy_ok, greedy_total) = quantized_agreement("q8");
+    let a = quantized_agreement("q8");
     assert!(
-        agree as f64 >= 0.97 * total as f64,
-        "q8 top-1 {agree}/{total}"
+        a.agree as f64 >= 0.97 * a.total as f64,
+        "q8 top-1 {}/{}",
+        a.agree,
+        a.total
     );
     assert!(
-        greedy_ok as f64 >= 0.75 * greedy_total as f64,
-        "q8 greedy {greedy_ok}/{greedy_total}"
+        a.greedy_ok as f64 >= 0.75 * a.greedy_total as f64,
+        "q8 greedy {}/{}",
+        a.greedy_ok,
+        a.greedy_total
     );
+    assert!(a.gap_error_rms < 0.075, "q8 gap error {}", a.gap_error_rms);
 }
 
 #[test]
 fn q4_agrees_with_f32_goldens() {
-    let (agree, total, _, _) = quantized_agreement("q4");
+    let a = quantized_agreement("q4");
     assert!(
-        agree as f64 >= 0.42 * total as f64,
-        "q4 top-1 {agree}/{total}"
+        a.agree as f64 >= 0.42 * a.total as f64,
+        "q4 top-1 {}/{}",
+        a.agree,
+        a.total
     );
 }

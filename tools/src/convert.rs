@@ -811,6 +811,48 @@ fn encode_tensor(
 mod tests {
     use super::*;
 
+    /// Bits per weight over all matrices of the LLaMA-2-7B shape under
+    /// `quant` with `overrides`, from the plan and each type's byte length.
+    fn llama2_7b_bits_per_weight(quant: QuantPolicy, overrides: &[&str]) -> f64 {
+        let shapes = crate::synth::Preset::Llama2_7b.shapes();
+        let json = crate::synth::config_json(&shapes, crate::synth::SynthDtype::F16);
+        let config = LlamaConfig::from_json(Path::new("config.json"), &json).unwrap();
+        let plan = plan(&config);
+        let mut options = ConvertOptions::new("in", "out.nbl", quant);
+        options.overrides = overrides.iter().map(|o| o.parse().unwrap()).collect();
+        let types = options.tensor_types(&plan).unwrap();
+        let (mut bits, mut weights) = (0u64, 0u64);
+        for (p, ty) in plan.iter().zip(types) {
+            if p.role != Role::Norm {
+                let cols = *p.shape.last().unwrap() as u64;
+                let rows = p.shape.iter().product::<usize>() as u64 / cols;
+                bits += 8 * ty.byte_len(rows, cols).unwrap();
+                weights += rows * cols;
+            }
+        }
+        assert_eq!(weights, 6_738_149_376, "LLaMA-2-7B's matrix weights");
+        bits as f64 / weights as f64
+    }
+
+    /// The 7B figures the README gives: q4 and q4k spend 8 bits on the output
+    /// projection (4.57 bits per weight over all matrices), and storing it at
+    /// 4 bits instead brings the whole model to exactly 4.5.
+    #[test]
+    fn llama2_7b_q4_bits_per_weight() {
+        for quant in [QuantPolicy::Q4, QuantPolicy::Q4K] {
+            let default = llama2_7b_bits_per_weight(quant, &[]);
+            assert!((4.56..4.58).contains(&default), "{quant}: {default}");
+        }
+        assert_eq!(
+            llama2_7b_bits_per_weight(QuantPolicy::Q4K, &["lm_head=q4k"]),
+            4.5
+        );
+        assert_eq!(
+            llama2_7b_bits_per_weight(QuantPolicy::Q4, &["lm_head=q4"]),
+            4.5
+        );
+    }
+
     /// An override whose type needs whole blocks is refused on a matrix
     /// whose width is not a multiple of the block.
     #[test]

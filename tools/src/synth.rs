@@ -318,7 +318,7 @@ fn write_json(path: &Path, v: &Value) -> Result<(), ToolError> {
         .map_err(|e| ToolError::new(path, format!("cannot write: {e}")))
 }
 
-fn config_json(s: &Shapes, dtype: SynthDtype) -> Value {
+pub(crate) fn config_json(s: &Shapes, dtype: SynthDtype) -> Value {
     json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
