@@ -510,7 +510,8 @@ pub fn convert(options: &ConvertOptions) -> Result<ConvertSummary, ConvertError>
 
     let writer =
         NblWriter::create(&options.output).map_err(|e| output_error(&options.output, e))?;
-    let (writer, matrix_weights, matrix_bytes) = encode_and_write(
+    let (matrix_weights, matrix_bytes) = matrix_totals(&plan, &types);
+    let writer = encode_and_write(
         &source,
         &plan,
         &types,
@@ -530,6 +531,23 @@ pub fn convert(options: &ConvertOptions) -> Result<ConvertSummary, ConvertError>
         matrix_bytes,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The weights of the plan's matrices (every tensor but the norms) and
+/// their stored bytes under `types`: what bits per weight are counted over.
+fn matrix_totals(plan: &[Planned], types: &[TensorType]) -> (u64, u64) {
+    let (mut weights, mut bytes) = (0u64, 0u64);
+    for (p, ty) in plan.iter().zip(types) {
+        if p.role != Role::Norm {
+            let cols = *p.shape.last().expect("planned shapes are non-empty") as u64;
+            let rows = p.shape.iter().product::<usize>() as u64 / cols;
+            weights += rows * cols;
+            bytes += ty
+                .byte_len(rows, cols)
+                .expect("the plan checked the block size");
+        }
+    }
+    (weights, bytes)
 }
 
 /// One encoded tensor on its way to the writer thread.
@@ -556,7 +574,7 @@ fn encode_and_write(
     options: &ConvertOptions,
     mut writer: NblWriter,
     bar: &ProgressBar,
-) -> Result<(NblWriter, u64, u64), ToolError> {
+) -> Result<NblWriter, ToolError> {
     let (to_writer, from_encoder) = std::sync::mpsc::sync_channel::<Encoded>(0);
     let (recycle, recycled) = std::sync::mpsc::channel::<Vec<u32>>();
     let output = &options.output;
@@ -573,8 +591,6 @@ fn encode_and_write(
             }
             Ok(writer)
         });
-        let mut matrix_weights = 0u64;
-        let mut matrix_bytes = 0u64;
         let mut encode_error = None;
         let (batch_read, read_batches) = std::sync::mpsc::sync_channel::<()>(READ_AHEAD_BATCHES);
         // Reads the source batch by batch in the order the loop below
@@ -620,10 +636,6 @@ fn encode_and_write(
                 }
             };
             let shape: Vec<u64> = p.shape.iter().map(|&d| d as u64).collect();
-            if p.role != Role::Norm {
-                matrix_weights += shape.iter().product::<u64>();
-                matrix_bytes += len as u64;
-            }
             let job = Encoded {
                 name: p.name.clone(),
                 ty,
@@ -644,7 +656,7 @@ fn encode_and_write(
         match encode_error {
             // Dropping the writer deletes the temporary file.
             Some(e) => Err(e),
-            None => Ok((writer, matrix_weights, matrix_bytes)),
+            None => Ok(writer),
         }
     })
 }
@@ -821,17 +833,16 @@ mod tests {
         let mut options = ConvertOptions::new("in", "out.nbl", quant);
         options.overrides = overrides.iter().map(|o| o.parse().unwrap()).collect();
         let types = options.tensor_types(&plan).unwrap();
-        let (mut bits, mut weights) = (0u64, 0u64);
-        for (p, ty) in plan.iter().zip(types) {
-            if p.role != Role::Norm {
-                let cols = *p.shape.last().unwrap() as u64;
-                let rows = p.shape.iter().product::<usize>() as u64 / cols;
-                bits += 8 * ty.byte_len(rows, cols).unwrap();
-                weights += rows * cols;
-            }
-        }
+        let (weights, bytes) = matrix_totals(&plan, &types);
         assert_eq!(weights, 6_738_149_376, "LLaMA-2-7B's matrix weights");
-        bits as f64 / weights as f64
+        ConvertSummary {
+            tensors: plan.len(),
+            output_bytes: 0,
+            matrix_weights: weights,
+            matrix_bytes: bytes,
+            seconds: 0.0,
+        }
+        .bits_per_weight()
     }
 
     /// The 7B figures the README gives: q4 and q4k spend 8 bits on the output
