@@ -63,6 +63,9 @@ const PROMPT: &str = "The capital of France is";
 
 #[test]
 fn ctrl_c_ends_a_run_cleanly_keeping_the_partial_output() {
+    if !have_shared() {
+        return;
+    }
     let m = smollm2_nbl("q4");
     let mut child = Command::new(env!("CARGO_BIN_EXE_nibble"))
         .arg("run")
@@ -100,6 +103,9 @@ fn ctrl_c_ends_a_run_cleanly_keeping_the_partial_output() {
 
 #[test]
 fn ctrl_c_in_chat_stops_the_answer_then_ends_the_chat_at_the_prompt() {
+    if !have_shared() {
+        return;
+    }
     let m = smollm2_nbl("q4");
     let mut child = Command::new(env!("CARGO_BIN_EXE_nibble"))
         .arg("chat")

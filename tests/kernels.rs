@@ -520,14 +520,43 @@ fn q8_q16_extreme_blocks() {
     }
 }
 
-/// Lets a CI script pin which sets the CPU must offer (e.g. that qemu's
-/// Cortex-A53 has no dotprod and its "max" CPU has), so a detection bug cannot
-/// silently skip a kernel set.
+/// The sets detection offers are the ones the CPU has, so a detection bug
+/// cannot silently skip a kernel set's tests: a CI script pins them with
+/// `NIBBLE_EXPECT_KERNELS` (e.g. that qemu's Cortex-A53 has no dotprod and
+/// its "max" CPU has); on x86-64 without it, they are derived from the
+/// kernel's own view of the CPU, the flags of `/proc/cpuinfo`, independently
+/// of the `cpuid` probing the detection uses.
 #[test]
 fn expected_kernel_sets_available() {
+    let have: Vec<&str> = KernelSet::available().iter().map(|s| s.name()).collect();
     if let Ok(expect) = std::env::var("NIBBLE_EXPECT_KERNELS") {
-        let have: Vec<&str> = KernelSet::available().iter().map(|s| s.name()).collect();
         assert_eq!(have.join(","), expect);
+        return;
+    }
+    if cfg!(target_arch = "x86_64") {
+        let Ok(cpuinfo) = std::fs::read_to_string("/proc/cpuinfo") else {
+            return; // not Linux: nothing independent to compare with
+        };
+        let flags: Vec<&str> = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("flags"))
+            .and_then(|l| l.split(':').nth(1))
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        let all = |names: &[&str]| names.iter().all(|n| flags.contains(n));
+        let avx2 = all(&["avx2", "fma", "f16c"]);
+        let mut want = vec!["scalar"];
+        if avx2 {
+            want.push("avx2");
+        }
+        if avx2 && all(&["avx_vnni"]) {
+            want.push("avxvnni");
+        }
+        if avx2 && all(&["avx512f", "avx512bw", "avx512vl", "avx512_vnni"]) {
+            want.push("avx512");
+        }
+        assert_eq!(have, want, "/proc/cpuinfo flags: {flags:?}");
     }
 }
 

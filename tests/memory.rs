@@ -9,6 +9,9 @@ use std::process::Command;
 /// Runs 64 greedy tokens with a context of `ctx` (`None`: the model's) and
 /// checks the peak RSS `nibble run` reports against the budget.
 fn run_64_tokens_within_budget(ctx: Option<usize>) {
+    if !have_shared() {
+        return;
+    }
     let m = smollm2_nbl("q4");
     let model = nibble::Model::open(&m).unwrap();
     let c = model.config();

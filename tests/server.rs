@@ -465,6 +465,9 @@ fn smollm2() -> PathBuf {
 
 #[test]
 fn chat_matches_the_library_on_smollm2() {
+    if !have_shared() {
+        return;
+    }
     let path = smollm2();
     let messages = [
         Message::new("system", "You are a concise assistant."),
@@ -540,6 +543,9 @@ fn long_ctx(max_queue: usize) -> ServerOptions {
 
 #[test]
 fn full_queue_is_503_and_a_disconnect_frees_the_slot() {
+    if !have_shared() {
+        return;
+    }
     let s = TestServer::start(&smollm2(), long_ctx(0));
     run(async {
         let url = s.url("/v1/completions");
@@ -577,6 +583,9 @@ async fn wait_until_accepted(url: &str, body: &Value) {
 
 #[test]
 fn a_non_streaming_client_that_leaves_frees_the_slot() {
+    if !have_shared() {
+        return;
+    }
     let s = TestServer::start(&smollm2(), long_ctx(0));
     run(async {
         let url = s.url("/v1/completions");
@@ -597,6 +606,9 @@ fn a_non_streaming_client_that_leaves_frees_the_slot() {
 
 #[test]
 fn queued_requests_wait_and_overflow_is_refused() {
+    if !have_shared() {
+        return;
+    }
     let s = TestServer::start(&smollm2(), long_ctx(1));
     run(async {
         let url = s.url("/v1/completions");
@@ -622,6 +634,9 @@ fn queued_requests_wait_and_overflow_is_refused() {
 
 #[test]
 fn shutdown_ends_open_streams() {
+    if !have_shared() {
+        return;
+    }
     let mut s = TestServer::start(&smollm2(), long_ctx(4));
     let url = s.url("/v1/completions");
     let (tx, rx) = std::sync::mpsc::channel();

@@ -23,6 +23,9 @@ fn model(quant: &str) -> Model {
 
 #[test]
 fn tokenizer_cases_match() {
+    if !have_shared() {
+        return;
+    }
     let m = model("q4");
     let tok = m.tokenizer();
     let cases = read_json(&fixtures().join("smollm2/tokenizer_cases.json"));
@@ -52,6 +55,9 @@ fn tokenizer_cases_match() {
 
 #[test]
 fn chat_prompt_renders_like_transformers() {
+    if !have_shared() {
+        return;
+    }
     let m = model("q4");
     let chat = &prompts()["prompts"].as_array().unwrap()[1];
     assert_eq!(chat["name"], "chat");
@@ -76,6 +82,9 @@ fn chat_prompt_renders_like_transformers() {
 /// golden top-1/top-2 margin is below 0.02 (there numerical noise may flip it).
 #[test]
 fn f32_greedy_continuations_match() {
+    if !have_shared() {
+        return;
+    }
     let m = model("f32");
     for p in prompts()["prompts"].as_array().unwrap() {
         let g = &p["greedy"];
@@ -105,6 +114,9 @@ fn f32_greedy_continuations_match() {
 /// without it.
 #[test]
 fn generation_stops_at_eos() {
+    if !have_shared() {
+        return;
+    }
     let m = model("f32");
     let p = &prompts()["prompts"].as_array().unwrap()[0];
     let g = &p["greedy"];
@@ -160,12 +172,18 @@ fn teacher_forced_agreement(quant: &str) -> (usize, usize) {
 // near-ties, which ones flip is chance.
 #[test]
 fn q8_top1_agreement_bound() {
+    if !have_shared() {
+        return;
+    }
     let (agree, total) = teacher_forced_agreement("q8");
     assert!(agree as f64 >= 0.97 * total as f64, "{agree}/{total}");
 }
 
 #[test]
 fn q4_top1_agreement_bound() {
+    if !have_shared() {
+        return;
+    }
     let (agree, total) = teacher_forced_agreement("q4");
     assert!(agree as f64 >= Q4_BOUND * total as f64, "{agree}/{total}");
 }
@@ -174,6 +192,9 @@ const Q4_BOUND: f64 = 0.72;
 
 #[test]
 fn q4k_top1_agreement_bound() {
+    if !have_shared() {
+        return;
+    }
     let (agree, total) = teacher_forced_agreement("q4k");
     assert!(agree as f64 >= Q4K_BOUND * total as f64, "{agree}/{total}");
 }
@@ -190,6 +211,9 @@ const LLAMA_CPP_Q4_0_BYTES: u64 = 91_726_912;
 
 #[test]
 fn q4k_file_is_no_larger_than_llama_cpp_q4_0() {
+    if !have_shared() {
+        return;
+    }
     let len = std::fs::metadata(smollm2_nbl("q4k")).unwrap().len();
     eprintln!("q4k file {len} bytes, llama.cpp Q4_0 {LLAMA_CPP_Q4_0_BYTES}");
     assert!(len <= LLAMA_CPP_Q4_0_BYTES, "{len} bytes");
@@ -200,6 +224,9 @@ fn q4k_file_is_no_larger_than_llama_cpp_q4_0() {
 /// long-context attention; the full run is below).
 #[test]
 fn first_windows_nll_match_reference() {
+    if !have_shared() {
+        return;
+    }
     let m = model("f32");
     let text = std::fs::read_to_string(fixtures().join("eval-text.txt")).unwrap();
     let tokens = m.tokenizer().encode(&text, true).unwrap();
@@ -239,6 +266,9 @@ fn first_windows_nll_match_reference() {
 #[test]
 #[cfg_attr(debug_assertions, ignore = "slow: runs under cargo test --release")]
 fn perplexity_matches_llama_cpp_style_reference() {
+    if !have_shared() {
+        return;
+    }
     let m = model("f32");
     let text = std::fs::read_to_string(fixtures().join("eval-text.txt")).unwrap();
     let r = perplexity(&m, &text, 512, |_, _, _| {}).unwrap();
@@ -258,6 +288,9 @@ fn perplexity_matches_llama_cpp_style_reference() {
 /// full decode, on multi-byte text (accents, CJK, emoji split across tokens).
 #[test]
 fn streaming_decoder_never_splits_characters() {
+    if !have_shared() {
+        return;
+    }
     let m = model("q4");
     let tok = m.tokenizer();
     let cases = read_json(&fixtures().join("smollm2/tokenizer_cases.json"));

@@ -131,6 +131,11 @@ struct Agreement {
     gap_error_rms: f64,
     /// The golden top-1/top-2 margin of every position.
     margins: Vec<f64>,
+    /// Mean and standard deviation of the number of top-1 flips the gap
+    /// errors predict, counting the top-2 rival only (too few) and every
+    /// rival as independent (too many).
+    fewest_flips: (f64, f64),
+    most_flips: (f64, f64),
 }
 
 fn quantized_agreement(quant: &str) -> Agreement {
@@ -141,8 +146,13 @@ fn quantized_agreement(quant: &str) -> Agreement {
         greedy_total: 0,
         gap_error_rms: 0.0,
         margins: vec![],
+        fewest_flips: (0.0, 0.0),
+        most_flips: (0.0, 0.0),
     };
     let mut gap_sq = 0f64;
+    // Every rival token's margin behind the golden top-1, per position, and
+    // the squared errors of those gaps.
+    let (mut rival_margins, mut rival_sq, mut rivals) = (Vec::<Vec<f64>>::new(), 0f64, 0usize);
     for name in ["tiny-mha", "tiny-gqa-small"] {
         let model = Model::open(tiny_nbl(name, quant)).unwrap();
         let vocab = model.config().vocab_size;
@@ -159,6 +169,16 @@ fn quantized_agreement(quant: &str) -> Agreement {
                 let margin = (theirs[top1] - theirs[top2]) as f64;
                 gap_sq += ((ours[top1] - ours[top2]) as f64 - margin).powi(2);
                 a.margins.push(margin);
+                let rival: Vec<f64> = (0..vocab)
+                    .filter(|&j| j != top1)
+                    .map(|j| {
+                        let m = (theirs[top1] - theirs[j]) as f64;
+                        rival_sq += ((ours[top1] - ours[j]) as f64 - m).powi(2);
+                        m
+                    })
+                    .collect();
+                rivals += rival.len();
+                rival_margins.push(rival);
                 a.agree += (argmax(ours) == top1) as usize;
                 a.total += 1;
             }
@@ -172,18 +192,63 @@ fn quantized_agreement(quant: &str) -> Agreement {
         }
     }
     a.gap_error_rms = (gap_sq / a.total as f64).sqrt();
-    // If the gap error were Gaussian with that spread, position i would flip
-    // with probability Φ(-margin_i / σ): what any rounding of this accuracy
-    // should expect on these positions.
-    let flip = |m: &f64| 0.5 * erfc(m / (a.gap_error_rms * std::f64::consts::SQRT_2));
-    let expected: f64 = a.margins.iter().map(flip).sum();
-    let none: f64 = a.margins.iter().map(|m| 1.0 - flip(m)).product();
+    // If each gap's error were Gaussian with the measured spread, a rival
+    // at margin m would overtake the golden top-1 with probability
+    // Φ(-m / σ). Counting only the top-2 (σ of that gap) undercounts flips:
+    // a position can flip to any rival. Counting every rival as independent
+    // (σ over all of them) overcounts: their gap errors share the top-1's
+    // own error, so they overtake together more than independence says.
+    // The number of flips lies between the two, each a sum of Bernoulli
+    // variables with its mean and spread.
+    let overtakes = |m: f64, sigma: f64| 0.5 * erfc(m / (sigma * std::f64::consts::SQRT_2));
+    let top2: Vec<f64> = a
+        .margins
+        .iter()
+        .map(|&m| overtakes(m, a.gap_error_rms))
+        .collect();
+    let sigma = (rival_sq / rivals as f64).sqrt();
+    let any: Vec<f64> = rival_margins
+        .iter()
+        .map(|ms| {
+            1.0 - ms
+                .iter()
+                .map(|&m| 1.0 - overtakes(m, sigma))
+                .product::<f64>()
+        })
+        .collect();
+    let mean_sd = |p: &[f64]| {
+        let sd = p.iter().map(|p| p * (1.0 - p)).sum::<f64>().sqrt();
+        (p.iter().sum::<f64>(), sd)
+    };
+    (a.fewest_flips, a.most_flips) = (mean_sd(&top2), mean_sd(&any));
     eprintln!(
-        "{quant}: top-1 {}/{}, greedy prefix {}/{}, top-1/top-2 gap error rms {:.4}: \
-         {expected:.2} flips expected, P(no flip) {none:.3}",
-        a.agree, a.total, a.greedy_ok, a.greedy_total, a.gap_error_rms
+        "{quant}: top-1 {}/{}, greedy prefix {}/{}, top-1/top-2 gap error rms {:.4} \
+         (all rivals {sigma:.4}): between {:.2} ± {:.2} and {:.2} ± {:.2} flips expected",
+        a.agree,
+        a.total,
+        a.greedy_ok,
+        a.greedy_total,
+        a.gap_error_rms,
+        a.fewest_flips.0,
+        a.fewest_flips.1,
+        a.most_flips.0,
+        a.most_flips.1
     );
     a
+}
+
+impl Agreement {
+    /// The fewest top-1 matches the measured gap error allows: three
+    /// standard deviations beyond the most flips it predicts.
+    fn top1_floor(&self) -> f64 {
+        self.total as f64 - self.most_flips.0 - 3.0 * self.most_flips.1
+    }
+
+    /// The most top-1 matches it allows: more would mean the logits agree
+    /// better than their measured error can explain.
+    fn top1_ceiling(&self) -> f64 {
+        self.total as f64 - self.fewest_flips.0 + 3.0 * self.fewest_flips.1
+    }
 }
 
 /// Complementary error function (Numerical Recipes' `erfcc`, |error| < 1.2e-7).
@@ -212,30 +277,25 @@ fn erfc(x: f64) -> f64 {
 }
 
 // The tiny models are deliberately sharp (weights N(0, 2/hidden), top-1/top-2
-// margins down to 0.013), so rounding flips near-ties. The bounds sit just
-// under what nibble measures. q8 (16-bit activations): 80/82 top-1 = 97.6%,
-// 73/96 greedy tokens before the first divergence; the two misses are
-// tiny-gqa-small len7 position 5 and len33 position 30 (golden margins 0.086
-// and 0.082). With 8-bit activations it was 76/82 and 58/96; a NumPy
-// emulation with q8 weights and f32 activations gives 81/82, so what remains
-// is weight rounding.
-//
-// Why the issue's 99% is not asserted: on 82 positions it means 82 of 82.
-// q8's error of the golden top-1/top-2 gap has an rms of 0.063 here (f16
-// weights: 0.0027), and against the 82 golden margins that predicts 2.2
-// flips, with a 9% chance of none — so no rounding with q8's accuracy can be
-// relied on to reach it; only the gap error is asserted, so that a loss of
-// q8 accuracy fails here whichever near-ties it happens to flip.
-// tiny-sharded has tiny-mha's weights (41/41 again) and tiny-gqa-small-bf16
-// tiny-gqa-small's in bf16 (38/41 against its bf16-computed goldens), so they
-// add no independent positions and are left out. q4: 37/82 top-1 (32/82
-// before tiny-gqa-small's v_proj went to q8 under the q4 policy).
+// margins down to 0.013), so rounding flips near-ties. The top-1 bounds come
+// from the error model in `quantized_agreement`: given how much a conversion
+// moves the logit gaps, how many of these 82 margins it should flip. q8 (16-bit
+// activations) measures 80/82 top-1, 73/96 greedy tokens before the first
+// divergence, gap error rms 0.063 (f16 weights: 0.0027), so 2.2 to 2.8 flips
+// expected; q4 37/82. A NumPy emulation with q8 weights and f32 activations
+// gives 81/82, so what remains is weight rounding. The issue's "99%" would be
+// 82 of 82 here, which q8's accuracy predicts with a 4-9% chance: only the gap
+// error is asserted, so that a loss of q8 accuracy fails here whichever
+// near-ties it happens to flip. tiny-sharded has tiny-mha's weights and
+// tiny-gqa-small-bf16 tiny-gqa-small's in bf16, so they add no independent
+// positions and are left out.
 #[test]
 fn q8_agrees_with_f32_goldens() {
     let a = quantized_agreement("q8");
+    let (agree, floor, ceiling) = (a.agree as f64, a.top1_floor(), a.top1_ceiling());
     assert!(
-        a.agree as f64 >= 0.97 * a.total as f64,
-        "q8 top-1 {}/{}",
+        floor <= agree && agree <= ceiling,
+        "q8 top-1 {}/{} outside [{floor:.1}, {ceiling:.1}]",
         a.agree,
         a.total
     );
@@ -251,10 +311,21 @@ fn q8_agrees_with_f32_goldens() {
 #[test]
 fn q4_agrees_with_f32_goldens() {
     let a = quantized_agreement("q4");
+    let (agree, floor, ceiling) = (a.agree as f64, a.top1_floor(), a.top1_ceiling());
     assert!(
-        a.agree as f64 >= 0.42 * a.total as f64,
-        "q4 top-1 {}/{}",
+        floor <= agree && agree <= ceiling,
+        "q4 top-1 {}/{} outside [{floor:.1}, {ceiling:.1}]",
         a.agree,
         a.total
+    );
+    // Symmetric 4-bit's step is max/7 against q8's max/127, 18 times
+    // coarser, so its logit errors must be several times q8's (4x leaves room
+    // for the matrices the q4 policy keeps at 8 bits).
+    let q8 = quantized_agreement("q8");
+    assert!(
+        a.gap_error_rms > 4.0 * q8.gap_error_rms,
+        "q4 gap error {} vs q8 {}",
+        a.gap_error_rms,
+        q8.gap_error_rms
     );
 }

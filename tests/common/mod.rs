@@ -6,6 +6,15 @@ use nibble_tools::convert::{convert, ConvertOptions, QuantPolicy};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+#[path = "shared_data.rs"]
+mod shared_data;
+pub use shared_data::REQUIRE_SHARED_ENV;
+
+/// Whether `../shared` is there for [`smollm2_nbl`] (see `shared_data.rs`).
+pub fn have_shared() -> bool {
+    shared_data::have_shared(&repo())
+}
+
 /// Serializes conversions and checkpoint builds between the test threads of
 /// one test binary (each file is written via a temporary file and a rename,
 /// so separate processes at worst repeat the work).
@@ -51,7 +60,7 @@ pub fn smollm2_nbl(quant: &str) -> PathBuf {
     }
     let ckpt = models_dir().join("smollm2-f32");
     if !ckpt.join(".made-f32").exists() {
-        let script = repo().join("../shared/models/smollm2-135m/make.sh");
+        let script = shared_data::smollm2_script(&repo());
         let status = std::process::Command::new("bash")
             .arg(&script)
             .arg(&ckpt)

@@ -1,6 +1,8 @@
 //! Converts the tiny HuggingFace fixtures and checks the result against the
 //! source safetensors, tensor by tensor.
 
+mod common;
+
 use nibble::format::{keys, names, NblFile};
 use nibble::quant::{
     q4k_unpack_scales, TensorType, WeightView, BLOCK, Q4K_GROUP, Q4K_SCALE_BYTES, Q4K_SUBS,
@@ -279,8 +281,10 @@ fn q4_and_q8_follow_the_policy_and_shrink_the_file() {
         QuantPolicy::Q4,
     ))
     .unwrap();
-    // q8 everywhere except the grouped value projection (f16)
+    // q8 everywhere except the grouped value projection (f16): what the
+    // summary reports is what was written, and lies between the two types.
     let bpw = q8.bits_per_weight();
+    assert_eq!(bpw, common::file_bits_per_weight(&tmp.path().join("b.nbl")));
     assert!(bpw > 8.5 && bpw < 16.0, "{bpw}");
     let q8_file = NblFile::open(&tmp.path().join("b.nbl")).unwrap();
     let q8_ty = |n: &str| q8_file.tensor(n).unwrap().info.tensor_type.unwrap();
@@ -294,6 +298,7 @@ fn q4_and_q8_follow_the_policy_and_shrink_the_file() {
     );
     // q4 everywhere except lm_head (q8r) and v_proj (q8): strictly between 4.5 and 8.5.
     let bpw = q4.bits_per_weight();
+    assert_eq!(bpw, common::file_bits_per_weight(&tmp.path().join("c.nbl")));
     assert!(bpw > 4.5 && bpw < 8.5, "{bpw}");
     assert!(q4.output_bytes < q8.output_bytes && q8.output_bytes < f32_len);
     let file = NblFile::open(&tmp.path().join("c.nbl")).unwrap();
