@@ -210,7 +210,7 @@ impl Windows {
     pub(crate) fn new(model: &Model, text: &str, ctx: usize) -> Result<Self> {
         if ctx < 4 {
             return Err(Error::InvalidArgument(format!(
-                "--ctx {ctx} is too small for perplexity (at least 4)"
+                "a window of {ctx} tokens is too small for perplexity (at least 4)"
             )));
         }
         let tok = model.tokenizer();
@@ -218,7 +218,7 @@ impl Windows {
         let chunks = tokens.len() / ctx;
         if chunks == 0 {
             return Err(Error::InvalidArgument(format!(
-                "the text has {} tokens, fewer than one window of --ctx {ctx}",
+                "the text has {} tokens, fewer than one window of {ctx}",
                 tokens.len()
             )));
         }
