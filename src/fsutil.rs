@@ -125,11 +125,10 @@ fn same_file(_: &Metadata, _: &Metadata) -> bool {
 /// A missing `output` is fine (even inside an input directory), as is a
 /// missing input. The error message names the input, not `output`.
 pub fn check_output_path(output: &Path, inputs: &[&Path]) -> io::Result<()> {
-    let out_meta = match std::fs::metadata(output) {
-        Ok(m) => m,
-        // Nothing there (or a dangling link): nothing to replace.
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
+    // Nothing there, a dangling link, or a path that cannot exist (a parent
+    // is a file): nothing to replace, and writing will say why it fails.
+    let Ok(out_meta) = std::fs::metadata(output) else {
+        return Ok(());
     };
     if !out_meta.is_file() {
         return Err(io::Error::new(
@@ -174,10 +173,8 @@ pub fn check_output_path(output: &Path, inputs: &[&Path]) -> io::Result<()> {
 /// written into it are checked one by one by [`AtomicFile::create`] and
 /// [`check_output_path`].
 pub fn check_output_dir(dir: &Path, inputs: &[&Path]) -> io::Result<()> {
-    let meta = match std::fs::metadata(dir) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return Ok(());
     };
     if !meta.is_dir() {
         return Err(io::Error::new(
