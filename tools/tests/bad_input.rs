@@ -729,7 +729,10 @@ fn a_directory_as_the_nbl_file_says_so() {
 fn imatrix_refuses_the_model_or_the_text_as_output() {
     let (tmp, model, bytes) = converted();
     let text = tmp.path().join("calib.txt");
-    std::fs::write(&text, "Some calibration text.").unwrap();
+    // Long enough for a window of --ctx 8, so the old code got as far as
+    // writing its output over the model.
+    let calib = "Some calibration text, long enough for a few windows. ".repeat(4);
+    std::fs::write(&text, &calib).unwrap();
     let link = tmp.path().join("link");
     std::os::unix::fs::symlink(&model, &link).unwrap();
     for out in [&model, &text, &link] {
@@ -741,14 +744,13 @@ fn imatrix_refuses_the_model_or_the_text_as_output() {
             text.to_str().unwrap(),
             "-o",
             out.to_str().unwrap(),
+            "--ctx",
+            "8",
         ]);
         assert!(m.contains("is the input file"), "{m}");
     }
     assert_eq!(std::fs::read(&model).unwrap(), bytes);
-    assert_eq!(
-        std::fs::read_to_string(&text).unwrap(),
-        "Some calibration text."
-    );
+    assert_eq!(std::fs::read_to_string(&text).unwrap(), calib);
     let dev = tmp.path().join("dev");
     mknod_null(&dev);
     let m = cli_error_within(&[
@@ -759,6 +761,8 @@ fn imatrix_refuses_the_model_or_the_text_as_output() {
         text.to_str().unwrap(),
         "-o",
         dev.to_str().unwrap(),
+        "--ctx",
+        "8",
     ]);
     assert!(m.contains("not a regular file (a character device)"), "{m}");
     assert!(is_char_device(&dev));
@@ -824,19 +828,20 @@ fn perturb_refuses_to_write_over_its_input() {
 #[test]
 fn synth_refuses_a_fifo_or_a_file_where_it_writes() {
     let tmp = tempfile::tempdir().unwrap();
-    let file = tmp.path().join("file");
-    std::fs::write(&file, b"x").unwrap();
-    let m = cli_error_within(&["synth", "--preset", "tiny", "-o", file.to_str().unwrap()]);
-    assert!(
-        m.contains("exists and is not a directory (a regular file)"),
-        "{m}"
-    );
+    // A FIFO where a file goes: writing it used to block forever.
     let dir = tmp.path().join("ckpt");
     std::fs::create_dir(&dir).unwrap();
     mkfifo(&dir.join("config.json"));
     let m = cli_error_within(&["synth", "--preset", "tiny", "-o", dir.to_str().unwrap()]);
     assert!(
         m.contains("config.json: cannot write: exists and is not a regular file (a FIFO)"),
+        "{m}"
+    );
+    let file = tmp.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    let m = cli_error_within(&["synth", "--preset", "tiny", "-o", file.to_str().unwrap()]);
+    assert!(
+        m.contains("exists and is not a directory (a regular file)"),
         "{m}"
     );
 }
