@@ -111,7 +111,7 @@ impl Importance {
     /// Reads and checks an importance file: every tensor 1-D F32, every
     /// value finite and not negative.
     pub fn load(path: &Path) -> Result<Self, ToolError> {
-        let bytes = std::fs::read(path).map_err(|e| ToolError::new(path, e))?;
+        let bytes = nibble::fsutil::read_regular(path).map_err(|e| crate::open_error(path, e))?;
         let err = |m: String| ToolError::new(path, m);
         let (_, meta) = SafeTensors::read_metadata(&bytes)
             .map_err(|e| err(format!("not an importance file (safetensors): {e}")))?;

@@ -680,6 +680,18 @@ fn fifos_as_inputs_are_refused_without_blocking() {
             "{args:?}"
         );
     }
+    // A FIFO as the importance file.
+    let c = Case::new();
+    let m = cli_error_within(&[
+        "convert",
+        c.model.to_str().unwrap(),
+        "-o",
+        c.out().to_str().unwrap(),
+        "--imatrix",
+        fifo.to_str().unwrap(),
+    ]);
+    assert!(m.contains("fifo: not a regular file (a FIFO)"), "{m}");
+    c.assert_no_output();
     // A FIFO named like a GGUF file.
     let gguf = tmp.path().join("m.gguf");
     mkfifo(&gguf);
