@@ -7,6 +7,7 @@
 //! - [`model`]: the LLaMA forward pass and KV cache ([`Model`], [`Session`])
 //! - [`tokenizer`], [`sampler`], [`generate`](mod@generate), [`chat`]: text in, text out
 //! - [`perplexity`](mod@perplexity): llama.cpp-compatible evaluation
+//! - [`fsutil`]: refusing FIFOs, devices and inputs as outputs; atomic writes
 //!
 //! # Generating text
 //!
@@ -67,6 +68,7 @@ pub mod bench;
 pub mod chat;
 pub mod error;
 pub mod format;
+pub mod fsutil;
 pub mod generate;
 pub mod kernels;
 pub mod model;

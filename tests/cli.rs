@@ -248,3 +248,109 @@ fn ignore_eos_generates_every_token() {
     assert_eq!(all.len(), 8, "{all:?}");
     assert_eq!(all[..stopped.len()], stopped[..]);
 }
+
+/// Runs nibble with a deadline, so a command blocked in `open()` of a FIFO
+/// fails the test instead of hanging it.
+fn nibble_within(args: &[&str], secs: u64) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nibble"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run nibble");
+    let t = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > std::time::Duration::from_secs(secs) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("nibble {args:?} still running after {secs} s (blocked?)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn fifo_or_directory_as_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    let ok = Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let f = fifo.to_str().unwrap();
+    for args in [
+        vec!["run", "-m", f, "-p", "hi"],
+        vec!["bench", "-m", f, "-p", "8", "-n", "4"],
+    ] {
+        let out = nibble_within(&args, 60);
+        assert_error(&out, &format!("{f}: not a regular file (a FIFO)"));
+    }
+    let d = dir.path().to_str().unwrap();
+    let out = nibble_within(&["run", "-m", d, "-p", "hi"], 60);
+    assert_error(&out, &format!("{d}: is a directory, not a .nbl file"));
+}
+
+/// Every subcommand that prints to stdout: a closed pipe (`| head`) ends it
+/// quietly with status 141 (what a shell reports for SIGPIPE), /dev/full
+/// with a one-line error; never a panic ("failed printing to stdout").
+#[test]
+fn stdout_write_errors_never_panic() {
+    let m = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("text.txt");
+    std::fs::write(
+        &text,
+        "It is a truth universally acknowledged, that a single man. ".repeat(8),
+    )
+    .unwrap();
+    let t = text.to_str().unwrap();
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["run", "-m", &m, "-p", "Once", "-n", "4", "--temp", "0"],
+        vec![
+            "run", "-m", &m, "-p", "Once", "-n", "4", "--temp", "0", "--json",
+        ],
+        vec!["perplexity", "-m", &m, "-f", t, "--ctx", "32"],
+        vec!["perplexity", "-m", &m, "-f", t, "--ctx", "32", "--json"],
+        vec![
+            "perplexity",
+            "-m",
+            &m,
+            "-f",
+            t,
+            "--ctx",
+            "32",
+            "--kl-base",
+            &m,
+        ],
+        vec!["bench", "-m", &m, "-p", "8", "-n", "4", "-r", "1"],
+        vec!["bench", "-m", &m, "-p", "8", "-n", "4", "-r", "1", "--json"],
+    ];
+    for args in &commands {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(env!("CARGO_BIN_EXE_nibble"))
+            .args(args)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {stderr}");
+        assert!(!stderr.contains("error"), "{args:?}: {stderr}");
+
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_nibble"))
+            .args(args)
+            .stdout(full)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        assert_error(&out, "<stdout>: No space left on device");
+    }
+}

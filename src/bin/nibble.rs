@@ -205,6 +205,14 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of stdout went away (`| head`): exit quietly with the
+        // status a shell reports for SIGPIPE (128 + 13). (Rust ignores the
+        // signal, so the write fails with EPIPE instead of killing us.)
+        Err(Error::Io { path, source })
+            if path == Path::new(STDOUT) && source.kind() == std::io::ErrorKind::BrokenPipe =>
+        {
+            ExitCode::from(141)
+        }
         Err(e) => {
             let _ = std::io::stdout().flush();
             eprintln!("error: {e}");
@@ -287,9 +295,21 @@ fn tps(n: usize, secs: f64) -> f64 {
     }
 }
 
+/// `println!` that returns a write error (as [`Error::Io`] on `<stdout>`)
+/// instead of panicking when stdout is a closed pipe or a full disk.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        let mut out = std::io::stdout().lock();
+        writeln!(out, $($arg)*).and_then(|()| out.flush()).map_err(io_err)
+    }};
+}
+
+/// How errors name standard output.
+const STDOUT: &str = "<stdout>";
+
 fn io_err(e: std::io::Error) -> Error {
     Error::Io {
-        path: Path::new("<stdout>").to_owned(),
+        path: Path::new(STDOUT).to_owned(),
         source: e,
     }
 }
@@ -486,16 +506,16 @@ fn perplexity_cmd(a: PerplexityArgs) -> Result<()> {
     let json = a.json;
     let r = perplexity(&model, &text, a.ctx, ppl_progress(json))?;
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({
                 "perplexity": r.perplexity,
                 "tokens_scored": r.tokens_scored,
                 "chunks": r.chunks,
             })
-        );
+        )?;
     } else {
-        println!("perplexity: {:.4}", r.perplexity);
+        outln!("perplexity: {:.4}", r.perplexity)?;
         eprintln!(
             "{} chunks of {} tokens, {} tokens scored, {:.1} s, peak RSS {}",
             r.chunks,
@@ -527,7 +547,7 @@ fn kl_cmd(a: &PerplexityArgs, text: &str, model: Model, base: &Path) -> Result<(
     let json = a.json;
     let r = perplexity_kl(&model, &base, text, a.ctx, ppl_progress(json))?;
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({
                 "perplexity": r.model.perplexity,
@@ -538,13 +558,13 @@ fn kl_cmd(a: &PerplexityArgs, text: &str, model: Model, base: &Path) -> Result<(
                 "kl_p99": r.kl_p99,
                 "top1_agreement": r.top1_agreement,
             })
-        );
+        )?;
     } else {
-        println!("perplexity: {:.4}", r.model.perplexity);
-        println!("base perplexity: {:.4}", r.base.perplexity);
-        println!("mean KL(base || model): {:.6}", r.kl_mean);
-        println!("99th percentile KL: {:.6}", r.kl_p99);
-        println!("top-1 agreement: {:.4}", r.top1_agreement);
+        outln!("perplexity: {:.4}", r.model.perplexity)?;
+        outln!("base perplexity: {:.4}", r.base.perplexity)?;
+        outln!("mean KL(base || model): {:.6}", r.kl_mean)?;
+        outln!("99th percentile KL: {:.6}", r.kl_p99)?;
+        outln!("top-1 agreement: {:.4}", r.top1_agreement)?;
         eprintln!(
             "{} chunks of {} tokens, {} tokens scored, {:.1} s, peak RSS {}",
             r.model.chunks,
@@ -572,7 +592,7 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     let peak = peak_rss_bytes();
     if a.json {
         let mean = |s: Option<Stat>| s.map(|s| s.mean);
-        println!(
+        outln!(
             "{}",
             serde_json::json!({
                 "pp_tps": mean(r.pp_tps),
@@ -584,25 +604,28 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
                 "peak_rss_bytes": peak,
                 "kernels": kernels,
             })
-        );
+        )?;
         return Ok(());
     }
-    println!(
+    outln!(
         "model: {} ({} threads, kernels {kernels})",
         a.common.model.display(),
         nibble::pool::global().threads()
-    );
-    println!("load: {load_s:.3} s");
+    )?;
+    outln!("load: {load_s:.3} s")?;
     if let Some(s) = r.pp_tps {
-        println!("pp{}: {:.1} ± {:.1} tok/s", a.n_prompt, s.mean, s.stddev);
+        outln!("pp{}: {:.1} ± {:.1} tok/s", a.n_prompt, s.mean, s.stddev)?;
     }
     if let Some(s) = r.tg_tps {
-        println!(
+        outln!(
             "tg{} @ depth {}: {:.1} ± {:.1} tok/s",
-            a.n_gen, a.depth, s.mean, s.stddev
-        );
+            a.n_gen,
+            a.depth,
+            s.mean,
+            s.stddev
+        )?;
     }
-    println!("peak RSS: {}", peak_rss_text());
+    outln!("peak RSS: {}", peak_rss_text())?;
     Ok(())
 }
 

@@ -9,7 +9,6 @@ use super::{
 use crate::quant::{TensorType, WeightView};
 use memmap2::Mmap;
 use std::collections::HashMap;
-use std::fs::File;
 use std::ops::Deref;
 use std::path::Path;
 
@@ -106,10 +105,18 @@ impl<'a> TensorView<'a> {
 }
 
 impl NblFile {
-    /// Maps and validates the file. Errors name the file.
+    /// Maps and validates the file. Errors name the file. A FIFO, device or
+    /// directory is refused before it is opened for reading (so it never
+    /// blocks).
     pub fn open(path: &Path) -> Result<Self, FormatError> {
         let open = || -> Result<Self, FormatError> {
-            let file = File::open(path)?;
+            let file = crate::fsutil::open_regular_for_read(path).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::IsADirectory {
+                    std::io::Error::new(e.kind(), "is a directory, not a .nbl file")
+                } else {
+                    e
+                }
+            })?;
             // SAFETY: the map is read-only and private to this process. The
             // one hazard of file maps, another process truncating or
             // rewriting the file while mapped, cannot be excluded by any

@@ -1,16 +1,19 @@
 //! Streaming writer: tensors go to disk one at a time, so writing a model
 //! needs memory for one tensor, not the model. Output goes to a temporary file
-//! beside the target that is renamed into place only by [`NblWriter::finish`];
-//! dropping an unfinished writer deletes it, so no half-written `.nbl` is ever
-//! left under the target name.
+//! beside the target ([`crate::fsutil::AtomicFile`]) that is renamed into
+//! place only by [`NblWriter::finish`]; dropping an unfinished writer deletes
+//! it, so no half-written `.nbl` is ever left under the target name. A target
+//! that exists and is not a regular file (a device node, FIFO, directory) is
+//! refused, and temporaries of the target left by killed processes are
+//! removed when the next writer of it is created.
 
 use super::{
     align_up, put_name, FormatError, Header, Metadata, DATA_ALIGN, HEADER_LEN, MAX_DIMS,
     MAX_NAME_LEN, TENSOR_ALIGN, VERSION_MAJOR, VERSION_MINOR,
 };
+use crate::fsutil::AtomicFile;
 use crate::quant::TensorType;
 use std::collections::HashSet;
-use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
@@ -47,9 +50,7 @@ struct Entry {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct NblWriter {
-    file: Option<BufWriter<File>>,
-    tmp_path: PathBuf,
-    final_path: PathBuf,
+    file: Option<BufWriter<AtomicFile>>,
     pos: u64,
     entries: Vec<Entry>,
     names: HashSet<String>,
@@ -57,21 +58,17 @@ pub struct NblWriter {
 
 impl NblWriter {
     /// Where this process writes `path` until [`NblWriter::finish`] renames
-    /// it: `.NAME.tmpPID` next to it, so the rename stays on one file system.
-    /// Public so that a signal handler can remove it (`None` when `path` has
-    /// no file name).
+    /// it: `.NAME.tmpPID` next to it, so the rename stays on one file system
+    /// (`None` when `path` has no file name). A signal handler removes it
+    /// with [`crate::fsutil::remove_unfinished`].
     pub fn temp_path(path: &Path) -> Option<PathBuf> {
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(path.file_name()?);
-        tmp_name.push(format!(".tmp{}", std::process::id()));
-        Some(path.with_file_name(tmp_name))
+        crate::fsutil::temp_path(path)
     }
 
-    /// Starts a new file that will appear at `path` when finished.
+    /// Starts a new file that will appear at `path` when finished. Refuses a
+    /// `path` that exists and is not a regular file.
     pub fn create(path: &Path) -> Result<Self, FormatError> {
-        let tmp_path = Self::temp_path(path)
-            .ok_or_else(|| FormatError::Invalid(format!("{}: not a file path", path.display())))?;
-        let file = File::create(&tmp_path).map_err(|e| {
+        let file = AtomicFile::create(path).map_err(|e| {
             FormatError::Io(std::io::Error::new(
                 e.kind(),
                 format!("cannot write {}: {e}", path.display()),
@@ -81,15 +78,13 @@ impl NblWriter {
         w.write_all(&vec![0u8; DATA_ALIGN as usize])?;
         Ok(Self {
             file: Some(w),
-            tmp_path,
-            final_path: path.to_owned(),
             pos: DATA_ALIGN,
             entries: Vec::new(),
             names: HashSet::new(),
         })
     }
 
-    fn out(&mut self) -> &mut BufWriter<File> {
+    fn out(&mut self) -> &mut BufWriter<AtomicFile> {
         self.file.as_mut().expect("writer used after finish")
     }
 
@@ -191,23 +186,13 @@ impl NblWriter {
         out.seek(SeekFrom::Start(0))?;
         out.write_all(&header.encode()[..HEADER_LEN])?;
         let file = out.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        drop(file);
-        std::fs::rename(&self.tmp_path, &self.final_path).map_err(|e| {
+        let target = file.target().to_owned();
+        file.commit().map_err(|e| {
             FormatError::Io(std::io::Error::new(
                 e.kind(),
-                format!("cannot move output into {}: {e}", self.final_path.display()),
+                format!("cannot move output into {}: {e}", target.display()),
             ))
         })?;
         Ok(total)
-    }
-}
-
-impl Drop for NblWriter {
-    fn drop(&mut self) {
-        if self.file.is_some() || self.tmp_path.exists() {
-            self.file = None;
-            let _ = std::fs::remove_file(&self.tmp_path);
-        }
     }
 }

@@ -493,6 +493,9 @@ pub fn convert(options: &ConvertOptions) -> Result<ConvertSummary, ConvertError>
     let mut source_files = vec!["config.json".to_owned()];
     source_files.extend(tokenizer.source_files.iter().cloned());
     source_files.extend(source.file_names());
+    let mut read: Vec<PathBuf> = source_files.iter().map(|f| dir.join(f)).collect();
+    read.push(dir.join("model.safetensors.index.json"));
+    check_output(options, &read)?;
     let types = options
         .tensor_types(&plan)
         .map_err(|e| ToolError::new(dir, e))?;
@@ -661,13 +664,30 @@ fn encode_and_write(
     })
 }
 
+/// Refuses an output that is not a regular file or that is one of the
+/// files read (`inputs`, and the importance file), before anything is
+/// written.
+pub(crate) fn check_output(options: &ConvertOptions, inputs: &[PathBuf]) -> Result<(), ToolError> {
+    let mut all: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
+    all.extend(options.imatrix.as_deref());
+    nibble::fsutil::check_output_path(&options.output, &all)
+        .map_err(|e| ToolError::new(&options.output, e))
+}
+
 pub(crate) fn output_error(output: &Path, e: nibble::format::FormatError) -> ToolError {
     use nibble::format::FormatError;
     match e {
         // The writer's own I/O messages already quote the path; report the
         // underlying reason once, after ours.
         FormatError::Io(io) => {
-            ToolError::new(output, format!("cannot write the output: {}", io.kind()))
+            let text = io.to_string();
+            let quoted = format!("cannot write {}: ", output.display());
+            match text.strip_prefix(&quoted) {
+                Some(reason) => {
+                    ToolError::new(output, format!("cannot write the output: {reason}"))
+                }
+                None => ToolError::new(output, format!("cannot write the output: {}", io.kind())),
+            }
         }
         other => ToolError::new(output, other),
     }

@@ -48,12 +48,12 @@ pub(crate) fn read_json(path: &Path) -> Result<Value, ToolError> {
 }
 
 pub(crate) fn read_text(path: &Path) -> Result<String, ToolError> {
-    match std::fs::read(path) {
+    match nibble::fsutil::read_regular(path) {
         Ok(bytes) => String::from_utf8(bytes).map_err(|_| ToolError::new(path, "not UTF-8 text")),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             Err(ToolError::new(path, "file not found"))
         }
-        Err(e) => Err(ToolError::new(path, format!("cannot read: {e}"))),
+        Err(e) => Err(crate::open_error(path, e)),
     }
 }
 

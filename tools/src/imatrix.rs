@@ -16,6 +16,7 @@ use nibble::Model;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::Path;
 
 /// `format` metadata value of an importance file.
@@ -30,7 +31,8 @@ pub struct CollectSummary {
 
 /// Runs `model_path` over the text in `text_path` in windows of `ctx` tokens
 /// and writes the statistics to `output` (atomically: a temporary file
-/// renamed into place, removed on failure).
+/// renamed into place, removed on failure). Refuses an `output` that is the
+/// model or the text, or exists and is not a regular file.
 pub fn collect(
     model_path: &Path,
     text_path: &Path,
@@ -39,6 +41,8 @@ pub fn collect(
     progress: bool,
 ) -> Result<CollectSummary, ToolError> {
     let started = std::time::Instant::now();
+    nibble::fsutil::check_output_path(output, &[model_path, text_path])
+        .map_err(|e| ToolError::new(output, e))?;
     let model = Model::open(model_path).map_err(|e| ToolError::named(e.to_string()))?;
     let bytes = std::fs::read(text_path).map_err(|e| ToolError::new(text_path, e))?;
     let text = String::from_utf8(bytes)
@@ -87,20 +91,13 @@ fn save(stats: &ActivationStats, ctx: usize, output: &Path) -> Result<usize, Too
         ("tokens".to_string(), stats.tokens().to_string()),
         ("ctx".to_string(), ctx.to_string()),
     ]);
-    let tmp = output.with_file_name(format!(
-        ".{}.tmp",
-        output
-            .file_name()
-            .ok_or_else(|| ToolError::new(output, "not a file path"))?
-            .to_string_lossy()
-    ));
-    let written = safetensors::serialize_to_file(views, Some(info), &tmp)
-        .map_err(|e| e.to_string())
-        .and_then(|()| std::fs::rename(&tmp, output).map_err(|e| e.to_string()));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(ToolError::new(output, format!("cannot write: {e}")));
-    }
+    let bytes = safetensors::serialize(views, Some(info))
+        .map_err(|e| ToolError::new(output, format!("cannot encode: {e}")))?;
+    let written = nibble::fsutil::AtomicFile::create(output).and_then(|mut f| {
+        f.write_all(&bytes)?;
+        f.commit()
+    });
+    written.map_err(|e| ToolError::new(output, format!("cannot write: {e}")))?;
     Ok(means.len())
 }
 
@@ -114,7 +111,7 @@ impl Importance {
     /// Reads and checks an importance file: every tensor 1-D F32, every
     /// value finite and not negative.
     pub fn load(path: &Path) -> Result<Self, ToolError> {
-        let bytes = std::fs::read(path).map_err(|e| ToolError::new(path, e))?;
+        let bytes = nibble::fsutil::read_regular(path).map_err(|e| crate::open_error(path, e))?;
         let err = |m: String| ToolError::new(path, m);
         let (_, meta) = SafeTensors::read_metadata(&bytes)
             .map_err(|e| err(format!("not an importance file (safetensors): {e}")))?;

@@ -60,5 +60,19 @@ impl fmt::Display for ToolError {
 
 impl std::error::Error for ToolError {}
 
+/// The error for a file that could not be opened for reading: "is a
+/// directory" or "not a regular file (a FIFO)" as they are (from
+/// [`nibble::fsutil::open_regular_for_read`]), other errors as "cannot
+/// open: ...".
+pub(crate) fn open_error(path: &Path, e: std::io::Error) -> ToolError {
+    match e.kind() {
+        std::io::ErrorKind::IsADirectory | std::io::ErrorKind::InvalidInput => {
+            ToolError::new(path, e)
+        }
+        std::io::ErrorKind::NotFound => ToolError::new(path, "file not found"),
+        _ => ToolError::new(path, format!("cannot open: {e}")),
+    }
+}
+
 /// What [`convert::convert`] returns on failure.
 pub type ConvertError = ToolError;

@@ -5,7 +5,7 @@ use nibble_tools::convert::{convert, ConvertOptions, QuantPolicy, TypeOverride};
 use nibble_tools::inspect;
 use nibble_tools::synth::{synth, Preset, SynthDtype, SynthOptions};
 use nibble_tools::ToolError;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -143,30 +143,62 @@ enum Command {
     },
 }
 
-/// On Ctrl-C or SIGTERM, deletes the file being written to `output` and
-/// exits with 130: a conversion killed halfway leaves nothing behind. The
-/// writer's own cleanup runs only when it is dropped, which an exit from a
-/// signal never does.
-fn remove_partial_output_on_interrupt(output: &std::path::Path) -> Result<(), ToolError> {
-    let Some(tmp) = nibble::format::NblWriter::temp_path(output) else {
-        return Ok(());
-    };
-    let final_path = output.to_owned();
+/// On Ctrl-C or SIGTERM, deletes the temporary file being written (every
+/// output is written under a temporary name and renamed into place when
+/// complete) and exits with 130: a command killed halfway leaves no partial
+/// file, and an older file at the output path is left as it was. The
+/// writers' own cleanup runs only when they are dropped, which an exit from
+/// a signal never does.
+fn remove_partial_output_on_interrupt() -> Result<(), ToolError> {
     ctrlc::set_handler(move || {
-        if std::fs::remove_file(&tmp).is_ok() {
-            eprintln!(
-                "error: interrupted; the partial {} was removed",
-                final_path.display()
-            );
-        } else {
+        let removed = nibble::fsutil::remove_unfinished();
+        let what: Vec<String> = removed
+            .iter()
+            .map(|r| {
+                let verb = if r.target_exists {
+                    "was left unchanged"
+                } else {
+                    "was not written"
+                };
+                format!("{} {verb}", r.target.display())
+            })
+            .collect();
+        if what.is_empty() {
             eprintln!("error: interrupted");
+        } else {
+            eprintln!(
+                "error: interrupted; {} (the temporary file was removed)",
+                what.join(", ")
+            );
         }
         std::process::exit(130);
     })
-    .map_err(|e| ToolError::new(output, format!("cannot install the Ctrl-C handler: {e}")))
+    .map_err(|e| ToolError::named(format!("cannot install the Ctrl-C handler: {e}")))
 }
 
-fn run(cli: Cli) -> Result<(), ToolError> {
+/// Why a command ended early: an error to report, or standard output that
+/// can no longer be written (a closed pipe, a full disk).
+enum Failure {
+    Tool(ToolError),
+    Stdout(std::io::Error),
+}
+
+impl From<ToolError> for Failure {
+    fn from(e: ToolError) -> Self {
+        Self::Tool(e)
+    }
+}
+
+/// Writes `text` to stdout and flushes it, returning write errors instead of
+/// panicking as `print!` does.
+fn emit(text: &str) -> Result<(), Failure> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(Failure::Stdout)
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Convert {
             input,
@@ -176,22 +208,23 @@ fn run(cli: Cli) -> Result<(), ToolError> {
             report,
             imatrix,
         } => {
-            remove_partial_output_on_interrupt(&output)?;
+            remove_partial_output_on_interrupt()?;
             let mut options = ConvertOptions::new(&input, &output, quant.into());
             options.overrides = tensor_types;
             options.imatrix = imatrix;
             options.progress = std::io::stderr().is_terminal();
             let summary = convert(&options)?;
-            println!("wrote {}: {summary}", output.display());
+            emit(&format!("wrote {}: {summary}\n", output.display()))?;
             if report {
                 if !input.is_dir() {
                     return Err(ToolError::new(
                         &input,
                         "--report compares against a HuggingFace checkpoint directory",
-                    ));
+                    )
+                    .into());
                 }
                 let errors = nibble_tools::report::quantization_report(&input, &output)?;
-                print!("{}", nibble_tools::report::Report(&errors));
+                emit(&nibble_tools::report::Report(&errors).to_string())?;
             }
         }
         Command::Imatrix {
@@ -200,6 +233,7 @@ fn run(cli: Cli) -> Result<(), ToolError> {
             output,
             ctx,
         } => {
+            remove_partial_output_on_interrupt()?;
             let s = nibble_tools::imatrix::collect(
                 &model,
                 &file,
@@ -207,42 +241,41 @@ fn run(cli: Cli) -> Result<(), ToolError> {
                 &output,
                 std::io::stderr().is_terminal(),
             )?;
-            println!(
-                "wrote {}: {} matrices, {} tokens, {:.1} s",
+            emit(&format!(
+                "wrote {}: {} matrices, {} tokens, {:.1} s\n",
                 output.display(),
                 s.matrices,
                 s.tokens,
                 s.seconds
-            );
+            ))?;
         }
         Command::Perturb {
             input,
             output,
             seed,
         } => {
+            remove_partial_output_on_interrupt()?;
             nibble_tools::perturb::perturb(&input, &output, seed)?;
-            println!("wrote {}", output.display());
+            emit(&format!("wrote {}\n", output.display()))?;
         }
         Command::Inspect { file, json } => {
             let nbl = inspect::open(&file)?;
             if json {
                 let report = inspect::json_report(&file, &nbl);
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).expect("JSON values serialize")
-                );
+                let json = serde_json::to_string_pretty(&report).expect("JSON values serialize");
+                emit(&(json + "\n"))?;
             } else {
-                print!("{}", inspect::text_report(&file, &nbl));
+                emit(&inspect::text_report(&file, &nbl))?;
             }
         }
         Command::Verify { file } => {
             let s = inspect::verify(&file)?;
-            println!(
-                "OK: {}: {} tensors, {} bytes, structure and all checksums valid",
+            emit(&format!(
+                "OK: {}: {} tensors, {} bytes, structure and all checksums valid\n",
                 file.display(),
                 s.tensors,
                 s.bytes
-            );
+            ))?;
         }
         Command::Synth {
             preset,
@@ -260,27 +293,41 @@ fn run(cli: Cli) -> Result<(), ToolError> {
                 DtypeArg::F16 => SynthDtype::F16,
                 DtypeArg::Bf16 => SynthDtype::Bf16,
             };
+            remove_partial_output_on_interrupt()?;
             let mut options = SynthOptions::new(preset, &output, dtype);
             options.progress = std::io::stderr().is_terminal();
             let s = synth(&options)?;
-            println!(
-                "wrote {}: {} tensors, {} parameters, {} shard(s), {:.1} GiB, {:.1} s",
+            emit(&format!(
+                "wrote {}: {} tensors, {} parameters, {} shard(s), {:.1} GiB, {:.1} s\n",
                 output.display(),
                 s.tensors,
                 s.parameters,
                 s.shards,
                 s.bytes as f64 / (1u64 << 30) as f64,
                 s.seconds
-            );
+            ))?;
         }
     }
     Ok(())
 }
 
+/// Exit status after a closed stdout pipe: what a shell reports for a
+/// process killed by SIGPIPE (128 + 13), as `nibble` does.
+const BROKEN_PIPE_EXIT: u8 = 141;
+
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        // The reader went away (`| head`): nothing to say, and nobody to say
+        // it to on stdout.
+        Err(Failure::Stdout(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            ExitCode::from(BROKEN_PIPE_EXIT)
+        }
+        Err(Failure::Stdout(e)) => {
+            eprintln!("error: <stdout>: {e}");
+            ExitCode::FAILURE
+        }
+        Err(Failure::Tool(e)) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }

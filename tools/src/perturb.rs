@@ -7,10 +7,14 @@
 //! deterministic Gaussian noise of a quarter of the local Q4_1 step,
 //! `(max - min) / 15` of each block of 32 consecutive weights of a row, to
 //! every 2-D tensor; 1-D tensors (norms) are copied unchanged. Output weights
-//! are f32 in one `model.safetensors`; the other files are copied.
+//! are f32 in one `model.safetensors`; the other files are copied. Each file
+//! is written under a temporary name and renamed into place; an output
+//! directory that is or contains the input, or a file in it that is one of
+//! the input's files (through a link), is refused.
 
 use crate::source::Source;
 use crate::ToolError;
+use nibble::fsutil::{self, AtomicFile};
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufWriter, Write};
@@ -22,6 +26,7 @@ const NOISE_BLOCK: usize = 32;
 /// Writes the perturbed copy of `input` into the directory `output`.
 pub fn perturb(input: &Path, output: &Path, seed: u64) -> Result<(), ToolError> {
     let source = Source::open(input)?;
+    fsutil::check_output_dir(output, &[input]).map_err(|e| ToolError::new(output, e))?;
     fs::create_dir_all(output)
         .map_err(|e| ToolError::new(output, format!("cannot create the directory: {e}")))?;
     let entries = fs::read_dir(input)
@@ -31,8 +36,11 @@ pub fn perturb(input: &Path, output: &Path, seed: u64) -> Result<(), ToolError> 
         let name = name.to_string_lossy();
         let is_weights = name.ends_with(".safetensors") || name == "model.safetensors.index.json";
         if entry.path().is_file() && !is_weights {
-            fs::copy(entry.path(), output.join(&*name))
-                .map_err(|e| ToolError::new(&output.join(&*name), format!("cannot copy: {e}")))?;
+            let dest = output.join(&*name);
+            fsutil::check_output_path(&dest, &[input]).map_err(|e| ToolError::new(&dest, e))?;
+            let bytes = fsutil::read_regular(&entry.path())
+                .map_err(|e| ToolError::new(&entry.path(), format!("cannot read: {e}")))?;
+            crate::synth::write_atomically(&dest, &bytes)?;
         }
     }
 
@@ -52,9 +60,9 @@ pub fn perturb(input: &Path, output: &Path, seed: u64) -> Result<(), ToolError> 
         header.push(' ');
     }
     let path = output.join("model.safetensors");
-    let tmp = output.join("model.safetensors.part");
+    fsutil::check_output_path(&path, &[input]).map_err(|e| ToolError::new(&path, e))?;
     let write_err = |e: std::io::Error| ToolError::new(&path, format!("cannot write: {e}"));
-    let mut w = BufWriter::new(fs::File::create(&tmp).map_err(write_err)?);
+    let mut w = BufWriter::new(AtomicFile::create(&path).map_err(write_err)?);
     w.write_all(&(header.len() as u64).to_le_bytes())
         .map_err(write_err)?;
     w.write_all(header.as_bytes()).map_err(write_err)?;
@@ -67,9 +75,10 @@ pub fn perturb(input: &Path, output: &Path, seed: u64) -> Result<(), ToolError> 
         }
         w.write_all(bytemuck::cast_slice(&x)).map_err(write_err)?;
     }
-    w.flush().map_err(write_err)?;
-    drop(w);
-    fs::rename(&tmp, &path).map_err(write_err)?;
+    w.into_inner()
+        .map_err(|e| e.into_error())
+        .and_then(AtomicFile::commit)
+        .map_err(write_err)?;
     Ok(())
 }
 

@@ -7,7 +7,6 @@ use crate::ToolError;
 use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 /// Element types the converter reads.
@@ -140,8 +139,8 @@ impl Source {
         let mut tensors = BTreeMap::new();
         for (i, name) in files.iter().enumerate() {
             let path = dir.join(name);
-            let file = File::open(&path)
-                .map_err(|e| ToolError::new(&path, format!("cannot open: {e}")))?;
+            let file = nibble::fsutil::open_regular_for_read(&path)
+                .map_err(|e| crate::open_error(&path, e))?;
             // SAFETY: a read-only private mapping. Rust's aliasing rules would
             // be broken only if another process modified the file while we
             // read it; a checkpoint being converted is an input nobody should

@@ -12,9 +12,9 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use nibble::format::names::{self, LayerTensor};
+use nibble::fsutil::AtomicFile;
 use rayon::prelude::*;
 use serde_json::{json, Map, Value};
-use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
@@ -215,6 +215,7 @@ const BATCH_ELEMS: usize = 1 << 24;
 pub fn synth(options: &SynthOptions) -> Result<SynthSummary, ToolError> {
     let started = std::time::Instant::now();
     let dir = &options.output;
+    nibble::fsutil::check_output_dir(dir, &[]).map_err(|e| ToolError::new(dir, e))?;
     std::fs::create_dir_all(dir)
         .map_err(|e| ToolError::new(dir, format!("cannot create the directory: {e}")))?;
     let shapes = options.preset.shapes();
@@ -312,10 +313,20 @@ pub fn synth(options: &SynthOptions) -> Result<SynthSummary, ToolError> {
 /// LLaMA-2-chat's prompt format.
 const LLAMA2_CHAT_TEMPLATE: &str = "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}{% set messages = messages[1:] %}{% else %}{% set system = none %}{% endif %}{% for message in messages %}{% if message['role'] == 'user' %}{% if loop.first and system %}{{ bos_token + '[INST] <<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + message['content'] + ' [/INST]' }}{% else %}{{ bos_token + '[INST] ' + message['content'] + ' [/INST]' }}{% endif %}{% else %}{{ ' ' + message['content'] + ' ' + eos_token }}{% endif %}{% endfor %}";
 
+/// Writes `bytes` to `path` through a temporary file renamed into place
+/// (see [`AtomicFile`]): never a half-written file under `path`.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ToolError> {
+    AtomicFile::create(path)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.commit()
+        })
+        .map_err(|e| ToolError::new(path, format!("cannot write: {e}")))
+}
+
 fn write_json(path: &Path, v: &Value) -> Result<(), ToolError> {
     let text = serde_json::to_string_pretty(v).expect("JSON values serialize");
-    std::fs::write(path, text + "\n")
-        .map_err(|e| ToolError::new(path, format!("cannot write: {e}")))
+    write_atomically(path, (text + "\n").as_bytes())
 }
 
 pub(crate) fn config_json(s: &Shapes, dtype: SynthDtype) -> Value {
@@ -376,7 +387,7 @@ fn write_shard(
     while !header.len().is_multiple_of(8) {
         header.push(' ');
     }
-    let mut out = BufWriter::with_capacity(8 << 20, File::create(path).map_err(io)?);
+    let mut out = BufWriter::with_capacity(8 << 20, AtomicFile::create(path).map_err(io)?);
     out.write_all(&(header.len() as u64).to_le_bytes())
         .map_err(io)?;
     out.write_all(header.as_bytes()).map_err(io)?;
@@ -416,7 +427,10 @@ fn write_shard(
             start += len;
         }
     }
-    out.flush().map_err(io)?;
+    out.into_inner()
+        .map_err(|e| e.into_error())
+        .and_then(AtomicFile::commit)
+        .map_err(io)?;
     Ok(8 + header.len() as u64 + offset)
 }
 

@@ -499,3 +499,454 @@ fn tensor_type_override_syntax() {
         assert!(bad.parse::<TypeOverride>().is_err(), "{bad}");
     }
 }
+
+// Hostile paths: device nodes, FIFOs, directories and links where files are
+// expected, and outputs that are inputs (issue #20).
+
+/// Runs the CLI with a deadline: a command blocked in `open()` of a FIFO is
+/// killed and reported instead of hanging the test run.
+fn run_cli_within(args: &[&str], secs: u64) -> std::process::Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nibble-tools"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > std::time::Duration::from_secs(secs) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("nibble-tools {args:?} still running after {secs} s (blocked?)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Like [`run_cli`], with a deadline.
+fn cli_error_within(args: &[&str]) -> String {
+    let out = run_cli_within(args, 60);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    stderr
+}
+
+fn mkfifo(path: &Path) {
+    let ok = Command::new("mkfifo").arg(path).status().unwrap().success();
+    assert!(ok, "mkfifo {}", path.display());
+}
+
+fn mknod_null(path: &Path) {
+    let ok = Command::new("mknod")
+        .arg(path)
+        .args(["c", "1", "3"])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mknod {} (needs root)", path.display());
+}
+
+fn is_char_device(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::symlink_metadata(path)
+        .unwrap()
+        .file_type()
+        .is_char_device()
+}
+
+/// Every file of a directory with its bytes, sorted by name.
+fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let bytes = if e.file_type().unwrap().is_file() {
+                std::fs::read(e.path()).unwrap()
+            } else {
+                Vec::new()
+            };
+            (e.file_name().to_string_lossy().into_owned(), bytes)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn convert_refuses_a_device_node_as_output() {
+    let c = Case::new();
+    let dev = c.out_dir.join("x");
+    mknod_null(&dev);
+    let m = cli_error_within(&[
+        "convert",
+        c.model.to_str().unwrap(),
+        "-o",
+        dev.to_str().unwrap(),
+    ]);
+    assert!(
+        m.contains("x: exists and is not a regular file (a character device)"),
+        "{m}"
+    );
+    assert!(is_char_device(&dev), "the device node was replaced");
+    // The library refuses too, down to the writer itself.
+    let e = convert(&ConvertOptions::new(&c.model, &dev, QuantPolicy::Q8)).unwrap_err();
+    assert!(e.to_string().contains("not a regular file"), "{e}");
+    let e = nibble::format::NblWriter::create(&dev).err().unwrap();
+    assert!(e.to_string().contains("not a regular file"), "{e}");
+    assert!(is_char_device(&dev));
+    assert_eq!(std::fs::read_dir(&c.out_dir).unwrap().count(), 1);
+    // A directory is not replaced either.
+    let m = cli_error_within(&[
+        "convert",
+        c.model.to_str().unwrap(),
+        "-o",
+        c.out_dir.to_str().unwrap(),
+    ]);
+    assert!(m.contains("(a directory)"), "{m}");
+}
+
+#[test]
+fn convert_refuses_to_overwrite_its_inputs() {
+    let c = Case::new();
+    let before = snapshot(&c.model);
+    let hard = c.out_dir.join("hard.nbl");
+    std::fs::hard_link(c.model.join("model.safetensors"), &hard).unwrap();
+    let soft = c.out_dir.join("soft.nbl");
+    std::os::unix::fs::symlink(c.model.join("tokenizer.json"), &soft).unwrap();
+    for (out, input) in [
+        (c.model.join("config.json"), "config.json"),
+        (c.model.join("model.safetensors"), "model.safetensors"),
+        (c.model.join("tokenizer.json"), "tokenizer.json"),
+        (hard.clone(), "model.safetensors"),
+        (soft.clone(), "tokenizer.json"),
+    ] {
+        let m = cli_error_within(&[
+            "convert",
+            c.model.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        assert!(
+            m.contains(&format!(
+                "is the input file {}",
+                c.model.join(input).display()
+            )),
+            "{m}"
+        );
+        assert_eq!(
+            snapshot(&c.model),
+            before,
+            "input changed by -o {}",
+            out.display()
+        );
+    }
+    // The importance file is an input too.
+    let imp = c.out_dir.join("imp.safetensors");
+    std::fs::write(&imp, b"not read before the check").unwrap();
+    let m = cli_error_within(&[
+        "convert",
+        c.model.to_str().unwrap(),
+        "-o",
+        imp.to_str().unwrap(),
+        "--imatrix",
+        imp.to_str().unwrap(),
+    ]);
+    assert!(m.contains("is the input file"), "{m}");
+    assert_eq!(std::fs::read(&imp).unwrap(), b"not read before the check");
+    // A new output inside the checkpoint directory is fine.
+    let inside = c.model.join("model.nbl");
+    convert(&ConvertOptions::new(&c.model, &inside, QuantPolicy::Q8)).unwrap();
+    // ... and so is converting again over that earlier output.
+    convert(&ConvertOptions::new(&c.model, &inside, QuantPolicy::Q8)).unwrap();
+}
+
+#[test]
+fn fifos_as_inputs_are_refused_without_blocking() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fifo = tmp.path().join("fifo");
+    mkfifo(&fifo);
+    for args in [
+        vec!["verify", fifo.to_str().unwrap()],
+        vec!["inspect", fifo.to_str().unwrap()],
+        vec!["inspect", "--json", fifo.to_str().unwrap()],
+    ] {
+        let m = cli_error_within(&args);
+        assert_eq!(
+            m.trim_end(),
+            format!("error: {}: not a regular file (a FIFO)", fifo.display()),
+            "{args:?}"
+        );
+    }
+    // A FIFO as the importance file.
+    let c = Case::new();
+    let m = cli_error_within(&[
+        "convert",
+        c.model.to_str().unwrap(),
+        "-o",
+        c.out().to_str().unwrap(),
+        "--imatrix",
+        fifo.to_str().unwrap(),
+    ]);
+    assert!(m.contains("fifo: not a regular file (a FIFO)"), "{m}");
+    c.assert_no_output();
+    // A FIFO named like a GGUF file.
+    let gguf = tmp.path().join("m.gguf");
+    mkfifo(&gguf);
+    let out = tmp.path().join("o.nbl");
+    let m = cli_error_within(&[
+        "convert",
+        gguf.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(m.contains("m.gguf: not a regular file (a FIFO)"), "{m}");
+    // Each file of a checkpoint.
+    for name in ["config.json", "tokenizer.json", "model.safetensors"] {
+        let c = Case::new();
+        std::fs::remove_file(c.model.join(name)).unwrap();
+        mkfifo(&c.model.join(name));
+        let m = cli_error_within(&[
+            "convert",
+            c.model.to_str().unwrap(),
+            "-o",
+            c.out().to_str().unwrap(),
+        ]);
+        assert!(
+            m.contains(&format!("{name}: not a regular file (a FIFO)")),
+            "{m}"
+        );
+        c.assert_no_output();
+    }
+}
+
+#[test]
+fn a_directory_as_the_nbl_file_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    for cmd in ["verify", "inspect"] {
+        let m = cli_error_within(&[cmd, tmp.path().to_str().unwrap()]);
+        assert_eq!(
+            m.trim_end(),
+            format!(
+                "error: {}: is a directory, not a .nbl file",
+                tmp.path().display()
+            )
+        );
+    }
+}
+
+#[test]
+fn imatrix_refuses_the_model_or_the_text_as_output() {
+    let (tmp, model, bytes) = converted();
+    let text = tmp.path().join("calib.txt");
+    // Long enough for a window of --ctx 8, so the old code got as far as
+    // writing its output over the model.
+    let calib = "Some calibration text, long enough for a few windows. ".repeat(4);
+    std::fs::write(&text, &calib).unwrap();
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink(&model, &link).unwrap();
+    for out in [&model, &text, &link] {
+        let m = cli_error_within(&[
+            "imatrix",
+            "-m",
+            model.to_str().unwrap(),
+            "-f",
+            text.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--ctx",
+            "8",
+        ]);
+        assert!(m.contains("is the input file"), "{m}");
+    }
+    assert_eq!(std::fs::read(&model).unwrap(), bytes);
+    assert_eq!(std::fs::read_to_string(&text).unwrap(), calib);
+    let dev = tmp.path().join("dev");
+    mknod_null(&dev);
+    let m = cli_error_within(&[
+        "imatrix",
+        "-m",
+        model.to_str().unwrap(),
+        "-f",
+        text.to_str().unwrap(),
+        "-o",
+        dev.to_str().unwrap(),
+        "--ctx",
+        "8",
+    ]);
+    assert!(m.contains("not a regular file (a character device)"), "{m}");
+    assert!(is_char_device(&dev));
+}
+
+#[test]
+fn perturb_refuses_to_write_over_its_input() {
+    let c = Case::new();
+    let before = snapshot(&c.model);
+    let parent = c.model.parent().unwrap().to_owned();
+    let m = cli_error_within(&[
+        "perturb",
+        c.model.to_str().unwrap(),
+        "-o",
+        c.model.to_str().unwrap(),
+    ]);
+    assert!(m.contains("is the input"), "{m}");
+    let m = cli_error_within(&[
+        "perturb",
+        c.model.to_str().unwrap(),
+        "-o",
+        parent.to_str().unwrap(),
+    ]);
+    assert!(m.contains("contains the input"), "{m}");
+    // An output directory whose files link to the input's: fs::copy onto a
+    // link to its own source used to truncate the input.
+    let out = c.out_dir.join("noisy");
+    std::fs::create_dir(&out).unwrap();
+    std::os::unix::fs::symlink(c.model.join("config.json"), out.join("config.json")).unwrap();
+    let m = cli_error_within(&[
+        "perturb",
+        c.model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(m.contains("is the input file"), "{m}");
+    assert_eq!(snapshot(&c.model), before);
+    // A fresh output directory works, and holds no temporaries.
+    let fresh = c.out_dir.join("fresh");
+    let ok = run_cli_within(
+        &[
+            "perturb",
+            c.model.to_str().unwrap(),
+            "-o",
+            fresh.to_str().unwrap(),
+        ],
+        120,
+    );
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let names: Vec<String> = snapshot(&fresh).into_iter().map(|(n, _)| n).collect();
+    assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
+    assert!(
+        names.contains(&"model.safetensors".to_string()),
+        "{names:?}"
+    );
+    assert_eq!(snapshot(&c.model), before);
+}
+
+#[test]
+fn synth_refuses_a_fifo_or_a_file_where_it_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A FIFO where a file goes: writing it used to block forever.
+    let dir = tmp.path().join("ckpt");
+    std::fs::create_dir(&dir).unwrap();
+    mkfifo(&dir.join("config.json"));
+    let m = cli_error_within(&["synth", "--preset", "tiny", "-o", dir.to_str().unwrap()]);
+    assert!(
+        m.contains("config.json: cannot write: exists and is not a regular file (a FIFO)"),
+        "{m}"
+    );
+    let file = tmp.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    let m = cli_error_within(&["synth", "--preset", "tiny", "-o", file.to_str().unwrap()]);
+    assert!(
+        m.contains("exists and is not a directory (a regular file)"),
+        "{m}"
+    );
+}
+
+#[test]
+fn stale_temporaries_of_dead_processes_are_reclaimed() {
+    let c = Case::new();
+    let out = c.out();
+    // A temporary of a process that no longer exists (as `kill -9` leaves
+    // it), one of a live process (this test), and look-alikes that are not
+    // temporaries of the target.
+    let dead = c.out_dir.join(".m.nbl.tmp4194305"); // above any pid_max
+    let live = c.out_dir.join(format!(".m.nbl.tmp{}", std::process::id()));
+    let other = c.out_dir.join(".m.nbl.tmp12x");
+    let other_target = c.out_dir.join(".n.nbl.tmp4194305");
+    for p in [&dead, &live, &other, &other_target] {
+        std::fs::write(p, vec![0u8; 1 << 16]).unwrap();
+    }
+    let ok = run_cli_within(
+        &[
+            "convert",
+            c.model.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--quant",
+            "q8",
+        ],
+        120,
+    );
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(
+        !dead.exists(),
+        "the dead process's temporary is still there"
+    );
+    assert!(live.exists() && other.exists() && other_target.exists());
+    assert!(out.exists());
+}
+
+/// A closed pipe on stdout (`| head`) ends a command quietly with status 141
+/// (as a shell reports SIGPIPE); a full disk is a one-line error. Neither
+/// panics ("failed printing to stdout").
+#[test]
+fn stdout_write_errors_never_panic() {
+    let (tmp, path, _) = converted();
+    let p = path.to_str().unwrap();
+    let out_nbl = tmp.path().join("again.nbl");
+    let fixture = fixture_dir();
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["inspect", p],
+        vec!["inspect", "--json", p],
+        vec!["verify", p],
+        vec![
+            "convert",
+            fixture.to_str().unwrap(),
+            "-o",
+            out_nbl.to_str().unwrap(),
+            "--quant",
+            "q8",
+        ],
+    ];
+    for args in &commands {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(env!("CARGO_BIN_EXE_nibble-tools"))
+            .args(args)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_nibble-tools"))
+            .args(args)
+            .stdout(full)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(
+            stderr.trim_end(),
+            "error: <stdout>: No space left on device (os error 28)",
+            "{args:?}"
+        );
+    }
+}

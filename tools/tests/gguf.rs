@@ -939,6 +939,40 @@ fn unsupported_models_are_rejected_with_clear_errors() {
     assert!(!out.exists());
 }
 
+#[test]
+fn converting_a_gguf_over_itself_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tiny_llama_gguf().write(dir.path(), "m.gguf");
+    let bytes = std::fs::read(&p).unwrap();
+    let link = dir.path().join("link.nbl");
+    std::os::unix::fs::symlink(&p, &link).unwrap();
+    let hard = dir.path().join("hard.nbl");
+    std::fs::hard_link(&p, &hard).unwrap();
+    for out in [&p, &link, &hard] {
+        let e = convert(&ConvertOptions::new(&p, out, QuantPolicy::Q8)).unwrap_err();
+        assert!(e.message().contains("is the input file"), "{e}");
+        let cli = Command::new(env!("CARGO_BIN_EXE_nibble-tools"))
+            .arg("convert")
+            .arg(&p)
+            .arg("-o")
+            .arg(out)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&cli.stderr);
+        assert_eq!(cli.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.starts_with("error: ") && stderr.contains("is the input file"),
+            "{stderr}"
+        );
+        assert_eq!(std::fs::read(&p).unwrap(), bytes, "the input changed");
+    }
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        3,
+        "no temporaries left"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Tokenizers.
 

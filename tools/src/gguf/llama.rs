@@ -355,6 +355,7 @@ const BATCH_WEIGHTS: usize = 4 << 20;
 /// under the converter's policy.
 pub fn convert(options: &ConvertOptions) -> Result<ConvertSummary, ToolError> {
     let started = Instant::now();
+    convert::check_output(options, std::slice::from_ref(&options.input))?;
     let model = LlamaGguf::open(&options.input)?;
     let plan = convert::plan(&model.config);
     let file_name = options

@@ -22,7 +22,6 @@ use crate::ToolError;
 use memmap2::{Mmap, UncheckedAdvice};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 pub const MAGIC: [u8; 4] = *b"GGUF";
@@ -473,7 +472,7 @@ impl GgufFile {
     /// Maps and validates a GGUF file.
     pub fn open(path: &Path) -> Result<Self, ToolError> {
         let file =
-            File::open(path).map_err(|e| ToolError::new(path, format!("cannot open: {e}")))?;
+            nibble::fsutil::open_regular_for_read(path).map_err(|e| crate::open_error(path, e))?;
         // SAFETY: a read-only private mapping of a model file that nobody
         // should be writing while it is imported. If another process did
         // modify it, we would read whatever bytes are there; every offset and
