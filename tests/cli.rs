@@ -248,3 +248,177 @@ fn ignore_eos_generates_every_token() {
     assert_eq!(all.len(), 8, "{all:?}");
     assert_eq!(all[..stopped.len()], stopped[..]);
 }
+
+/// A copy of the tiny-mha checkpoint with `edit` applied to its config.json,
+/// converted to f32 in `dir`.
+fn tiny_with_config(dir: &std::path::Path, edit: impl FnOnce(&mut serde_json::Value)) -> String {
+    let src = fixtures().join("tiny/tiny-mha");
+    let ckpt = dir.join("ckpt");
+    std::fs::create_dir_all(&ckpt).unwrap();
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(src.join(f), ckpt.join(f)).unwrap();
+    }
+    let mut config = read_json(&src.join("config.json"));
+    edit(&mut config);
+    std::fs::write(ckpt.join("config.json"), config.to_string()).unwrap();
+    let out = dir.join("m.nbl");
+    let opts = nibble_tools::convert::ConvertOptions::new(
+        &ckpt,
+        &out,
+        nibble_tools::convert::QuantPolicy::F32,
+    );
+    nibble_tools::convert::convert(&opts).unwrap();
+    out.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn context_beyond_memory_is_refused_up_front() {
+    let m = tiny();
+    let t = std::time::Instant::now();
+    let out = nibble(&["run", "-m", &m, "-p", "hi", "--ctx", "1000000000"]);
+    assert_error(&out, "needs");
+    assert_error(&out, "available (lower --ctx)");
+    assert_eq!(out.status.code(), Some(1), "an error, not an abort");
+    assert!(t.elapsed().as_secs() < 5, "refused before allocating");
+    for args in [
+        &[
+            "bench",
+            "-m",
+            &m,
+            "-d",
+            "100000000000",
+            "-r",
+            "1",
+            "-p",
+            "0",
+        ][..],
+        &[
+            "perplexity",
+            "-m",
+            &m,
+            "-f",
+            "/dev/null",
+            "--ctx",
+            "1000000000000",
+        ][..],
+    ] {
+        let out = nibble(args);
+        assert!(!out.status.success());
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("memory allocation"));
+    }
+    assert_error(
+        &nibble(&[
+            "bench",
+            "-m",
+            &m,
+            "-d",
+            "100000000000",
+            "-r",
+            "1",
+            "-p",
+            "0",
+        ]),
+        "(lower -p, -n or -d)",
+    );
+    // A modest context within a small explicit limit.
+    let out = nibble(&[
+        "run",
+        "-m",
+        &m,
+        "-p",
+        "hi",
+        "--ctx",
+        "200",
+        "--max-memory",
+        "1M",
+    ]);
+    assert_error(
+        &out,
+        "the memory limit allows 1.0 MiB (lower --ctx or raise --max-memory)",
+    );
+    assert_error(
+        &nibble(&["run", "-m", &m, "-p", "hi", "--max-memory", "lots"]),
+        "not a size",
+    );
+    let out = nibble(&[
+        "run",
+        "-m",
+        &m,
+        "-p",
+        "hi",
+        "-n",
+        "2",
+        "--ctx",
+        "200",
+        "--max-memory",
+        "64M",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn huge_model_context_is_capped_to_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny_with_config(dir.path(), |c| {
+        c["max_position_embeddings"] = 4_000_000.into()
+    });
+    let out = nibble(&[
+        "run",
+        "-m",
+        &m,
+        "-p",
+        "hi",
+        "-n",
+        "4",
+        "--max-memory",
+        "32M",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let note = stderr
+        .lines()
+        .find(|l| l.starts_with("note: "))
+        .expect(&stderr);
+    assert!(
+        note.contains("context of 4000000 tokens does not fit in 32.0 MiB"),
+        "{note}"
+    );
+    // The library tells the same story: the capped context fits the limit.
+    let model = nibble::Model::open(&m).unwrap();
+    let opts = nibble::SessionOptions {
+        max_memory: Some(32 << 20),
+        ..Default::default()
+    };
+    let s = nibble::Session::new(&model, opts).unwrap();
+    assert_eq!(s.plan().capped_from, Some(4_000_000));
+    assert!(s.ctx() >= 256 && s.plan().memory.total <= 32 << 20);
+    // An explicit --ctx is never shortened.
+    let out = nibble(&[
+        "run",
+        "-m",
+        &m,
+        "-p",
+        "hi",
+        "--ctx",
+        "4000000",
+        "--max-memory",
+        "32M",
+    ]);
+    assert_error(&out, "a context of 4000000 tokens needs");
+    // Without a limit the default run works (it fits what this machine
+    // has, or is capped to it).
+    let out = nibble(&["run", "-m", &m, "-p", "hi", "-n", "2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -5,11 +5,13 @@
 //! from the model's memory map, built once when the session is created.
 
 mod config;
+pub mod memory;
 mod session;
 mod stats;
 
 pub use config::{Config, RopeScaling};
-pub use session::{KvType, Session, SessionOptions};
+pub use memory::{set_memory_limit, MemoryLimit, SessionMemory};
+pub use session::{ContextPlan, KvType, Session, SessionOptions};
 pub use stats::{collect_activation_stats, ActivationStats};
 
 use crate::error::{Error, Result};
