@@ -128,6 +128,30 @@ impl From<FormatError> for Error {
     }
 }
 
+/// Longest value (in characters) an error message quotes whole.
+pub const QUOTE_CHARS: usize = 80;
+
+/// `value` in single quotes for an error message, cut to [`QUOTE_CHARS`]
+/// characters with "…" and the full length when longer, control characters
+/// escaped: a hostile file cannot make an error line megabytes long or
+/// break it over several lines. Every quoted value goes through here.
+pub fn quote(value: &str) -> String {
+    let mut out = String::from("'");
+    for (i, ch) in value.chars().enumerate() {
+        if i == QUOTE_CHARS {
+            out.push_str(&format!("…' ({} bytes)", value.len()));
+            return out;
+        }
+        if ch.is_control() {
+            out.extend(ch.escape_default());
+        } else {
+            out.push(ch);
+        }
+    }
+    out.push('\'');
+    out
+}
+
 /// Reads a prompt file, refusing bytes that are not UTF-8.
 pub fn read_prompt_file(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;

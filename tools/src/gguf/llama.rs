@@ -89,6 +89,12 @@ impl LlamaGguf {
     pub fn open(path: &Path) -> Result<Self, ToolError> {
         let file = GgufFile::open(path)?;
         let config = config(&file)?;
+        convert::check_layer_count(
+            path,
+            "llama.block_count",
+            config.num_hidden_layers,
+            file.tensors().len(),
+        )?;
         let tokenizer = super::tokenizer::build(&file, config.vocab_size)?;
         let mut tensors = BTreeMap::new();
         for t in file.tensors() {
@@ -366,6 +372,7 @@ pub fn convert(options: &ConvertOptions) -> Result<ConvertSummary, ToolError> {
         .tensor_types(&plan)
         .map_err(|e| ToolError::new(&options.input, e))?;
     let metadata = convert::metadata(&model.config, &model.tokenizer, options, vec![file_name]);
+    convert::check_runtime_accepts(&options.input, &metadata)?;
     let importance = options.importance(&plan)?;
 
     let total: u64 = plan
