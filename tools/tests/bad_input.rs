@@ -518,7 +518,7 @@ fn absurd_layer_count_is_refused_before_planning() {
     let m = c.lib_error();
     assert!(t.elapsed().as_secs() < 5, "refused up front");
     assert!(
-        m.contains("config.json: 'num_hidden_layers' is 4294967295, but"),
+        m.contains("config.json: 'num_hidden_layers' is 4294967295, but the checkpoint has only"),
         "{m}"
     );
     let m = c.cli_error();
