@@ -422,3 +422,44 @@ fn huge_model_context_is_capped_to_fit() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The tiny model rewritten with `edit` applied to its metadata.
+fn tiny_with_metadata(
+    dir: &std::path::Path,
+    edit: impl FnOnce(&mut nibble::format::Metadata),
+) -> String {
+    let src = nibble::format::NblFile::open(std::path::Path::new(&tiny())).unwrap();
+    let mut m = src.metadata().clone();
+    edit(&mut m);
+    let out = dir.join("edited.nbl");
+    let mut w = nibble::format::NblWriter::create(&out).unwrap();
+    for t in src.tensors() {
+        let v = src.tensor(&t.name).unwrap();
+        w.add_tensor(&t.name, t.tensor_type.unwrap(), &t.shape, v.bytes)
+            .unwrap();
+    }
+    w.finish(&m).unwrap();
+    out.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn errors_quote_values_briefly() {
+    use nibble::format::{keys, Value};
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny_with_metadata(dir.path(), |m| {
+        m.set(keys::HIDDEN_SIZE, Value::Str("9".repeat(1 << 20)))
+    });
+    let out = nibble(&["run", "-m", &m, "-p", "hi"]);
+    assert_error(&out, "edited.nbl");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr.lines().find(|l| l.starts_with("error: ")).unwrap();
+    assert!(line.len() < 400, "{} bytes: {}", line.len(), &line[..400]);
+    assert!(line.contains("'llama.hidden_size'"), "{line}");
+    assert!(line.contains("…' (1048576 bytes)"), "{line}");
+    let m = tiny_with_metadata(dir.path(), |m| {
+        m.set(keys::ARCHITECTURE, Value::Str("x\n".repeat(1 << 19)))
+    });
+    let out = nibble(&["run", "-m", &m, "-p", "hi"]);
+    assert_error(&out, "architecture 'x\\nx\\n");
+    assert!(out.stderr.len() < 1000);
+}

@@ -5,6 +5,7 @@
 //! The explicit length lets a reader skip values of types it does not know.
 
 use super::{invalid, put_name, Cursor, FormatError};
+use crate::error::quote;
 use std::collections::BTreeMap;
 
 /// Well-known keys. Architecture keys use HuggingFace's LLaMA config names.
@@ -66,6 +67,21 @@ pub const MAX_PACKED_TOTAL_LEN: u64 = 1 << 26;
 pub const MAX_PACKED_STR_LEN: u64 = MAX_PACKED_TOTAL_LEN;
 
 impl Value {
+    /// The value for an error message: numbers as they are, strings quoted
+    /// and cut short ([`quote`]), arrays by their length.
+    pub fn brief(&self) -> String {
+        match self {
+            Self::Str(s) => format!("the string {}", quote(s)),
+            Self::PackedStr(s) => format!("the packed string {}", quote(s)),
+            Self::U32Array(v) => format!("an array of {} u32", v.len()),
+            Self::StrArray(v) => format!("an array of {} strings", v.len()),
+            Self::U32(x) => format!("the u32 {x}"),
+            Self::U64(x) => format!("the u64 {x}"),
+            Self::F32(x) => format!("the f32 {x}"),
+            Self::Bool(x) => format!("the bool {x}"),
+        }
+    }
+
     pub fn type_id(&self) -> u8 {
         match self {
             Self::U32(_) => 0,
@@ -112,7 +128,7 @@ impl Value {
     /// Decodes a value of type `ty` filling exactly `bytes`; `Ok(None)` for a
     /// type id this version does not know.
     fn decode(ty: u8, bytes: &[u8], key: &str) -> Result<Option<Self>, FormatError> {
-        let bad = |what: &str| FormatError::Invalid(format!("metadata '{key}': {what}"));
+        let bad = |what: &str| FormatError::Invalid(format!("metadata {}: {what}", quote(key)));
         let fixed = |n: usize| -> Result<(), FormatError> {
             if bytes.len() == n {
                 Ok(())
@@ -201,8 +217,9 @@ impl Packed {
         let len = c.u64()?;
         if len > MAX_PACKED_STR_LEN {
             return invalid(format!(
-                "metadata '{key}': packed string of {len} bytes exceeds the \
-                 {MAX_PACKED_STR_LEN}-byte limit"
+                "metadata {}: packed string of {len} bytes exceeds the \
+                 {MAX_PACKED_STR_LEN}-byte limit",
+                quote(key)
             ));
         }
         let stream = c.take(c.remaining())?.into();
@@ -210,7 +227,7 @@ impl Packed {
     }
 
     fn inflate(&self, key: &str) -> Result<Value, String> {
-        let bad = |what: &str| format!("metadata '{key}': {what}");
+        let bad = |what: &str| format!("metadata {}: {what}", quote(key));
         let bytes = inflate(&self.stream, self.len as usize).map_err(|e| bad(&e))?;
         match String::from_utf8(bytes) {
             Ok(s) => Ok(Value::PackedStr(s)),
@@ -245,7 +262,7 @@ impl Entry {
     fn resolve(&self, key: &str) -> Result<&Value, FormatError> {
         let r = self.value.get_or_init(|| match &self.packed {
             Some(p) => p.inflate(key),
-            None => Err(format!("metadata '{key}' has no value")),
+            None => Err(format!("metadata {} has no value", quote(key))),
         });
         r.as_ref().map_err(|e| FormatError::Invalid(e.clone()))
     }
@@ -365,7 +382,11 @@ impl Metadata {
             None => Ok(None),
             Some(v) => match pick(v) {
                 Some(t) => Ok(Some(t)),
-                None => invalid(format!("metadata '{key}' should be {want}, found {v:?}")),
+                None => invalid(format!(
+                    "metadata {} should be {want}, found {}",
+                    quote(key),
+                    v.brief()
+                )),
             },
         }
     }
@@ -455,7 +476,8 @@ impl Metadata {
             let len = c.u64()?;
             if len > c.remaining() as u64 {
                 return invalid(format!(
-                    "metadata '{key}': value of {len} bytes runs past the section"
+                    "metadata {}: value of {len} bytes runs past the section",
+                    quote(key)
                 ));
             }
             let raw = c.take(len as usize)?;
@@ -464,8 +486,9 @@ impl Metadata {
                 packed_total += p.len;
                 if packed_total > MAX_PACKED_TOTAL_LEN {
                     return invalid(format!(
-                        "metadata '{key}': packed strings inflate to more than the \
-                         {MAX_PACKED_TOTAL_LEN}-byte limit of one file"
+                        "metadata {}: packed strings inflate to more than the \
+                         {MAX_PACKED_TOTAL_LEN}-byte limit of one file",
+                        quote(key)
                     ));
                 }
                 Some(Entry::packed(p))
@@ -477,7 +500,7 @@ impl Metadata {
                 None => !skipped.insert(key) || entries.contains_key(key),
             };
             if repeated {
-                return invalid(format!("metadata key '{key}' appears twice"));
+                return invalid(format!("metadata key {} appears twice", quote(key)));
             }
         }
         if c.remaining() != 0 {

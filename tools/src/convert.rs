@@ -493,7 +493,10 @@ fn check_tensors(
         if !plan.iter().any(|p| &p.name == name) {
             return Err(ToolError::new(
                 source.path(t),
-                format!("unexpected tensor '{name}' (not part of a LLaMA model with this config)"),
+                format!(
+                    "unexpected tensor {} (not part of a LLaMA model with this config)",
+                    nibble::error::quote(name)
+                ),
             ));
         }
     }

@@ -151,7 +151,9 @@ impl Source {
             let map = unsafe { Mmap::map(&file) }
                 .map_err(|e| ToolError::new(&path, format!("cannot map: {e}")))?;
             let (header_len, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
-                ToolError::new(&path, format!("invalid safetensors file: {}", describe(&e)))
+                let problem = bad_tensor_entry(&map)
+                    .unwrap_or_else(|| format!("invalid safetensors file: {}", describe(&e)));
+                ToolError::new(&path, problem)
             })?;
             let data_start = 8 + header_len;
             for (tname, info) in meta.tensors() {
@@ -166,8 +168,9 @@ impl Source {
                         return Err(ToolError::new(
                             &path,
                             format!(
-                                "tensor '{tname}' has dtype {other:?}; only F32, F16 and BF16 are supported"
-                            ),
+                            "tensor {} has dtype {other:?}; only F32, F16 and BF16 are supported",
+                            nibble::error::quote(&tname)
+                        ),
                         ))
                     }
                 };
@@ -275,6 +278,34 @@ impl Source {
 }
 
 /// safetensors' error variants, in words a user can act on.
+/// When the safetensors crate refuses a header, the tensor entry at fault
+/// (whose dtype this version of the format does not know, or that has none),
+/// so the message can name it.
+fn bad_tensor_entry(map: &[u8]) -> Option<String> {
+    use nibble::error::quote;
+    let n = usize::try_from(u64::from_le_bytes(map.get(..8)?.try_into().ok()?)).ok()?;
+    let header: serde_json::Value =
+        serde_json::from_slice(map.get(8..8usize.checked_add(n)?)?).ok()?;
+    for (name, entry) in header.as_object()? {
+        if name == "__metadata__" {
+            continue;
+        }
+        match entry.get("dtype") {
+            None => return Some(format!("tensor {} has no dtype", quote(name))),
+            Some(d) if serde_json::from_value::<Dtype>(d.clone()).is_err() => {
+                let text = d.as_str().map_or_else(|| d.to_string(), str::to_owned);
+                return Some(format!(
+                    "tensor {} has unknown dtype {}; only F32, F16 and BF16 are supported",
+                    quote(name),
+                    quote(&text)
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    None
+}
+
 fn describe(e: &safetensors::SafeTensorError) -> String {
     use safetensors::SafeTensorError as E;
     match e {

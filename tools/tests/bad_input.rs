@@ -606,3 +606,25 @@ fn convert_refuses_what_the_runtime_refuses() {
     assert!(m.contains("tokenizer"), "{m}");
     assert!(c.cli_error().contains("tokenizer"));
 }
+
+#[test]
+fn unknown_safetensors_dtype_names_the_tensor() {
+    let c = Case::new();
+    let long = "w".repeat(10_000);
+    let header = serde_json::json!({
+        "model.norm.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+        long.clone(): {"dtype": "F99", "shape": [1], "data_offsets": [4, 8]},
+    })
+    .to_string();
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(header.as_bytes());
+    bytes.extend([0u8; 8]);
+    std::fs::write(c.model.join("model.safetensors"), bytes).unwrap();
+    let m = c.cli_error();
+    assert!(m.contains("model.safetensors: tensor 'www"), "{m}");
+    assert!(
+        m.contains("…' (10000 bytes) has unknown dtype 'F99'"),
+        "{m}"
+    );
+    assert!(m.len() < 400, "{m}");
+}

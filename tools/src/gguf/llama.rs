@@ -105,8 +105,8 @@ impl LlamaGguf {
                     ""
                 };
                 return Err(file.error(format!(
-                    "unexpected tensor '{}' (not part of a LLaMA model){hint}",
-                    t.name
+                    "unexpected tensor {} (not part of a LLaMA model){hint}",
+                    nibble::error::quote(&t.name)
                 )));
             };
             let unpermute_heads = match layer_tensor {
@@ -244,7 +244,8 @@ pub fn config(file: &GgufFile) -> Result<LlamaConfig, ToolError> {
         Some("llama") => {}
         Some(other) => {
             return Err(file.error(format!(
-                "architecture '{other}' is not supported (only 'llama')"
+                "architecture {} is not supported (only 'llama')",
+                nibble::error::quote(other)
             )))
         }
         None => return Err(file.error("metadata 'general.architecture' is missing")),
@@ -321,7 +322,8 @@ pub fn config(file: &GgufFile) -> Result<LlamaConfig, ToolError> {
         }
         Some(other) => {
             return Err(file.error(format!(
-                "rope scaling type '{other}' is not supported (only linear)"
+                "rope scaling type {} is not supported (only linear)",
+                nibble::error::quote(other)
             )))
         }
     };

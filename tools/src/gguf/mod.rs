@@ -650,13 +650,23 @@ impl GgufFile {
                 .string(&format_args!("the key of metadata entry {i}"))
                 .map_err(err)?;
             let ty = c
-                .u32(&format_args!("the type of metadata '{key}'"))
+                .u32(&format_args!(
+                    "the type of metadata {}",
+                    nibble::error::quote(&key)
+                ))
                 .map_err(err)?;
             let value = c
-                .value(ty, &format_args!("metadata '{key}'"), 0)
+                .value(
+                    ty,
+                    &format_args!("metadata {}", nibble::error::quote(&key)),
+                    0,
+                )
                 .map_err(err)?;
             if metadata.insert(key.clone(), value).is_some() {
-                return Err(err(format!("metadata key '{key}' appears twice")));
+                return Err(err(format!(
+                    "metadata key {} appears twice",
+                    nibble::error::quote(&key)
+                )));
             }
         }
 
@@ -665,7 +675,8 @@ impl GgufFile {
             Some(MetaValue::U32(a)) if *a > 0 && a.is_power_of_two() => *a as usize,
             Some(v) => {
                 return Err(err(format!(
-                    "'general.alignment' should be a power of two (u32), found {v:?}"
+                    "'general.alignment' should be a power of two (u32), found {}",
+                    brief(v)
                 )))
             }
         };
@@ -922,7 +933,7 @@ impl GgufFile {
 pub(crate) fn brief(v: &MetaValue) -> String {
     match v {
         MetaValue::Array(a) => format!("an array of {} {}", a.len(), value_type_name(a.elem_type)),
-        MetaValue::Str(s) if s.len() > 40 => format!("a string ({} bytes)", s.len()),
+        MetaValue::Str(s) => format!("the string {}", nibble::error::quote(s)),
         other => format!("{other:?}"),
     }
 }
