@@ -324,6 +324,11 @@ fn context_beyond_memory_is_refused_up_front() {
         ]),
         "(lower -p, -n or -d)",
     );
+    // The server refuses at startup, before binding.
+    assert_error(
+        &nibble(&["serve", "-m", &m, "--port", "0", "--ctx", "1000000000"]),
+        "available (lower --ctx)",
+    );
     // A modest context within a small explicit limit.
     let out = nibble(&[
         "run",
