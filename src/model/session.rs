@@ -25,7 +25,7 @@ pub struct SessionOptions {
     /// limit of [`super::set_memory_limit`], else the memory the OS reports
     /// available. A context that does not fit is refused with
     /// [`Error::OutOfMemory`]; the model's own context (`ctx: None`) is
-    /// shortened to fit instead.
+    /// shortened instead, to fit in seven eighths of it.
     pub max_memory: Option<u64>,
     /// Most rows of logits one forward call returns (counted in the memory
     /// check; 0 = 1). Perplexity asks for half a window.
@@ -184,7 +184,11 @@ impl ContextPlan {
         let mut capped_from = None;
         if let (None, Some(l)) = (opts.ctx, limit) {
             if need(ctx).total > l.bytes() {
-                let fit = memory::max_ctx(c, opts.kv_type, threads, rows, l.bytes(), ctx);
+                // An eighth to spare: for the rest of the process, and so
+                // the same context still fits when checked again a moment
+                // later against a slightly different MemAvailable.
+                let room = l.bytes() - l.bytes() / 8;
+                let fit = memory::max_ctx(c, opts.kv_type, threads, rows, room, ctx);
                 // Round to a multiple of 256 tokens when that leaves any.
                 let fit = if fit >= 256 { fit / 256 * 256 } else { fit };
                 if fit > 0 {
