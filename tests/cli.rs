@@ -468,3 +468,34 @@ fn errors_quote_values_briefly() {
     assert_error(&out, "architecture 'x\\nx\\n");
     assert!(out.stderr.len() < 1000);
 }
+
+#[test]
+fn packed_strings_are_capped_and_inflated_only_when_read() {
+    use nibble::format::{keys, Value};
+    let dir = tempfile::tempdir().unwrap();
+    // 40 MiB of text under a key the runtime never reads: not inflated, so
+    // the run's peak memory stays that of the tiny model.
+    let m = tiny_with_metadata(dir.path(), |m| {
+        m.set("x.unread", Value::PackedStr(" ".repeat(40 << 20)))
+    });
+    let out = nibble(&["run", "-m", &m, "-p", "hi", "-n", "2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let peak: f64 = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("peak RSS: "))
+        .and_then(|l| l.split(' ').next())
+        .expect(&stderr)
+        .parse()
+        .unwrap();
+    assert!(
+        peak < 30.0,
+        "peak RSS {peak} MiB: the unread string was inflated"
+    );
+    // Two such strings pass the limit of all packed strings of a file.
+    let m = tiny_with_metadata(dir.path(), |m| {
+        m.set("x.a", Value::PackedStr(" ".repeat(40 << 20)));
+        m.set(keys::CHAT_TEMPLATE, Value::PackedStr(" ".repeat(40 << 20)));
+    });
+    assert_error(&nibble(&["run", "-m", &m, "-p", "hi"]), "limit of one file");
+}
