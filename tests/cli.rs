@@ -499,3 +499,26 @@ fn packed_strings_are_capped_and_inflated_only_when_read() {
     });
     assert_error(&nibble(&["run", "-m", &m, "-p", "hi"]), "limit of one file");
 }
+
+#[test]
+fn perplexity_and_chat_check_the_context_against_memory() {
+    let m = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, "It is a truth universally acknowledged. ".repeat(40)).unwrap();
+    let t = text.to_str().unwrap();
+    let out = nibble(&[
+        "perplexity",
+        "-m",
+        &m,
+        "-f",
+        t,
+        "--ctx",
+        "64",
+        "--max-memory",
+        "1M",
+    ]);
+    assert_error(&out, "a context of 64 tokens needs");
+    let out = nibble(&["chat", "-m", &m, "--ctx", "1000000000"]);
+    assert_error(&out, "available (lower --ctx)");
+}
