@@ -111,14 +111,18 @@ impl Source {
                 let file = file.as_str().ok_or_else(|| {
                     ToolError::new(
                         &index,
-                        format!("tensor '{tensor}' maps to {file}, not a file name"),
+                        format!(
+                            "tensor {} maps to {}, not a file name",
+                            nibble::error::quote(tensor),
+                            nibble::error::quote(&file.to_string())
+                        ),
                     )
                 })?;
                 // The index must not send us outside the checkpoint directory.
                 if Path::new(file).components().count() != 1 || file == ".." || file == "." {
                     return Err(ToolError::new(
                         &index,
-                        format!("'{file}' is not a plain file name"),
+                        format!("{} is not a plain file name", nibble::error::quote(file)),
                     ));
                 }
                 files.insert(file.to_owned());
@@ -184,7 +188,10 @@ impl Source {
                 if tensors.insert(tname.clone(), t).is_some() {
                     return Err(ToolError::new(
                         &path,
-                        format!("tensor '{tname}' also appears in another shard"),
+                        format!(
+                            "tensor {} also appears in another shard",
+                            nibble::error::quote(&tname)
+                        ),
                     ));
                 }
             }
@@ -201,7 +208,11 @@ impl Source {
                     if where_.map(String::as_str) != file.as_str() {
                         return Err(ToolError::new(
                             &index,
-                            format!("tensor '{tensor}' is not in {file} as the index says"),
+                            format!(
+                                "tensor {} is not in {} as the index says",
+                                nibble::error::quote(tensor),
+                                nibble::error::quote(&file.to_string())
+                            ),
                         ));
                     }
                 }

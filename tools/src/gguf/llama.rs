@@ -168,8 +168,9 @@ impl LlamaGguf {
             }
             if !plan.iter().any(|p| &p.name == name) {
                 return Err(self.file.error(format!(
-                    "unexpected tensor '{}' (the metadata describes {} layers)",
-                    m.gguf.name, self.config.num_hidden_layers
+                    "unexpected tensor {} (the metadata describes {} layers)",
+                    nibble::error::quote(&m.gguf.name),
+                    self.config.num_hidden_layers
                 )));
             }
         }

@@ -699,7 +699,7 @@ impl GgufFile {
             let name = c
                 .string(&format_args!("the name of tensor {i}"))
                 .map_err(err)?;
-            let what = format!("tensor '{name}'");
+            let what = format!("tensor {}", nibble::error::quote(&name));
             let n_dims = c.u32(&what).map_err(err)?;
             if n_dims == 0 || n_dims as usize > MAX_DIMS {
                 return Err(err(format!(
@@ -741,7 +741,7 @@ impl GgufFile {
             offset,
         } in infos
         {
-            let what = format!("tensor '{name}'");
+            let what = format!("tensor {}", nibble::error::quote(&name));
             let n = dims
                 .iter()
                 .try_fold(1u64, |acc, &d| acc.checked_mul(d))
@@ -791,8 +791,9 @@ impl GgufFile {
         for w in order.windows(2) {
             if w[1].start < w[0].end {
                 return Err(err(format!(
-                    "tensors '{}' and '{}' overlap (corrupt tensor directory)",
-                    w[0].name, w[1].name
+                    "tensors {} and {} overlap (corrupt tensor directory)",
+                    nibble::error::quote(&w[0].name),
+                    nibble::error::quote(&w[1].name)
                 )));
             }
         }
