@@ -70,7 +70,12 @@ pub fn bench(model: &Model, o: &BenchOptions) -> Result<BenchResult> {
     if o.repetitions == 0 {
         return Err(Error::InvalidArgument("-r must be at least 1".into()));
     }
-    let ctx = o.prompt_tokens.max(o.depth + o.gen_tokens).max(1);
+    // Checked against the memory limit by `Session::new`, before the depth
+    // or the prompt is generated.
+    let ctx = o
+        .prompt_tokens
+        .max(o.depth.saturating_add(o.gen_tokens))
+        .max(1);
     let mut session = Session::new(model, SessionOptions::with_ctx(ctx))?;
     let vocab = model.config().vocab_size as u32;
     let mut rng = Rng::new(1234);

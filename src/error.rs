@@ -33,6 +33,16 @@ pub enum Error {
         ctx: usize,
         needed: usize,
     },
+    /// A session of `ctx` tokens over the model at `path` could grow to
+    /// `needed` bytes (`kv_cache` of them keys and values), more than
+    /// `limit`. Checked before anything is allocated.
+    OutOfMemory {
+        path: PathBuf,
+        ctx: usize,
+        needed: u64,
+        kv_cache: u64,
+        limit: crate::model::MemoryLimit,
+    },
     /// A bad value for an option (names the option).
     InvalidArgument(String),
 }
@@ -71,6 +81,32 @@ impl fmt::Display for Error {
                 f,
                 "context full: {needed} tokens do not fit in the context of {ctx} tokens (raise --ctx)"
             ),
+            Self::OutOfMemory {
+                path,
+                ctx,
+                needed,
+                kv_cache,
+                limit,
+            } => {
+                use crate::model::memory::human_bytes;
+                write!(
+                    f,
+                    "{}: a context of {ctx} tokens needs {} of KV cache",
+                    path.display(),
+                    human_bytes(*kv_cache)
+                )?;
+                if needed > kv_cache {
+                    write!(f, " ({} with buffers)", human_bytes(*needed))?;
+                }
+                match limit {
+                    crate::model::MemoryLimit::Available(b) => {
+                        write!(f, "; {} are available", human_bytes(*b))
+                    }
+                    crate::model::MemoryLimit::Limit(b) => {
+                        write!(f, "; the memory limit allows {}", human_bytes(*b))
+                    }
+                }
+            }
             Self::InvalidArgument(m) => write!(f, "{m}"),
         }
     }
@@ -90,6 +126,30 @@ impl From<FormatError> for Error {
     fn from(e: FormatError) -> Self {
         Self::Format(e)
     }
+}
+
+/// Longest value (in characters) an error message quotes whole.
+pub const QUOTE_CHARS: usize = 80;
+
+/// `value` in single quotes for an error message, cut to [`QUOTE_CHARS`]
+/// characters with "…" and the full length when longer, control characters
+/// escaped: a hostile file cannot make an error line megabytes long or
+/// break it over several lines. Every quoted value goes through here.
+pub fn quote(value: &str) -> String {
+    let mut out = String::from("'");
+    for (i, ch) in value.chars().enumerate() {
+        if i == QUOTE_CHARS {
+            out.push_str(&format!("…' ({} bytes)", value.len()));
+            return out;
+        }
+        if ch.is_control() {
+            out.extend(ch.escape_default());
+        } else {
+            out.push(ch);
+        }
+    }
+    out.push('\'');
+    out
 }
 
 /// Reads a prompt file, refusing bytes that are not UTF-8.

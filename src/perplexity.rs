@@ -49,8 +49,8 @@ pub fn perplexity(
     let windows = Windows::new(model, text, ctx)?;
     let chunks = windows.chunks;
     let vocab = model.config().vocab_size;
-    let mut session = Session::new(model, SessionOptions::with_ctx(ctx))?;
     let first = ctx / 2;
+    let mut session = Session::new(model, window_options(ctx))?;
     let mut nll_sum = 0f64;
     let mut scored = 0usize;
     let mut window = Vec::with_capacity(ctx);
@@ -122,7 +122,7 @@ pub fn perplexity_kl(
             base.path().display()
         )));
     }
-    let opts = SessionOptions::with_ctx(ctx);
+    let opts = window_options(ctx);
     let mut session = Session::new(model, opts.clone())?;
     let mut base_session = Session::new(base, opts)?;
     let first = ctx / 2;
@@ -161,6 +161,14 @@ pub fn perplexity_kl(
         kl_p99: kls[p99_rank.clamp(1, n) - 1],
         top1_agreement: stats.iter().filter(|s| s.agree).count() as f64 / n as f64,
     })
+}
+
+/// A session for windows of `ctx` tokens whose second half is scored.
+fn window_options(ctx: usize) -> SessionOptions {
+    SessionOptions {
+        logits_rows: ctx - ctx / 2,
+        ..SessionOptions::with_ctx(ctx)
+    }
 }
 
 /// `max + ln Σ exp(v - max)` of a logits row, and its argmax (first on ties).

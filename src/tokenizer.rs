@@ -63,6 +63,37 @@ impl Tokenizer {
         })
     }
 
+    /// Checks that every token id, added tokens included, and the special
+    /// tokens' ids are below the model's `vocab_size` (the rows of its
+    /// embedding), so no encoded text can index past them.
+    pub fn check_vocab(&self, vocab_size: usize) -> Result<()> {
+        let n = self.vocab_size();
+        if n > vocab_size {
+            return Err(Error::Tokenizer(format!(
+                "tokenizer has {n} tokens but the model only {vocab_size}"
+            )));
+        }
+        let vocab = self.inner.get_vocab(true);
+        if let Some((tok, id)) = vocab
+            .iter()
+            .filter(|(_, &id)| id as usize >= vocab_size)
+            .min_by_key(|(_, &id)| id)
+        {
+            return Err(Error::Tokenizer(format!(
+                "token {} has id {id}, outside the model's vocabulary of {vocab_size}",
+                crate::error::quote(tok)
+            )));
+        }
+        for id in self.bos.iter().chain(&self.eos) {
+            if *id as usize >= vocab_size {
+                return Err(Error::Tokenizer(format!(
+                    "special token id {id} is outside the model's vocabulary of {vocab_size}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Tokens in the vocabulary, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

@@ -354,3 +354,277 @@ fn stdout_write_errors_never_panic() {
         assert_error(&out, "<stdout>: No space left on device");
     }
 }
+
+/// A copy of the tiny-mha checkpoint with `edit` applied to its config.json,
+/// converted to f32 in `dir`.
+fn tiny_with_config(dir: &std::path::Path, edit: impl FnOnce(&mut serde_json::Value)) -> String {
+    let src = fixtures().join("tiny/tiny-mha");
+    let ckpt = dir.join("ckpt");
+    std::fs::create_dir_all(&ckpt).unwrap();
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(src.join(f), ckpt.join(f)).unwrap();
+    }
+    let mut config = read_json(&src.join("config.json"));
+    edit(&mut config);
+    std::fs::write(ckpt.join("config.json"), config.to_string()).unwrap();
+    let out = dir.join("m.nbl");
+    let opts = nibble_tools::convert::ConvertOptions::new(
+        &ckpt,
+        &out,
+        nibble_tools::convert::QuantPolicy::F32,
+    );
+    nibble_tools::convert::convert(&opts).unwrap();
+    out.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn context_beyond_memory_is_refused_up_front() {
+    let m = tiny();
+    let t = std::time::Instant::now();
+    let out = nibble(&["run", "-m", &m, "-p", "hi", "--ctx", "1000000000"]);
+    assert_error(&out, "needs");
+    assert_error(&out, "available (lower --ctx)");
+    assert_eq!(out.status.code(), Some(1), "an error, not an abort");
+    assert!(t.elapsed().as_secs() < 5, "refused before allocating");
+    for args in [
+        &[
+            "bench",
+            "-m",
+            &m,
+            "-d",
+            "100000000000",
+            "-r",
+            "1",
+            "-p",
+            "0",
+        ][..],
+        &[
+            "perplexity",
+            "-m",
+            &m,
+            "-f",
+            "/dev/null",
+            "--ctx",
+            "1000000000000",
+        ][..],
+    ] {
+        let out = nibble(args);
+        assert!(!out.status.success());
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("memory allocation"));
+    }
+    assert_error(
+        &nibble(&[
+            "bench",
+            "-m",
+            &m,
+            "-d",
+            "100000000000",
+            "-r",
+            "1",
+            "-p",
+            "0",
+        ]),
+        "(lower -p, -n or -d)",
+    );
+    // The server refuses at startup, before binding.
+    assert_error(
+        &nibble(&["serve", "-m", &m, "--port", "0", "--ctx", "1000000000"]),
+        "available (lower --ctx)",
+    );
+    // A modest context within a small explicit limit.
+    let out = nibble(&[
+        "run",
+        "-m",
+        &m,
+        "-p",
+        "hi",
+        "--ctx",
+        "200",
+        "--max-memory",
+        "1M",
+    ]);
+    assert_error(
+        &out,
+        "the memory limit allows 1.0 MiB (lower --ctx or raise --max-memory)",
+    );
+    assert_error(
+        &nibble(&["run", "-m", &m, "-p", "hi", "--max-memory", "lots"]),
+        "not a size",
+    );
+    let out = nibble(&[
+        "run",
+        "-m",
+        &m,
+        "-p",
+        "hi",
+        "-n",
+        "2",
+        "--ctx",
+        "200",
+        "--max-memory",
+        "64M",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn huge_model_context_is_capped_to_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny_with_config(dir.path(), |c| {
+        c["max_position_embeddings"] = 4_000_000.into()
+    });
+    let out = nibble(&[
+        "run",
+        "-m",
+        &m,
+        "-p",
+        "hi",
+        "-n",
+        "4",
+        "--max-memory",
+        "32M",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let note = stderr
+        .lines()
+        .find(|l| l.starts_with("note: "))
+        .expect(&stderr);
+    assert!(
+        note.contains("context of 4000000 tokens does not fit in 32.0 MiB"),
+        "{note}"
+    );
+    // The library tells the same story: the capped context fits the limit.
+    let model = nibble::Model::open(&m).unwrap();
+    let opts = nibble::SessionOptions {
+        max_memory: Some(32 << 20),
+        ..Default::default()
+    };
+    let s = nibble::Session::new(&model, opts).unwrap();
+    assert_eq!(s.plan().capped_from, Some(4_000_000));
+    assert!(s.ctx() >= 256 && s.plan().memory.total <= 32 << 20);
+    // An explicit --ctx is never shortened.
+    let out = nibble(&[
+        "run",
+        "-m",
+        &m,
+        "-p",
+        "hi",
+        "--ctx",
+        "4000000",
+        "--max-memory",
+        "32M",
+    ]);
+    assert_error(&out, "a context of 4000000 tokens needs");
+    // Without a limit the default run works (it fits what this machine
+    // has, or is capped to it).
+    let out = nibble(&["run", "-m", &m, "-p", "hi", "-n", "2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The tiny model rewritten with `edit` applied to its metadata.
+fn tiny_with_metadata(
+    dir: &std::path::Path,
+    edit: impl FnOnce(&mut nibble::format::Metadata),
+) -> String {
+    let src = nibble::format::NblFile::open(std::path::Path::new(&tiny())).unwrap();
+    let mut m = src.metadata().clone();
+    edit(&mut m);
+    let out = dir.join("edited.nbl");
+    let mut w = nibble::format::NblWriter::create(&out).unwrap();
+    for t in src.tensors() {
+        let v = src.tensor(&t.name).unwrap();
+        w.add_tensor(&t.name, t.tensor_type.unwrap(), &t.shape, v.bytes)
+            .unwrap();
+    }
+    w.finish(&m).unwrap();
+    out.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn errors_quote_values_briefly() {
+    use nibble::format::{keys, Value};
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny_with_metadata(dir.path(), |m| {
+        m.set(keys::HIDDEN_SIZE, Value::Str("9".repeat(1 << 20)))
+    });
+    let out = nibble(&["run", "-m", &m, "-p", "hi"]);
+    assert_error(&out, "edited.nbl");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr.lines().find(|l| l.starts_with("error: ")).unwrap();
+    assert!(line.len() < 400, "{} bytes: {}", line.len(), &line[..400]);
+    assert!(line.contains("'llama.hidden_size'"), "{line}");
+    assert!(line.contains("…' (1048576 bytes)"), "{line}");
+    let m = tiny_with_metadata(dir.path(), |m| {
+        m.set(keys::ARCHITECTURE, Value::Str("x\n".repeat(1 << 19)))
+    });
+    let out = nibble(&["run", "-m", &m, "-p", "hi"]);
+    assert_error(&out, "architecture 'x\\nx\\n");
+    assert!(out.stderr.len() < 1000);
+}
+
+#[test]
+fn packed_strings_are_capped_and_inflated_only_when_read() {
+    use nibble::format::{keys, Value};
+    let dir = tempfile::tempdir().unwrap();
+    // 40 MiB of text under a key the runtime never reads: not inflated, so
+    // the run's peak memory stays that of the tiny model.
+    let m = tiny_with_metadata(dir.path(), |m| {
+        m.set("x.unread", Value::PackedStr(" ".repeat(40 << 20)))
+    });
+    let out = nibble(&["run", "-m", &m, "-p", "hi", "-n", "2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let peak: f64 = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("peak RSS: "))
+        .and_then(|l| l.split(' ').next())
+        .expect(&stderr)
+        .parse()
+        .unwrap();
+    assert!(
+        peak < 30.0,
+        "peak RSS {peak} MiB: the unread string was inflated"
+    );
+    // Two such strings pass the limit of all packed strings of a file.
+    let m = tiny_with_metadata(dir.path(), |m| {
+        m.set("x.a", Value::PackedStr(" ".repeat(40 << 20)));
+        m.set(keys::CHAT_TEMPLATE, Value::PackedStr(" ".repeat(40 << 20)));
+    });
+    assert_error(&nibble(&["run", "-m", &m, "-p", "hi"]), "limit of one file");
+}
+
+#[test]
+fn perplexity_and_chat_check_the_context_against_memory() {
+    let m = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, "It is a truth universally acknowledged. ".repeat(40)).unwrap();
+    let t = text.to_str().unwrap();
+    let out = nibble(&[
+        "perplexity",
+        "-m",
+        &m,
+        "-f",
+        t,
+        "--ctx",
+        "64",
+        "--max-memory",
+        "1M",
+    ]);
+    assert_error(&out, "a context of 64 tokens needs");
+    let out = nibble(&["chat", "-m", &m, "--ctx", "1000000000"]);
+    assert_error(&out, "available (lower --ctx)");
+}

@@ -238,6 +238,7 @@ fn first_windows_nll_match_reference() {
         SessionOptions {
             ctx: Some(512),
             kv_type: KvType::F16,
+            ..SessionOptions::default()
         },
     )
     .unwrap();

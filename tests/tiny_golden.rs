@@ -9,7 +9,14 @@ use nibble::{
 };
 
 fn session(model: &Model, kv_type: KvType) -> Session<'_> {
-    Session::new(model, SessionOptions { ctx: None, kv_type }).unwrap()
+    Session::new(
+        model,
+        SessionOptions {
+            kv_type,
+            ..SessionOptions::default()
+        },
+    )
+    .unwrap()
 }
 
 const F32_MODELS: [&str; 4] = [

@@ -48,6 +48,12 @@ struct Common {
     /// Worker threads (default: all cores).
     #[arg(short = 't', long)]
     threads: Option<usize>,
+    /// Memory the KV cache and buffers may take, beyond the mapped model
+    /// file (e.g. 4G, 512M; default: what the OS reports available). A
+    /// context that cannot fit is refused before anything is allocated; the
+    /// model's own context is shortened to fit.
+    #[arg(long, value_parser = nibble::model::memory::parse_bytes)]
+    max_memory: Option<u64>,
 }
 
 #[derive(Args)]
@@ -196,6 +202,11 @@ struct ServeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // What to change when a context does not fit in memory.
+    let hint = match &cli.cmd {
+        Cmd::Bench(_) => "lower -p, -n or -d",
+        _ => "lower --ctx",
+    };
     let result = match cli.cmd {
         Cmd::Run(a) => run(a),
         Cmd::Chat(a) => chat(a),
@@ -215,7 +226,15 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             let _ = std::io::stdout().flush();
-            eprintln!("error: {e}");
+            if let Error::OutOfMemory { limit, .. } = &e {
+                let raise = match limit {
+                    nibble::model::MemoryLimit::Limit(_) => " or raise --max-memory",
+                    nibble::model::MemoryLimit::Available(_) => "",
+                };
+                eprintln!("error: {e} ({hint}{raise})");
+            } else {
+                eprintln!("error: {e}");
+            }
             ExitCode::FAILURE
         }
     }
@@ -234,9 +253,34 @@ fn load(c: &Common) -> Result<(Model, f64)> {
         nibble::pool::set_threads(n);
     }
     nibble::kernels::init().map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    nibble::model::set_memory_limit(c.max_memory);
     let t = Instant::now();
     let model = Model::open(&c.model)?;
     Ok((model, t.elapsed().as_secs_f64()))
+}
+
+/// The context for `run`, `chat` and `serve`: `--ctx`, or the model's own
+/// shortened to fit in memory (with a note saying so); refused up front when
+/// it cannot fit.
+fn session_ctx(model: &Model, ctx: Option<usize>) -> Result<Option<usize>> {
+    let plan = nibble::model::ContextPlan::new(
+        model,
+        &SessionOptions {
+            ctx,
+            ..SessionOptions::default()
+        },
+    )?;
+    if let Some(full) = plan.capped_from {
+        eprintln!(
+            "note: {}: the model's context of {full} tokens does not fit in {}; using {} tokens",
+            model.path().display(),
+            plan.limit
+                .map(|l| nibble::model::memory::human_bytes(l.bytes()))
+                .unwrap_or_default(),
+            plan.ctx
+        );
+    }
+    Ok(Some(plan.ctx))
 }
 
 /// Ctrl-C (and SIGTERM) for `run` and `chat`: during generation the first
@@ -338,7 +382,7 @@ fn run(a: RunArgs) -> Result<()> {
     let mut session = Session::new(
         &model,
         SessionOptions {
-            ctx: a.sampling.ctx,
+            ctx: session_ctx(&model, a.sampling.ctx)?,
             ..SessionOptions::default()
         },
     )?;
@@ -435,7 +479,7 @@ fn chat(a: ChatArgs) -> Result<()> {
         &model,
         a.system.as_deref(),
         SessionOptions {
-            ctx: a.sampling.ctx,
+            ctx: session_ctx(&model, a.sampling.ctx)?,
             ..SessionOptions::default()
         },
     )?;
@@ -633,7 +677,7 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
     let (model, load_s) = load(&a.common)?;
     eprintln!("load: {load_s:.2} s");
     let options = nibble::server::ServerOptions {
-        ctx: a.ctx,
+        ctx: session_ctx(&model, a.ctx)?,
         max_queue: a.max_queue,
         ..Default::default()
     };

@@ -5,6 +5,7 @@
 //! The explicit length lets a reader skip values of types it does not know.
 
 use super::{invalid, put_name, Cursor, FormatError};
+use crate::error::quote;
 use std::collections::BTreeMap;
 
 /// Well-known keys. Architecture keys use HuggingFace's LLaMA config names.
@@ -55,12 +56,32 @@ pub enum Value {
     PackedStr(String),
 }
 
-/// The longest packed string a reader inflates (256 MiB): the declared
-/// length is checked against it before any allocation, so a hostile file
-/// cannot make a tiny stream expand without bound.
-pub const MAX_PACKED_STR_LEN: u64 = 1 << 28;
+/// The most bytes all packed strings of one file may inflate to together
+/// (64 MiB; the largest real `tokenizer.json`s are a few tens of MB). The
+/// declared lengths are checked against it before anything is inflated, so
+/// a hostile file cannot make tiny streams expand without bound, one or many.
+pub const MAX_PACKED_TOTAL_LEN: u64 = 1 << 26;
+
+/// The longest packed string a reader accepts: the total limit
+/// ([`MAX_PACKED_TOTAL_LEN`]) applies to one string too.
+pub const MAX_PACKED_STR_LEN: u64 = MAX_PACKED_TOTAL_LEN;
 
 impl Value {
+    /// The value for an error message: numbers as they are, strings quoted
+    /// and cut short ([`quote`]), arrays by their length.
+    pub fn brief(&self) -> String {
+        match self {
+            Self::Str(s) => format!("the string {}", quote(s)),
+            Self::PackedStr(s) => format!("the packed string {}", quote(s)),
+            Self::U32Array(v) => format!("an array of {} u32", v.len()),
+            Self::StrArray(v) => format!("an array of {} strings", v.len()),
+            Self::U32(x) => format!("the u32 {x}"),
+            Self::U64(x) => format!("the u64 {x}"),
+            Self::F32(x) => format!("the f32 {x}"),
+            Self::Bool(x) => format!("the bool {x}"),
+        }
+    }
+
     pub fn type_id(&self) -> u8 {
         match self {
             Self::U32(_) => 0,
@@ -107,7 +128,7 @@ impl Value {
     /// Decodes a value of type `ty` filling exactly `bytes`; `Ok(None)` for a
     /// type id this version does not know.
     fn decode(ty: u8, bytes: &[u8], key: &str) -> Result<Option<Self>, FormatError> {
-        let bad = |what: &str| FormatError::Invalid(format!("metadata '{key}': {what}"));
+        let bad = |what: &str| FormatError::Invalid(format!("metadata {}: {what}", quote(key)));
         let fixed = |n: usize| -> Result<(), FormatError> {
             if bytes.len() == n {
                 Ok(())
@@ -176,19 +197,74 @@ impl Value {
                 }
                 Self::StrArray(v)
             }
-            7 => {
-                let mut c = Cursor::new(bytes, "metadata packed string");
-                let len = c.u64()?;
-                if len > MAX_PACKED_STR_LEN {
-                    return Err(bad(&format!(
-                        "packed string of {len} bytes exceeds the {MAX_PACKED_STR_LEN}-byte limit"
-                    )));
-                }
-                let stream = c.take(c.remaining())?;
-                Self::PackedStr(utf8(&inflate(stream, len as usize).map_err(|e| bad(&e))?)?)
-            }
             _ => return Ok(None),
         }))
+    }
+}
+
+/// A packed string as stored: inflated on first access, so keys nobody
+/// reads never cost their inflated size.
+#[derive(Clone, Debug)]
+struct Packed {
+    len: u64,
+    stream: Box<[u8]>,
+}
+
+impl Packed {
+    /// Splits a type-7 value into its declared length and zlib stream.
+    fn parse(bytes: &[u8], key: &str) -> Result<Self, FormatError> {
+        let mut c = Cursor::new(bytes, "metadata packed string");
+        let len = c.u64()?;
+        if len > MAX_PACKED_STR_LEN {
+            return invalid(format!(
+                "metadata {}: packed string of {len} bytes exceeds the \
+                 {MAX_PACKED_STR_LEN}-byte limit",
+                quote(key)
+            ));
+        }
+        let stream = c.take(c.remaining())?.into();
+        Ok(Self { len, stream })
+    }
+
+    fn inflate(&self, key: &str) -> Result<Value, String> {
+        let bad = |what: &str| format!("metadata {}: {what}", quote(key));
+        let bytes = inflate(&self.stream, self.len as usize).map_err(|e| bad(&e))?;
+        match String::from_utf8(bytes) {
+            Ok(s) => Ok(Value::PackedStr(s)),
+            Err(_) => Err(bad("string is not UTF-8")),
+        }
+    }
+}
+
+/// One metadata value: decoded, or (a packed string read from a file) to be
+/// inflated on first access.
+#[derive(Clone, Debug)]
+struct Entry {
+    value: std::sync::OnceLock<Result<Value, String>>,
+    packed: Option<Packed>,
+}
+
+impl Entry {
+    fn ready(v: Value) -> Self {
+        Self {
+            value: std::sync::OnceLock::from(Ok(v)),
+            packed: None,
+        }
+    }
+
+    fn packed(p: Packed) -> Self {
+        Self {
+            value: std::sync::OnceLock::new(),
+            packed: Some(p),
+        }
+    }
+
+    fn resolve(&self, key: &str) -> Result<&Value, FormatError> {
+        let r = self.value.get_or_init(|| match &self.packed {
+            Some(p) => p.inflate(key),
+            None => Err(format!("metadata {} has no value", quote(key))),
+        });
+        r.as_ref().map_err(|e| FormatError::Invalid(e.clone()))
     }
 }
 
@@ -221,10 +297,23 @@ fn inflate(stream: &[u8], len: usize) -> Result<Vec<u8>, String> {
 }
 
 /// Ordered metadata. Unknown keys are kept (and ignored by the runtime);
-/// values of unknown types are skipped on read.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// values of unknown types are skipped on read. Packed strings read from a
+/// file are inflated when first accessed ([`Metadata::try_get`] and the typed
+/// getters report a stream that does not inflate); [`Metadata::check`]
+/// inflates them all.
+#[derive(Clone, Debug, Default)]
 pub struct Metadata {
-    entries: BTreeMap<String, Value>,
+    entries: BTreeMap<String, Entry>,
+}
+
+impl PartialEq for Metadata {
+    /// Equal keys with equal values (packed strings compared inflated).
+    fn eq(&self, other: &Self) -> bool {
+        self.entries.len() == other.entries.len()
+            && self.entries.keys().all(|k| {
+                other.entries.contains_key(k) && self.try_get(k).ok() == other.try_get(k).ok()
+            })
+    }
 }
 
 impl Metadata {
@@ -233,20 +322,46 @@ impl Metadata {
     }
 
     pub fn set(&mut self, key: &str, value: Value) {
-        self.entries.insert(key.to_owned(), value);
+        self.entries.insert(key.to_owned(), Entry::ready(value));
     }
 
+    /// The value of `key`; `None` also for a packed string that does not
+    /// inflate (see [`Metadata::try_get`]).
     pub fn get(&self, key: &str) -> Option<&Value> {
-        self.entries.get(key)
+        self.try_get(key).ok().flatten()
     }
 
-    /// Removes `key`, returning its value.
+    /// The value of `key`, inflating a packed string on first access.
+    pub fn try_get(&self, key: &str) -> Result<Option<&Value>, FormatError> {
+        match self.entries.get(key) {
+            None => Ok(None),
+            Some(e) => e.resolve(key).map(Some),
+        }
+    }
+
+    /// Inflates every packed string (what `verify` checks): the first that
+    /// does not inflate to its declared UTF-8 is an error.
+    pub fn check(&self) -> Result<(), FormatError> {
+        for (k, e) in &self.entries {
+            e.resolve(k)?;
+        }
+        Ok(())
+    }
+
+    /// Removes `key`, returning its value (`None` if it does not inflate).
     pub fn remove(&mut self, key: &str) -> Option<Value> {
-        self.entries.remove(key)
+        let e = self.entries.remove(key)?;
+        e.resolve(key).ok()?;
+        e.value.into_inner()?.ok()
     }
 
+    /// Every entry whose value can be had, in key order (inflating packed
+    /// strings; one that does not inflate is left out, [`Metadata::check`]
+    /// reports it).
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Value)> {
-        self.entries.iter().map(|(k, v)| (k.as_str(), v))
+        self.entries
+            .iter()
+            .filter_map(|(k, e)| Some((k.as_str(), e.resolve(k).ok()?)))
     }
 
     pub fn len(&self) -> usize {
@@ -263,11 +378,15 @@ impl Metadata {
         want: &str,
         pick: impl Fn(&'s Value) -> Option<T>,
     ) -> Result<Option<T>, FormatError> {
-        match self.entries.get(key) {
+        match self.try_get(key)? {
             None => Ok(None),
             Some(v) => match pick(v) {
                 Some(t) => Ok(Some(t)),
-                None => invalid(format!("metadata '{key}' should be {want}, found {v:?}")),
+                None => invalid(format!(
+                    "metadata {} should be {want}, found {}",
+                    quote(key),
+                    v.brief()
+                )),
             },
         }
     }
@@ -321,11 +440,22 @@ impl Metadata {
         let mut out = Vec::new();
         out.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
         let mut buf = Vec::new();
-        for (k, v) in &self.entries {
+        for (k, e) in &self.entries {
             put_name(&mut out, k);
-            out.push(v.type_id());
             buf.clear();
-            v.encode(&mut buf);
+            match (&e.packed, e.value.get()) {
+                // As read: the stored stream, not a recompression.
+                (Some(p), _) => {
+                    out.push(7);
+                    buf.extend_from_slice(&p.len.to_le_bytes());
+                    buf.extend_from_slice(&p.stream);
+                }
+                (None, Some(Ok(v))) => {
+                    out.push(v.type_id());
+                    v.encode(&mut buf);
+                }
+                (None, _) => unreachable!("an entry without a packed stream has its value"),
+            }
             out.extend_from_slice(&(buf.len() as u64).to_le_bytes());
             out.extend_from_slice(&buf);
         }
@@ -339,22 +469,38 @@ impl Metadata {
         // Keys of skipped (unknown-type) entries count too: a key is unique
         // whatever its type.
         let mut skipped = std::collections::HashSet::new();
+        let mut packed_total = 0u64;
         for _ in 0..count {
             let key = c.name()?;
             let ty = c.u8()?;
             let len = c.u64()?;
             if len > c.remaining() as u64 {
                 return invalid(format!(
-                    "metadata '{key}': value of {len} bytes runs past the section"
+                    "metadata {}: value of {len} bytes runs past the section",
+                    quote(key)
                 ));
             }
             let raw = c.take(len as usize)?;
-            let repeated = match Value::decode(ty, raw, key)? {
+            let entry = if ty == 7 {
+                let p = Packed::parse(raw, key)?;
+                packed_total += p.len;
+                if packed_total > MAX_PACKED_TOTAL_LEN {
+                    return invalid(format!(
+                        "metadata {}: packed strings inflate to more than the \
+                         {MAX_PACKED_TOTAL_LEN}-byte limit of one file",
+                        quote(key)
+                    ));
+                }
+                Some(Entry::packed(p))
+            } else {
+                Value::decode(ty, raw, key)?.map(Entry::ready)
+            };
+            let repeated = match entry {
                 Some(v) => entries.insert(key.to_owned(), v).is_some() || skipped.contains(key),
                 None => !skipped.insert(key) || entries.contains_key(key),
             };
             if repeated {
-                return invalid(format!("metadata key '{key}' appears twice"));
+                return invalid(format!("metadata key {} appears twice", quote(key)));
             }
         }
         if c.remaining() != 0 {
@@ -415,7 +561,14 @@ mod tests {
         let text = "abc".repeat(100);
         let z = zlib(text.as_bytes());
         assert!(Metadata::decode(&packed_entry(300, &z)).is_ok());
-        let err = |b: Vec<u8>| Metadata::decode(&b).unwrap_err().to_string();
+        // Declared lengths are refused at decode, streams when inflated.
+        let err = |b: Vec<u8>| match Metadata::decode(&b) {
+            Err(e) => e.to_string(),
+            Ok(m) => {
+                assert!(m.get("k").is_none() && m.iter().next().is_none());
+                m.check().unwrap_err().to_string()
+            }
+        };
         assert!(err(packed_entry(299, &z)).contains("more than the 299 bytes"));
         assert!(err(packed_entry(301, &z)).contains("its header says 301"));
         assert!(err(packed_entry(u64::MAX, &z)).contains("limit"));
@@ -429,6 +582,54 @@ mod tests {
         assert!(err(packed_entry(0, &[])).contains("inflate"));
         // Inflates fine, but not to UTF-8.
         assert!(err(packed_entry(2, &zlib(&[0xff, 0xfe]))).contains("UTF-8"));
+    }
+
+    /// Metadata of packed-string entries `k0, k1, ...`, each declaring `len`.
+    fn packed_entries(n: u32, len: u64, stream: &[u8]) -> Vec<u8> {
+        let mut bytes = n.to_le_bytes().to_vec();
+        for i in 0..n {
+            put_name(&mut bytes, &format!("k{i}"));
+            bytes.push(7);
+            bytes.extend_from_slice(&(8 + stream.len() as u64).to_le_bytes());
+            bytes.extend_from_slice(&len.to_le_bytes());
+            bytes.extend_from_slice(stream);
+        }
+        bytes
+    }
+
+    #[test]
+    fn packed_strings_are_capped_in_total() {
+        // 12 bombs of 256 MiB were 3.3 GB of memory: refused before inflating.
+        let err = Metadata::decode(&packed_entries(12, 1 << 28, &[])).unwrap_err();
+        assert!(err.to_string().contains("limit"), "{err}");
+        // Two strings of 40 MiB each are within the per-string limit but not
+        // the total one; the refusal comes before any inflation.
+        let t = std::time::Instant::now();
+        let bomb = zlib(&vec![b' '; 40 << 20]);
+        let err = Metadata::decode(&packed_entries(2, 40 << 20, &bomb)).unwrap_err();
+        assert!(err.to_string().contains("'k1'"), "{err}");
+        assert!(err.to_string().contains("limit of one file"), "{err}");
+        // One is fine.
+        let m = Metadata::decode(&packed_entries(1, 40 << 20, &bomb)).unwrap();
+        assert_eq!(m.get_str("k0").unwrap().unwrap().len(), 40 << 20);
+        assert!(t.elapsed().as_secs() < 30);
+    }
+
+    #[test]
+    fn packed_strings_inflate_only_when_read() {
+        let mut bytes = packed_entries(1, 300, b"not zlib at all");
+        // Plus a key the runtime reads.
+        bytes[..4].copy_from_slice(&2u32.to_le_bytes());
+        put_name(&mut bytes, "known");
+        bytes.push(0);
+        bytes.extend_from_slice(&4u64.to_le_bytes());
+        bytes.extend_from_slice(&9u32.to_le_bytes());
+        let m = Metadata::decode(&bytes).unwrap();
+        assert_eq!(m.get_uint("known").unwrap(), Some(9));
+        assert!(m.get_str("k0").unwrap_err().to_string().contains("inflate"));
+        assert!(m.check().is_err());
+        // Written back as read.
+        assert_eq!(m.encode(), bytes);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Model hyper-parameters, read from the container's metadata and checked for
 //! consistency before any tensor is looked at.
 
+use crate::error::quote;
 use crate::format::{keys, Metadata};
 
 /// How rotary positions are scaled.
@@ -44,7 +45,8 @@ impl Config {
             Some("llama") => {}
             Some(other) => {
                 return Err(format!(
-                    "architecture '{other}' is not supported (only 'llama')"
+                    "architecture {} is not supported (only 'llama')",
+                    quote(other)
                 ))
             }
             None => return Err(format!("metadata '{}' is missing", keys::ARCHITECTURE)),
@@ -104,7 +106,7 @@ impl Config {
                 }
                 RopeScaling::Linear { factor }
             }
-            Some(other) => return Err(format!("rope scaling '{other}' is not supported")),
+            Some(other) => return Err(format!("rope scaling {} is not supported", quote(other))),
         };
         let rms_norm_eps = m.get_f32(keys::RMS_NORM_EPS).map_err(e)?.unwrap_or(1e-5);
         if !(rms_norm_eps.is_finite() && rms_norm_eps >= 0.0) {

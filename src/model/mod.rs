@@ -5,11 +5,13 @@
 //! from the model's memory map, built once when the session is created.
 
 mod config;
+pub mod memory;
 mod session;
 mod stats;
 
 pub use config::{Config, RopeScaling};
-pub use session::{KvType, Session, SessionOptions};
+pub use memory::{set_memory_limit, MemoryLimit, SessionMemory};
+pub use session::{ContextPlan, KvType, Session, SessionOptions};
 pub use stats::{collect_activation_stats, ActivationStats};
 
 use crate::error::{Error, Result};
@@ -75,9 +77,8 @@ impl Model {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let mut file = NblFile::open(path)?;
-        let config = Config::from_metadata(file.metadata()).map_err(|m| Error::model(path, m))?;
-        let tokenizer = Tokenizer::from_metadata(file.metadata())
-            .map_err(|e| Error::model(path, e.to_string()))?;
+        let (config, tokenizer) =
+            Self::check_metadata(file.metadata()).map_err(|m| Error::model(path, m))?;
         // Megabytes of JSON, useless once parsed (see `Model::file`).
         file.metadata_mut().remove(keys::TOKENIZER_JSON);
         release_free_heap();
@@ -88,17 +89,24 @@ impl Model {
             path: path.to_owned(),
         };
         model.weights()?;
-        if model.tokenizer.vocab_size() > model.config.vocab_size {
-            return Err(Error::model(
-                path,
-                format!(
-                    "tokenizer has {} tokens but the model only {}",
-                    model.tokenizer.vocab_size(),
-                    model.config.vocab_size
-                ),
-            ));
-        }
         Ok(model)
+    }
+
+    /// Everything [`Model::open`] checks before looking at a tensor: the
+    /// hyper-parameters ([`Config::from_metadata`]) and the tokenizer
+    /// ([`Tokenizer::from_metadata`], every token id within the model's
+    /// vocabulary). The converter runs the same check on the metadata it is
+    /// about to write, so it never writes a file the runtime refuses; the
+    /// message lacks the file name (the caller adds it).
+    pub fn check_metadata(
+        m: &crate::format::Metadata,
+    ) -> std::result::Result<(Config, Tokenizer), String> {
+        let config = Config::from_metadata(m)?;
+        let tokenizer = Tokenizer::from_metadata(m).map_err(|e| e.to_string())?;
+        tokenizer
+            .check_vocab(config.vocab_size)
+            .map_err(|e| e.to_string())?;
+        Ok((config, tokenizer))
     }
 
     /// The hyper-parameters read from the metadata.

@@ -1,6 +1,7 @@
 //! One sequence's state: the KV cache and the scratch buffers of the forward
 //! pass, all allocated when the session is created.
 
+use super::memory::{self, MemoryLimit, SessionMemory};
 use super::stats::{add_squares, ActivationStats, LayerSums};
 use super::{Config, LayerWeights, Model, RopeScaling, Weights};
 use crate::error::{Error, Result};
@@ -19,6 +20,16 @@ pub struct SessionOptions {
     pub ctx: Option<usize>,
     /// Element type of the KV cache.
     pub kv_type: KvType,
+    /// Bytes the session may allocate (KV cache, RoPE tables, scratch;
+    /// the mapped model file is not counted). `None` = the process-wide
+    /// limit of [`super::set_memory_limit`], else the memory the OS reports
+    /// available. A context that does not fit is refused with
+    /// [`Error::OutOfMemory`]; the model's own context (`ctx: None`) is
+    /// shortened instead, to fit in seven eighths of it.
+    pub max_memory: Option<u64>,
+    /// Most rows of logits one forward call returns (counted in the memory
+    /// check; 0 = 1). Perplexity asks for half a window.
+    pub logits_rows: usize,
 }
 
 impl SessionOptions {
@@ -141,6 +152,73 @@ struct Scratch {
     wide_v: Vec<f32>,
 }
 
+/// The context a [`Session`] gets, decided before anything is allocated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ContextPlan {
+    /// Context length in tokens.
+    pub ctx: usize,
+    /// The model's own context, when it did not fit and `ctx` is shorter.
+    pub capped_from: Option<usize>,
+    /// What the session can grow to.
+    pub memory: SessionMemory,
+    /// What it was checked against.
+    pub limit: Option<MemoryLimit>,
+}
+
+impl ContextPlan {
+    /// The context `opts` asks for on `model` (the model's own, shortened to
+    /// fit the memory limit, when `opts.ctx` is `None`), checked against the
+    /// memory limit: [`Error::OutOfMemory`] when it does not fit.
+    pub fn new(model: &Model, opts: &SessionOptions) -> Result<Self> {
+        let c = model.config();
+        let threads = crate::pool::global().threads();
+        let rows = opts.logits_rows;
+        let need = |ctx| memory::session_memory(c, ctx, opts.kv_type, threads, rows);
+        let limit = memory::limit(opts.max_memory);
+        let mut ctx = opts.ctx.unwrap_or(c.context_length);
+        if ctx == 0 {
+            return Err(Error::InvalidArgument(
+                "the context length must be at least 1".into(),
+            ));
+        }
+        let mut capped_from = None;
+        if let (None, Some(l)) = (opts.ctx, limit) {
+            if need(ctx).total > l.bytes() {
+                // An eighth to spare: for the rest of the process, and so
+                // the same context still fits when checked again a moment
+                // later against a slightly different MemAvailable.
+                let room = l.bytes() - l.bytes() / 8;
+                let fit = memory::max_ctx(c, opts.kv_type, threads, rows, room, ctx);
+                // Round to a multiple of 256 tokens when that leaves any.
+                let fit = if fit >= 256 { fit / 256 * 256 } else { fit };
+                if fit > 0 {
+                    capped_from = Some(ctx);
+                    ctx = fit;
+                }
+            }
+        }
+        let mem = need(ctx);
+        // Also what the allocator and slice indexing can address at all.
+        let addressable = (isize::MAX as u64) / 2;
+        let available = limit.map_or(addressable, |l| l.bytes().min(addressable));
+        if mem.total > available {
+            return Err(Error::OutOfMemory {
+                path: model.path().to_owned(),
+                ctx,
+                needed: mem.total,
+                kv_cache: mem.kv_cache,
+                limit: limit.unwrap_or(MemoryLimit::Limit(addressable)),
+            });
+        }
+        Ok(Self {
+            ctx,
+            capped_from,
+            memory: mem,
+            limit,
+        })
+    }
+}
+
 /// A sequence being processed: tokens go in, logits come out, keys and values
 /// of every processed position stay in the cache.
 ///
@@ -167,6 +245,7 @@ struct Scratch {
 /// ```
 pub struct Session<'m> {
     model: &'m Model,
+    plan: ContextPlan,
     w: Weights<'m>,
     ctx: usize,
     /// Tokens whose keys and values are in the cache, in order.
@@ -174,7 +253,9 @@ pub struct Session<'m> {
     /// Each head's keys (values) are contiguous, so attention streams them.
     k_cache: KvStore,
     v_cache: KvStore,
-    /// `cos`/`sin` of every position and frequency, `[ctx][head_dim / 2]`.
+    /// `cos`/`sin` of every position reached and frequency,
+    /// `[position][head_dim / 2]`, extended as positions are first reached
+    /// (a context of millions of tokens costs nothing until used).
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
     s: Scratch,
@@ -186,32 +267,26 @@ pub struct Session<'m> {
 impl<'m> Session<'m> {
     /// A new empty sequence over `model`, its KV cache allocated for the
     /// whole context (`opts.ctx`, by default the model's own).
+    ///
+    /// The whole memory the session can grow to is checked first (see
+    /// [`ContextPlan::new`]): a context that does not fit is
+    /// [`Error::OutOfMemory`], never an aborted allocation.
     pub fn new(model: &'m Model, opts: SessionOptions) -> Result<Self> {
         let c = model.config();
-        let ctx = opts.ctx.unwrap_or(c.context_length);
-        if ctx == 0 {
-            return Err(Error::InvalidArgument(
-                "the context length must be at least 1".into(),
-            ));
-        }
-        let cache_len = c
-            .num_layers
-            .checked_mul(ctx)
-            .and_then(|n| n.checked_mul(c.kv_dim()))
-            .filter(|&n| n <= isize::MAX as usize / 2)
-            .ok_or_else(|| {
-                Error::InvalidArgument(format!("a context of {ctx} tokens is too large"))
-            })?;
-        let (rope_cos, rope_sin) = rope_tables(c, ctx);
+        let plan = ContextPlan::new(model, &opts)?;
+        let ctx = plan.ctx;
+        // Fits: the plan counted it, with room to spare in isize.
+        let cache_len = c.num_layers * ctx * c.kv_dim();
         Ok(Self {
+            plan,
             model,
             w: model.weights()?,
             ctx,
             tokens: Vec::new(),
             k_cache: KvStore::new(opts.kv_type, cache_len),
             v_cache: KvStore::new(opts.kv_type, cache_len),
-            rope_cos,
-            rope_sin,
+            rope_cos: Vec::new(),
+            rope_sin: Vec::new(),
             s: Scratch::default(),
             logits: Vec::new(),
             stats: None,
@@ -226,6 +301,11 @@ impl<'m> Session<'m> {
     /// Context length in tokens.
     pub fn ctx(&self) -> usize {
         self.ctx
+    }
+
+    /// How the context was chosen and what memory it can take.
+    pub fn plan(&self) -> &ContextPlan {
+        &self.plan
     }
 
     /// Bytes of the keys and values of `ctx` positions, the KV cache's full
@@ -358,6 +438,7 @@ impl<'m> Session<'m> {
             s.up.resize(cap * ffn, 0.0);
         }
         let pos0 = self.tokens.len();
+        extend_rope_tables(c, pos0 + n, &mut self.rope_cos, &mut self.rope_sin);
         for (t, &id) in tokens.iter().enumerate() {
             self.w
                 .embed
@@ -640,7 +721,9 @@ fn attention<E: KvElem>(
         SCORES.with(|scores| {
             let mut scores = scores.borrow_mut();
             if scores.len() < len {
-                scores.resize(len.max(ctx), 0.0);
+                // Doubling: few reallocations, and a long context costs
+                // only what is reached.
+                scores.resize((2 * len).clamp(len, ctx.max(len)), 0.0);
             }
             attend(
                 &q[t * qd + head * hd..t * qd + (head + 1) * hd],
@@ -662,7 +745,7 @@ const BATCHED_ATTENTION_MIN_TOKENS: usize = 8;
 /// Queries one prefill attention task takes (a run of tokens times the heads
 /// sharing a KV head): enough that each L1-sized block of keys and values
 /// serves many, few enough that a 512-token batch still makes dozens of tasks.
-const QUERIES_PER_TASK: usize = 24;
+pub(crate) const QUERIES_PER_TASK: usize = 24;
 
 /// A prefill attention task's gathered queries, their lengths, scores and
 /// outputs, reused across tasks so prefill does not allocate per task.
@@ -734,11 +817,16 @@ fn rope(x: &mut [f32], cos: &[f32], sin: &[f32]) {
     }
 }
 
-/// Rotation tables computed in f32 exactly as transformers does:
-/// `inv_freq[i] = 1 / theta^(2i/d)`, angle = position * inv_freq, with linear
-/// scaling dividing the frequencies by the factor.
-fn rope_tables(c: &Config, ctx: usize) -> (Vec<f32>, Vec<f32>) {
+/// Extends the rotation tables to the first `positions` positions, computed
+/// in f32 exactly as transformers does: `inv_freq[i] = 1 / theta^(2i/d)`,
+/// angle = position * inv_freq, with linear scaling dividing the
+/// frequencies by the factor.
+fn extend_rope_tables(c: &Config, positions: usize, cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
     let hd = c.head_dim;
+    let have = cos.len() / (hd / 2);
+    if have >= positions {
+        return;
+    }
     let factor = match c.rope_scaling {
         RopeScaling::None => 1.0,
         RopeScaling::Linear { factor } => factor,
@@ -746,16 +834,15 @@ fn rope_tables(c: &Config, ctx: usize) -> (Vec<f32>, Vec<f32>) {
     let inv_freq: Vec<f32> = (0..hd / 2)
         .map(|i| 1.0 / c.rope_theta.powf((2 * i) as f32 / hd as f32) / factor)
         .collect();
-    let mut cos = Vec::with_capacity(ctx * hd / 2);
-    let mut sin = Vec::with_capacity(ctx * hd / 2);
-    for p in 0..ctx {
+    cos.reserve((positions - have) * hd / 2);
+    sin.reserve((positions - have) * hd / 2);
+    for p in have..positions {
         for &f in &inv_freq {
             let a = p as f32 * f;
             cos.push(a.cos());
             sin.push(a.sin());
         }
     }
-    (cos, sin)
 }
 
 #[cfg(test)]

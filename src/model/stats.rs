@@ -23,7 +23,11 @@ pub fn collect_activation_stats(
     mut progress: impl FnMut(usize, usize),
 ) -> Result<ActivationStats> {
     let windows = Windows::new(model, text, ctx)?;
-    let mut session = Session::new(model, SessionOptions::with_ctx(ctx))?;
+    let opts = SessionOptions {
+        logits_rows: ctx,
+        ..SessionOptions::with_ctx(ctx)
+    };
+    let mut session = Session::new(model, opts)?;
     session.collect_activation_stats();
     let mut window = Vec::with_capacity(ctx);
     for c in 0..windows.chunks {

@@ -8,7 +8,6 @@ use std::sync::Mutex;
 
 #[path = "shared_data.rs"]
 mod shared_data;
-pub use shared_data::REQUIRE_SHARED_ENV;
 
 /// Whether `../shared` is there for [`smollm2_nbl`] (see `shared_data.rs`).
 pub fn have_shared() -> bool {

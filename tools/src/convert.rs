@@ -427,6 +427,38 @@ pub(crate) fn plan(config: &LlamaConfig) -> Vec<Planned> {
     out
 }
 
+/// Refuses a layer count the tensors present cannot come near (every layer
+/// has nine), before anything proportional to it is allocated: a
+/// `config.json` claiming 2^32-1 layers would otherwise grow the plan without
+/// bound. A count off by a little is left to the tensor check, which names
+/// the missing tensor.
+pub(crate) fn check_layer_count(
+    file: &Path,
+    field: &str,
+    layers: usize,
+    tensors: usize,
+) -> Result<(), ToolError> {
+    if layers > tensors {
+        return Err(ToolError::new(
+            file,
+            format!(
+                "'{field}' is {layers}, but the checkpoint has only {tensors} tensors ({} per layer)",
+                LayerTensor::ALL.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Runs the runtime's own check of the metadata ([`nibble::Model::check_metadata`]:
+/// hyper-parameters and tokenizer) on what is about to be written, so convert
+/// refuses, with the runtime's message, what `nibble` would refuse to load.
+pub(crate) fn check_runtime_accepts(input: &Path, metadata: &Metadata) -> Result<(), ToolError> {
+    nibble::Model::check_metadata(metadata)
+        .map(|_| ())
+        .map_err(|m| ToolError::new(input, m))
+}
+
 /// Checks that the checkpoint holds exactly the planned tensors with the
 /// planned shapes.
 fn check_tensors(
@@ -461,7 +493,10 @@ fn check_tensors(
         if !plan.iter().any(|p| &p.name == name) {
             return Err(ToolError::new(
                 source.path(t),
-                format!("unexpected tensor '{name}' (not part of a LLaMA model with this config)"),
+                format!(
+                    "unexpected tensor {} (not part of a LLaMA model with this config)",
+                    nibble::error::quote(name)
+                ),
             ));
         }
     }
@@ -487,19 +522,26 @@ pub fn convert(options: &ConvertOptions) -> Result<ConvertSummary, ConvertError>
     let config = LlamaConfig::from_json(&config_path, &config_json)?;
     let tokenizer = TokenizerInfo::load(dir, &config_json, config.vocab_size)?;
     let source = Source::open(dir)?;
-    let plan = plan(&config);
-    check_tensors(dir, &source, &plan, config.tie_word_embeddings)?;
-
+    check_layer_count(
+        &config_path,
+        "num_hidden_layers",
+        config.num_hidden_layers,
+        source.tensors().len(),
+    )?;
     let mut source_files = vec!["config.json".to_owned()];
     source_files.extend(tokenizer.source_files.iter().cloned());
     source_files.extend(source.file_names());
     let mut read: Vec<PathBuf> = source_files.iter().map(|f| dir.join(f)).collect();
     read.push(dir.join("model.safetensors.index.json"));
     check_output(options, &read)?;
+    let metadata = metadata(&config, &tokenizer, options, source_files);
+    check_runtime_accepts(dir, &metadata)?;
+    let plan = plan(&config);
+    check_tensors(dir, &source, &plan, config.tie_word_embeddings)?;
+
     let types = options
         .tensor_types(&plan)
         .map_err(|e| ToolError::new(dir, e))?;
-    let metadata = metadata(&config, &tokenizer, options, source_files);
     let importance = options.importance(&plan)?;
 
     let total_bytes: u64 = plan

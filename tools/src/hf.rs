@@ -3,6 +3,7 @@
 //! `tokenizer_config.json`, `chat_template.jinja` and `generation_config.json`.
 
 use crate::ToolError;
+use nibble::error::quote;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -63,6 +64,11 @@ fn as_object<'a>(path: &Path, v: &'a Value) -> Result<&'a Map<String, Value>, To
 }
 
 /// A key's value, treating JSON `null` as absent.
+/// A JSON value for an error message, cut to a readable length.
+fn q(v: &Value) -> String {
+    quote(&v.to_string())
+}
+
 fn get<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
     obj.get(key).filter(|v| !v.is_null())
 }
@@ -85,7 +91,8 @@ impl LlamaConfig {
                 Some(v) => match v.as_u64() {
                     Some(n) if n > 0 && n <= u32::MAX as u64 => Ok(Some(n as usize)),
                     _ => Err(err(format!(
-                        "'{key}' should be a positive integer, found {v}"
+                        "'{key}' should be a positive integer, found {}",
+                        q(v)
                     ))),
                 },
             }
@@ -99,7 +106,8 @@ impl LlamaConfig {
                 Some(v) => match v.as_f64() {
                     Some(x) if x.is_finite() && x > 0.0 => Ok(Some(x as f32)),
                     _ => Err(err(format!(
-                        "'{key}' should be a positive number, found {v}"
+                        "'{key}' should be a positive number, found {}",
+                        q(v)
                     ))),
                 },
             }
@@ -115,7 +123,8 @@ impl LlamaConfig {
         if let Some(act) = get(obj, "hidden_act") {
             if act.as_str() != Some("silu") {
                 return Err(err(format!(
-                    "activation {act} is not supported (LLaMA uses \"silu\")"
+                    "activation {} is not supported (LLaMA uses \"silu\")",
+                    q(act)
                 )));
             }
         }
@@ -152,7 +161,8 @@ impl LlamaConfig {
             Some(Value::Object(p)) => Some(p),
             Some(v) => {
                 return Err(err(format!(
-                    "'rope_parameters' should be an object, found {v}"
+                    "'rope_parameters' should be an object, found {}",
+                    q(v)
                 )))
             }
         };
@@ -171,7 +181,8 @@ impl LlamaConfig {
                 Some(Value::Object(s)) => Some(s),
                 Some(v) => {
                     return Err(err(format!(
-                        "'rope_scaling' should be an object, found {v}"
+                        "'rope_scaling' should be an object, found {}",
+                        q(v)
                     )))
                 }
             },
@@ -192,7 +203,8 @@ impl LlamaConfig {
                     }
                     other => {
                         return Err(err(format!(
-                            "rope scaling type '{other}' is not supported (only linear)"
+                            "rope scaling type {} is not supported (only linear)",
+                            quote(other)
                         )))
                     }
                 }
@@ -202,7 +214,8 @@ impl LlamaConfig {
             None => false,
             Some(v) => v.as_bool().ok_or_else(|| {
                 err(format!(
-                    "'tie_word_embeddings' should be true or false, found {v}"
+                    "'tie_word_embeddings' should be true or false, found {}",
+                    q(v)
                 ))
             })?,
         };
@@ -235,7 +248,7 @@ fn check_architecture(path: &Path, obj: &Map<String, Value>) -> Result<(), ToolE
         if t != "llama" {
             return Err(ToolError::new(
                 path,
-                format!("model_type '{t}' is not supported (only 'llama')"),
+                format!("model_type {} is not supported (only 'llama')", quote(t)),
             ));
         }
     }
@@ -499,7 +512,7 @@ impl TokenizerInfo {
                 Some(v) => {
                     return Err(ToolError::new(
                         &tpath,
-                        format!("'chat_template' should be a string, found {v}"),
+                        format!("'chat_template' should be a string, found {}", q(v)),
                     ))
                 }
             }
@@ -513,7 +526,10 @@ impl TokenizerInfo {
                 Some(s) => vocab.id(s).map(Some).ok_or_else(|| {
                     ToolError::new(
                         &tpath,
-                        format!("special token '{s}' is not in tokenizer.json's vocabulary"),
+                        format!(
+                            "special token {} is not in tokenizer.json's vocabulary",
+                            quote(s)
+                        ),
                     )
                 }),
             }
@@ -553,7 +569,7 @@ impl TokenizerInfo {
             Some(v) => {
                 return Err(ToolError::new(
                     &tpath,
-                    format!("'add_bos_token' should be true or false, found {v}"),
+                    format!("'add_bos_token' should be true or false, found {}", q(v)),
                 ))
             }
             None => bos_token

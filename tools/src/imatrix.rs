@@ -59,7 +59,11 @@ pub fn collect(
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })
-    .map_err(|e| ToolError::new(text_path, e))?;
+    .map_err(|e| match e {
+        // Names the model already; the context is what to change.
+        nibble::Error::OutOfMemory { .. } => ToolError::named(format!("{e} (lower --ctx)")),
+        e => ToolError::new(text_path, e),
+    })?;
     bar.finish_and_clear();
     let matrices = save(&stats, ctx, output)?;
     Ok(CollectSummary {

@@ -205,6 +205,10 @@ pub fn verify(path: &Path) -> Result<VerifySummary, ToolError> {
     let file = open(path)?;
     file.verify_checksums()
         .map_err(|e| ToolError::new(path, e))?;
+    // Packed strings are inflated when read; verify inflates every one.
+    file.metadata()
+        .check()
+        .map_err(|e| ToolError::new(path, e))?;
     Ok(VerifySummary {
         tensors: file.tensors().len(),
         bytes: file.file_len(),

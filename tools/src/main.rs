@@ -109,6 +109,10 @@ enum Command {
         /// Tokens per window (each window starts from an empty cache).
         #[arg(long, default_value_t = 512)]
         ctx: usize,
+        /// Memory the KV cache and buffers may take beyond the mapped model
+        /// (e.g. 4G; default: what the OS reports available).
+        #[arg(long, value_parser = nibble::model::memory::parse_bytes)]
+        max_memory: Option<u64>,
     },
     /// Write a copy of a HuggingFace checkpoint with Gaussian noise of a
     /// quarter of the local Q4_1 step added to every matrix (moves weights
@@ -232,7 +236,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
             file,
             output,
             ctx,
+            max_memory,
         } => {
+            nibble::model::set_memory_limit(max_memory);
             remove_partial_output_on_interrupt()?;
             let s = nibble_tools::imatrix::collect(
                 &model,

@@ -110,14 +110,18 @@ impl Source {
                 let file = file.as_str().ok_or_else(|| {
                     ToolError::new(
                         &index,
-                        format!("tensor '{tensor}' maps to {file}, not a file name"),
+                        format!(
+                            "tensor {} maps to {}, not a file name",
+                            nibble::error::quote(tensor),
+                            nibble::error::quote(&file.to_string())
+                        ),
                     )
                 })?;
                 // The index must not send us outside the checkpoint directory.
                 if Path::new(file).components().count() != 1 || file == ".." || file == "." {
                     return Err(ToolError::new(
                         &index,
-                        format!("'{file}' is not a plain file name"),
+                        format!("{} is not a plain file name", nibble::error::quote(file)),
                     ));
                 }
                 files.insert(file.to_owned());
@@ -150,7 +154,9 @@ impl Source {
             let map = unsafe { Mmap::map(&file) }
                 .map_err(|e| ToolError::new(&path, format!("cannot map: {e}")))?;
             let (header_len, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
-                ToolError::new(&path, format!("invalid safetensors file: {}", describe(&e)))
+                let problem = bad_tensor_entry(&map)
+                    .unwrap_or_else(|| format!("invalid safetensors file: {}", describe(&e)));
+                ToolError::new(&path, problem)
             })?;
             let data_start = 8 + header_len;
             for (tname, info) in meta.tensors() {
@@ -165,8 +171,9 @@ impl Source {
                         return Err(ToolError::new(
                             &path,
                             format!(
-                                "tensor '{tname}' has dtype {other:?}; only F32, F16 and BF16 are supported"
-                            ),
+                            "tensor {} has dtype {other:?}; only F32, F16 and BF16 are supported",
+                            nibble::error::quote(&tname)
+                        ),
                         ))
                     }
                 };
@@ -180,7 +187,10 @@ impl Source {
                 if tensors.insert(tname.clone(), t).is_some() {
                     return Err(ToolError::new(
                         &path,
-                        format!("tensor '{tname}' also appears in another shard"),
+                        format!(
+                            "tensor {} also appears in another shard",
+                            nibble::error::quote(&tname)
+                        ),
                     ));
                 }
             }
@@ -197,7 +207,11 @@ impl Source {
                     if where_.map(String::as_str) != file.as_str() {
                         return Err(ToolError::new(
                             &index,
-                            format!("tensor '{tensor}' is not in {file} as the index says"),
+                            format!(
+                                "tensor {} is not in {} as the index says",
+                                nibble::error::quote(tensor),
+                                nibble::error::quote(&file.to_string())
+                            ),
                         ));
                     }
                 }
@@ -274,6 +288,34 @@ impl Source {
 }
 
 /// safetensors' error variants, in words a user can act on.
+/// When the safetensors crate refuses a header, the tensor entry at fault
+/// (whose dtype this version of the format does not know, or that has none),
+/// so the message can name it.
+fn bad_tensor_entry(map: &[u8]) -> Option<String> {
+    use nibble::error::quote;
+    let n = usize::try_from(u64::from_le_bytes(map.get(..8)?.try_into().ok()?)).ok()?;
+    let header: serde_json::Value =
+        serde_json::from_slice(map.get(8..8usize.checked_add(n)?)?).ok()?;
+    for (name, entry) in header.as_object()? {
+        if name == "__metadata__" {
+            continue;
+        }
+        match entry.get("dtype") {
+            None => return Some(format!("tensor {} has no dtype", quote(name))),
+            Some(d) if serde_json::from_value::<Dtype>(d.clone()).is_err() => {
+                let text = d.as_str().map_or_else(|| d.to_string(), str::to_owned);
+                return Some(format!(
+                    "tensor {} has unknown dtype {}; only F32, F16 and BF16 are supported",
+                    quote(name),
+                    quote(&text)
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    None
+}
+
 fn describe(e: &safetensors::SafeTensorError) -> String {
     use safetensors::SafeTensorError as E;
     match e {

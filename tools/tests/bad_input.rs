@@ -950,3 +950,132 @@ fn stdout_write_errors_never_panic() {
         );
     }
 }
+
+impl Case {
+    fn edit_tokenizer(&self, f: impl FnOnce(&mut serde_json::Value)) {
+        let p = self.model.join("tokenizer.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        f(&mut v);
+        std::fs::write(&p, serde_json::to_string(&v).unwrap()).unwrap();
+    }
+}
+
+#[test]
+fn absurd_layer_count_is_refused_before_planning() {
+    let c = Case::new();
+    c.edit_config(|v| v["num_hidden_layers"] = u32::MAX.into());
+    let t = std::time::Instant::now();
+    let m = c.lib_error();
+    assert!(t.elapsed().as_secs() < 5, "refused up front");
+    assert!(
+        m.contains("config.json: 'num_hidden_layers' is 4294967295, but the checkpoint has only"),
+        "{m}"
+    );
+    let m = c.cli_error();
+    assert!(m.contains("'num_hidden_layers'"), "{m}");
+}
+
+#[test]
+fn absurd_dimensions_are_refused_as_the_runtime_would() {
+    for (key, value) in [
+        ("hidden_size", u32::MAX as u64),
+        ("vocab_size", u32::MAX as u64),
+        ("num_attention_heads", 1 << 30),
+    ] {
+        let c = Case::new();
+        c.edit_config(|v| v[key] = value.into());
+        let t = std::time::Instant::now();
+        let m = c.lib_error();
+        assert!(t.elapsed().as_secs() < 5, "{key} refused up front");
+        assert!(
+            m.contains(&format!("llama.{key}' = {value} is too large")),
+            "{key}: {m}"
+        );
+    }
+}
+
+/// What `nibble` says opening a file with these metadata, without a path.
+fn runtime_message(edit: impl FnOnce(&mut nibble::format::Metadata)) -> String {
+    let c = Case::new();
+    let out = c.out();
+    convert(&ConvertOptions::new(&c.model, &out, QuantPolicy::F32)).unwrap();
+    let file = nibble::format::NblFile::open(&out).unwrap();
+    let mut m = file.metadata().clone();
+    edit(&mut m);
+    nibble::Model::check_metadata(&m).map(|_| ()).unwrap_err()
+}
+
+#[test]
+fn convert_refuses_what_the_runtime_refuses() {
+    // max_position_embeddings: the runtime's limit, with the runtime's words.
+    let c = Case::new();
+    c.edit_config(|v| v["max_position_embeddings"] = u32::MAX.into());
+    let m = c.lib_error();
+    let runtime = runtime_message(|m| {
+        m.set(
+            nibble::format::keys::CONTEXT_LENGTH,
+            nibble::format::Value::U32(u32::MAX),
+        )
+    });
+    assert!(m.ends_with(&runtime), "{m} / {runtime}");
+    assert!(m.contains("max_position_embeddings"), "{m}");
+
+    // Merges naming tokens that are not in the vocabulary.
+    let c = Case::new();
+    c.edit_tokenizer(|t| {
+        t["model"]["merges"][0] = serde_json::json!(["no-such-token", "x"]);
+    });
+    let m = c.lib_error();
+    assert!(m.contains("tokenizer"), "{m}");
+
+    // An added token past the model's vocabulary.
+    let c = Case::new();
+    c.edit_tokenizer(|t| {
+        t["added_tokens"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({
+                "id": 100000, "content": "<|beyond|>", "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true
+            }));
+    });
+    let m = c.lib_error();
+    assert!(
+        m.contains("tokenizer has 513 tokens but the model only 512"),
+        "{m}"
+    );
+
+    // A Unigram model whose unknown token is not in its vocabulary.
+    let c = Case::new();
+    c.edit_tokenizer(|t| {
+        t["model"] = serde_json::json!({
+            "type": "Unigram", "unk_id": 7, "vocab": [["<unk>", 0.0], ["a", -1.0]]
+        });
+    });
+    let m = c.lib_error();
+    assert!(m.contains("tokenizer"), "{m}");
+    assert!(c.cli_error().contains("tokenizer"));
+}
+
+#[test]
+fn unknown_safetensors_dtype_names_the_tensor() {
+    let c = Case::new();
+    let long = "w".repeat(10_000);
+    let header = serde_json::json!({
+        "model.norm.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+        long.clone(): {"dtype": "F99", "shape": [1], "data_offsets": [4, 8]},
+    })
+    .to_string();
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(header.as_bytes());
+    bytes.extend([0u8; 8]);
+    std::fs::write(c.model.join("model.safetensors"), bytes).unwrap();
+    let m = c.cli_error();
+    assert!(m.contains("model.safetensors: tensor 'www"), "{m}");
+    assert!(
+        m.contains("…' (10000 bytes) has unknown dtype 'F99'"),
+        "{m}"
+    );
+    assert!(m.len() < 400, "{m}");
+}

@@ -1502,3 +1502,88 @@ fn every_block_type_converts_through_the_full_path() {
         assert_eq!(reordered, gguf_order, "{} ({ty})", t.name);
     }
 }
+
+/// Peak resident memory of this process in bytes (`VmHWM`).
+fn peak_rss() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = s.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+#[test]
+fn unread_arrays_stay_unparsed() {
+    // A 20M-element u8 array under a key nobody reads: parsed, it cost some
+    // 32 bytes per element (640 MB); now only its bytes in the map.
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = tiny_llama_gguf();
+    let n = 20_000_000u64;
+    let mut p = T_U8.to_le_bytes().to_vec();
+    p.extend(n.to_le_bytes());
+    p.resize(p.len() + n as usize, 7);
+    b.raw("x.junk", T_ARRAY, p);
+    let path = b.write(dir.path(), "junk.gguf");
+    drop(b);
+    // Measured in a process of its own: the other tests of this binary run
+    // alongside and share its peak.
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "convert_with_junk_array",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("NIBBLE_JUNK_GGUF", &path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let grown: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("peak RSS growth: "))
+        .expect(&stdout)
+        .parse()
+        .unwrap();
+    assert!(grown < 200 << 20, "peak RSS grew by {grown} bytes");
+}
+
+/// The child of [`unread_arrays_stay_unparsed`].
+#[test]
+#[ignore = "run by unread_arrays_stay_unparsed in a process of its own"]
+fn convert_with_junk_array() {
+    let path = PathBuf::from(std::env::var_os("NIBBLE_JUNK_GGUF").unwrap());
+    let before = peak_rss();
+    let f = GgufFile::open(&path).unwrap();
+    let MetaValue::Array(a) = f.get("x.junk").unwrap() else {
+        panic!("an array")
+    };
+    let n = a.len();
+    assert_eq!(n, 20_000_000);
+    let out = path.with_extension("nbl");
+    convert(&ConvertOptions::new(&path, &out, QuantPolicy::F32)).unwrap();
+    println!("peak RSS growth: {}", peak_rss().saturating_sub(before));
+    // Read, the array is what the file says.
+    assert_eq!(a.items().len() as u64, n);
+    assert_eq!(a.items()[n as usize - 1], MetaValue::U8(7));
+}
+
+#[test]
+fn absurd_block_count_is_refused_before_planning() {
+    let mut b = tiny_llama_gguf();
+    b.u32("llama.block_count", u32::MAX);
+    let t = std::time::Instant::now();
+    let m = gguf_err(&b);
+    assert!(t.elapsed().as_secs() < 5);
+    assert!(
+        m.contains("'llama.block_count' is 4294967295, but the checkpoint has only"),
+        "{m}"
+    );
+}

@@ -296,3 +296,32 @@ fn bad_importance_input_is_an_error() {
         .to_string();
     assert!(e.contains("fewer than one window"), "{e}");
 }
+
+#[test]
+fn imatrix_checks_the_context_against_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m.nbl");
+    convert_to(&fixture("tiny-mha"), QuantPolicy::F32, &model, None);
+    let text = dir.path().join("calib.txt");
+    std::fs::write(&text, calibration_text()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_nibble-tools"))
+        .args(["imatrix", "-m"])
+        .arg(&model)
+        .arg("-f")
+        .arg(&text)
+        .arg("-o")
+        .arg(dir.path().join("imatrix.safetensors"))
+        .args(["--ctx", "64", "--max-memory", "1M"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert!(
+        stderr.contains("a context of 64 tokens needs")
+            && stderr.contains("the memory limit allows 1.0 MiB (lower --ctx)"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("imatrix.safetensors").exists());
+}

@@ -89,6 +89,12 @@ impl LlamaGguf {
     pub fn open(path: &Path) -> Result<Self, ToolError> {
         let file = GgufFile::open(path)?;
         let config = config(&file)?;
+        convert::check_layer_count(
+            path,
+            "llama.block_count",
+            config.num_hidden_layers,
+            file.tensors().len(),
+        )?;
         let tokenizer = super::tokenizer::build(&file, config.vocab_size)?;
         let mut tensors = BTreeMap::new();
         for t in file.tensors() {
@@ -99,8 +105,8 @@ impl LlamaGguf {
                     ""
                 };
                 return Err(file.error(format!(
-                    "unexpected tensor '{}' (not part of a LLaMA model){hint}",
-                    t.name
+                    "unexpected tensor {} (not part of a LLaMA model){hint}",
+                    nibble::error::quote(&t.name)
                 )));
             };
             let unpermute_heads = match layer_tensor {
@@ -162,8 +168,9 @@ impl LlamaGguf {
             }
             if !plan.iter().any(|p| &p.name == name) {
                 return Err(self.file.error(format!(
-                    "unexpected tensor '{}' (the metadata describes {} layers)",
-                    m.gguf.name, self.config.num_hidden_layers
+                    "unexpected tensor {} (the metadata describes {} layers)",
+                    nibble::error::quote(&m.gguf.name),
+                    self.config.num_hidden_layers
                 )));
             }
         }
@@ -238,7 +245,8 @@ pub fn config(file: &GgufFile) -> Result<LlamaConfig, ToolError> {
         Some("llama") => {}
         Some(other) => {
             return Err(file.error(format!(
-                "architecture '{other}' is not supported (only 'llama')"
+                "architecture {} is not supported (only 'llama')",
+                nibble::error::quote(other)
             )))
         }
         None => return Err(file.error("metadata 'general.architecture' is missing")),
@@ -315,7 +323,8 @@ pub fn config(file: &GgufFile) -> Result<LlamaConfig, ToolError> {
         }
         Some(other) => {
             return Err(file.error(format!(
-                "rope scaling type '{other}' is not supported (only linear)"
+                "rope scaling type {} is not supported (only linear)",
+                nibble::error::quote(other)
             )))
         }
     };
@@ -367,6 +376,7 @@ pub fn convert(options: &ConvertOptions) -> Result<ConvertSummary, ToolError> {
         .tensor_types(&plan)
         .map_err(|e| ToolError::new(&options.input, e))?;
     let metadata = convert::metadata(&model.config, &model.tokenizer, options, vec![file_name]);
+    convert::check_runtime_accepts(&options.input, &metadata)?;
     let importance = options.importance(&plan)?;
 
     let total: u64 = plan

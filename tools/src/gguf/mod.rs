@@ -23,6 +23,7 @@ use memmap2::{Mmap, UncheckedAdvice};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 pub const MAGIC: [u8; 4] = *b"GGUF";
 /// Used when a file has no `general.alignment`.
@@ -182,11 +183,65 @@ pub enum MetaValue {
     F64(f64),
 }
 
-#[derive(Clone, Debug, PartialEq)]
+/// An array value, validated at open but parsed into [`MetaValue`]s only
+/// when first read ([`MetaArray::items`]): an unread array costs nothing
+/// beyond its bytes in the file map (a parsed element takes some 32 bytes,
+/// so a 20M-element byte array would be 640 MB of memory).
+#[derive(Clone)]
 pub struct MetaArray {
     /// The GGUF value type id of the elements.
     pub elem_type: u32,
-    pub items: Vec<MetaValue>,
+    len: u64,
+    map: Arc<Mmap>,
+    /// Offset of the first element in the map.
+    start: usize,
+    /// Arrays enclosing this one.
+    depth: usize,
+    items: OnceLock<Vec<MetaValue>>,
+}
+
+impl MetaArray {
+    /// Number of elements.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The elements, parsed on first call.
+    pub fn items(&self) -> &[MetaValue] {
+        self.items.get_or_init(|| {
+            let mut c = Cursor {
+                bytes: &self.map,
+                pos: self.start,
+                map: &self.map,
+            };
+            (0..self.len)
+                .map(|_| {
+                    c.value(self.elem_type, &"an array element", self.depth + 1)
+                        .expect("validated when the file was opened")
+                })
+                .collect()
+        })
+    }
+}
+
+impl fmt::Debug for MetaArray {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "MetaArray {{ elem_type: {}, len: {} }}",
+            self.elem_type, self.len
+        )
+    }
+}
+
+impl PartialEq for MetaArray {
+    fn eq(&self, other: &Self) -> bool {
+        self.elem_type == other.elem_type && self.len == other.len && self.items() == other.items()
+    }
 }
 
 /// GGUF value type ids (`enum gguf_type`).
@@ -296,7 +351,7 @@ impl MetaValue {
 
     pub fn as_array(&self) -> Option<&[MetaValue]> {
         match self {
-            Self::Array(a) => Some(&a.items),
+            Self::Array(a) => Some(a.items()),
             _ => None,
         }
     }
@@ -329,7 +384,7 @@ impl GgufTensor {
 /// for.
 pub struct GgufFile {
     path: PathBuf,
-    map: Mmap,
+    map: Arc<Mmap>,
     version: u32,
     alignment: usize,
     metadata: BTreeMap<String, MetaValue>,
@@ -342,6 +397,8 @@ pub struct GgufFile {
 struct Cursor<'a> {
     bytes: &'a [u8],
     pos: usize,
+    /// The map `bytes` is, for arrays to parse later.
+    map: &'a Arc<Mmap>,
 }
 
 impl<'a> Cursor<'a> {
@@ -452,15 +509,78 @@ impl<'a> Cursor<'a> {
                         self.remaining()
                     ));
                 }
-                let mut items = Vec::with_capacity(count as usize);
-                for i in 0..count {
-                    let item_what = format!("{what}[{i}]");
-                    items.push(self.value(elem_type, &item_what, depth + 1)?);
+                let start = self.pos;
+                match elem_type {
+                    // Fixed-size elements: every bit pattern is valid.
+                    vt::U8
+                    | vt::I8
+                    | vt::U16
+                    | vt::I16
+                    | vt::U32
+                    | vt::I32
+                    | vt::F32
+                    | vt::U64
+                    | vt::I64
+                    | vt::F64 => {
+                        self.take((count * min_size) as usize, what)?;
+                    }
+                    _ => {
+                        for i in 0..count {
+                            self.skip(elem_type, &format_args!("{what}[{i}]"), depth + 1)?;
+                        }
+                    }
                 }
-                MetaValue::Array(MetaArray { elem_type, items })
+                MetaValue::Array(MetaArray {
+                    elem_type,
+                    len: count,
+                    map: self.map.clone(),
+                    start,
+                    depth,
+                    items: OnceLock::new(),
+                })
             }
             other => return Err(format!("{what} has unknown value type {other}")),
         })
+    }
+}
+
+impl Cursor<'_> {
+    /// Checks a value of type `ty` exactly as [`Cursor::value`] reads it and
+    /// moves past it, allocating nothing.
+    fn skip(&mut self, ty: u32, what: &dyn fmt::Display, depth: usize) -> Result<(), String> {
+        match ty {
+            vt::U8 | vt::I8 => self.take(1, what).map(drop),
+            vt::U16 | vt::I16 => self.take(2, what).map(drop),
+            vt::U32 | vt::I32 | vt::F32 => self.take(4, what).map(drop),
+            vt::U64 | vt::I64 | vt::F64 => self.take(8, what).map(drop),
+            vt::BOOL => {
+                let at = self.pos;
+                match self.array::<1>(what)?[0] {
+                    0 | 1 => Ok(()),
+                    b => Err(format!(
+                        "{what} at offset {at} is a bool with value {b}, not 0 or 1"
+                    )),
+                }
+            }
+            vt::STRING => {
+                let at = self.pos;
+                let len = self.u64(what)?;
+                if len > self.remaining() as u64 {
+                    return Err(format!(
+                        "{what} at offset {at} claims {len} bytes but only {} remain (truncated or corrupt)",
+                        self.remaining()
+                    ));
+                }
+                let bytes = self.take(len as usize, what)?;
+                std::str::from_utf8(bytes)
+                    .map(drop)
+                    .map_err(|_| format!("{what} at offset {at} is not UTF-8"))
+            }
+            // Validated (and its elements skipped) by `value`; the parsed
+            // array is only a handle into the map.
+            vt::ARRAY => self.value(ty, what, depth).map(drop),
+            other => Err(format!("{what} has unknown value type {other}")),
+        }
     }
 }
 
@@ -486,10 +606,12 @@ impl GgufFile {
     }
 
     fn parse(path: &Path, map: Mmap) -> Result<Self, ToolError> {
+        let map = Arc::new(map);
         let err = |m: String| ToolError::new(path, m);
         let mut c = Cursor {
             bytes: &map,
             pos: 0,
+            map: &map,
         };
         let magic: [u8; 4] = c.array(&"the magic").map_err(|_| {
             err(format!(
@@ -527,13 +649,23 @@ impl GgufFile {
                 .string(&format_args!("the key of metadata entry {i}"))
                 .map_err(err)?;
             let ty = c
-                .u32(&format_args!("the type of metadata '{key}'"))
+                .u32(&format_args!(
+                    "the type of metadata {}",
+                    nibble::error::quote(&key)
+                ))
                 .map_err(err)?;
             let value = c
-                .value(ty, &format_args!("metadata '{key}'"), 0)
+                .value(
+                    ty,
+                    &format_args!("metadata {}", nibble::error::quote(&key)),
+                    0,
+                )
                 .map_err(err)?;
             if metadata.insert(key.clone(), value).is_some() {
-                return Err(err(format!("metadata key '{key}' appears twice")));
+                return Err(err(format!(
+                    "metadata key {} appears twice",
+                    nibble::error::quote(&key)
+                )));
             }
         }
 
@@ -542,7 +674,8 @@ impl GgufFile {
             Some(MetaValue::U32(a)) if *a > 0 && a.is_power_of_two() => *a as usize,
             Some(v) => {
                 return Err(err(format!(
-                    "'general.alignment' should be a power of two (u32), found {v:?}"
+                    "'general.alignment' should be a power of two (u32), found {}",
+                    brief(v)
                 )))
             }
         };
@@ -565,7 +698,7 @@ impl GgufFile {
             let name = c
                 .string(&format_args!("the name of tensor {i}"))
                 .map_err(err)?;
-            let what = format!("tensor '{name}'");
+            let what = format!("tensor {}", nibble::error::quote(&name));
             let n_dims = c.u32(&what).map_err(err)?;
             if n_dims == 0 || n_dims as usize > MAX_DIMS {
                 return Err(err(format!(
@@ -607,7 +740,7 @@ impl GgufFile {
             offset,
         } in infos
         {
-            let what = format!("tensor '{name}'");
+            let what = format!("tensor {}", nibble::error::quote(&name));
             let n = dims
                 .iter()
                 .try_fold(1u64, |acc, &d| acc.checked_mul(d))
@@ -657,8 +790,9 @@ impl GgufFile {
         for w in order.windows(2) {
             if w[1].start < w[0].end {
                 return Err(err(format!(
-                    "tensors '{}' and '{}' overlap (corrupt tensor directory)",
-                    w[0].name, w[1].name
+                    "tensors {} and {} overlap (corrupt tensor directory)",
+                    nibble::error::quote(&w[0].name),
+                    nibble::error::quote(&w[1].name)
                 )));
             }
         }
@@ -798,12 +932,8 @@ impl GgufFile {
 /// A value shortened for an error message (a 50k-entry array would not help).
 pub(crate) fn brief(v: &MetaValue) -> String {
     match v {
-        MetaValue::Array(a) => format!(
-            "an array of {} {}",
-            a.items.len(),
-            value_type_name(a.elem_type)
-        ),
-        MetaValue::Str(s) if s.len() > 40 => format!("a string ({} bytes)", s.len()),
+        MetaValue::Array(a) => format!("an array of {} {}", a.len(), value_type_name(a.elem_type)),
+        MetaValue::Str(s) => format!("the string {}", nibble::error::quote(s)),
         other => format!("{other:?}"),
     }
 }

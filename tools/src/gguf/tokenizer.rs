@@ -56,7 +56,8 @@ fn read_vocab(file: &GgufFile) -> Result<Vocab<'_>, ToolError> {
         })?;
         if let Some(first) = ids.insert(s, i as u32) {
             return Err(file.error(format!(
-                "'{key}' holds {s:?} twice (ids {first} and {i}); a tokenizer.json vocabulary cannot"
+                "'{key}' holds {} twice (ids {first} and {i}); a tokenizer.json vocabulary cannot",
+                nibble::error::quote(s)
             )));
         }
         tokens.push(s);
@@ -118,7 +119,8 @@ pub fn build(file: &GgufFile, vocab_size: usize) -> Result<TokenizerInfo, ToolEr
         "gpt2" => false,
         other => {
             return Err(file.error(format!(
-                "tokenizer model '{other}' is not supported (only 'llama' and 'gpt2')"
+                "tokenizer model {} is not supported (only 'llama' and 'gpt2')",
+                nibble::error::quote(other)
             )))
         }
     };
@@ -215,7 +217,8 @@ pub fn build(file: &GgufFile, vocab_size: usize) -> Result<TokenizerInfo, ToolEr
             ),
             other => {
                 return Err(file.error(format!(
-                    "pre-tokenizer '{other}' ('tokenizer.ggml.pre') is not supported (supported: default, gpt2, smollm, llama3, llama-bpe)"
+                    "pre-tokenizer {} ('tokenizer.ggml.pre') is not supported (supported: default, gpt2, smollm, llama3, llama-bpe)",
+                    nibble::error::quote(other)
                 )))
             }
         };
