@@ -265,10 +265,7 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         text: &str,
     ) -> Option<Vec<Range<usize>>> {
-        if messages
-            .iter()
-            .any(|m| m.content.contains([OPEN, CLOSE]))
-        {
+        if messages.iter().any(|m| m.content.contains([OPEN, CLOSE])) {
             return None;
         }
         let marked: Vec<Message> = messages

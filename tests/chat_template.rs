@@ -132,7 +132,9 @@ fn the_budget_admits_huge_ordinary_conversations() {
     ] {
         let t = template(name, bos, eos);
         t.check_budget().unwrap();
-        let out = t.render(&turns, true).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let out = t
+            .render(&turns, true)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert!(out.contains("turn 19999"), "{name}");
     }
 }
@@ -264,7 +266,15 @@ fn nibble_chat_refuses_a_runaway_template_in_one_line() {
     let path = dir.path().join("runaway.nbl");
     with_chat_template(&tiny_nbl("tiny-mha", "f32"), RUNAWAY, &path);
     let mut child = Command::new(env!("CARGO_BIN_EXE_nibble"))
-        .args(["chat", "-m", path.to_str().unwrap(), "--temp", "0", "-n", "4"])
+        .args([
+            "chat",
+            "-m",
+            path.to_str().unwrap(),
+            "--temp",
+            "0",
+            "-n",
+            "4",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

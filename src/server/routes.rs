@@ -161,11 +161,20 @@ async fn complete(
     endpoint: Endpoint,
     request: Request,
 ) -> Result<Response, ApiError> {
-    if declared_length(request.headers())? > Some(s.body_cap as u64) {
-        return Err(too_large(s.body_cap));
-    }
-    let slot = s.queue.admit()?;
-    let body = read_body(request.into_body(), s.body_cap, s.body_timeout).await?;
+    let (parts, body) = request.into_parts();
+    let admitted = match declared_length(&parts.headers) {
+        Ok(Some(n)) if n > s.body_cap as u64 => Err(too_large(s.body_cap)),
+        Ok(_) => s.queue.admit(),
+        Err(e) => Err(e),
+    };
+    let slot = match admitted {
+        Ok(slot) => slot,
+        Err(e) => {
+            linger(body.into_data_stream());
+            return Err(e);
+        }
+    };
+    let body = read_body(body, s.body_cap, s.body_timeout).await?;
     let req = request::parse(endpoint, &body)?;
     drop(body);
     let prompt = tokenize(&s, endpoint, req.input).await?;
@@ -215,6 +224,29 @@ fn too_large(cap: usize) -> ApiError {
     .with_status(StatusCode::PAYLOAD_TOO_LARGE)
 }
 
+/// How long, and for how many bytes, the unread rest of a refused body is
+/// read and thrown away. A client still sending when the refusal comes
+/// would otherwise see the connection reset instead of reading it.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 1 << 20;
+
+/// Reads and drops (a bounded part of) the rest of a body the answer does
+/// not need, on a task of its own so that the answer goes out at once.
+fn linger(mut data: axum::body::BodyDataStream) {
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(LINGER, async {
+            let mut seen = 0;
+            while let Some(Ok(chunk)) = data.next().await {
+                seen += chunk.len();
+                if seen > LINGER_BYTES {
+                    break;
+                }
+            }
+        })
+        .await;
+    });
+}
+
 /// Reads the body, refusing it once it passes `cap` bytes (413) or when it
 /// has not all arrived within `timeout` (408).
 async fn read_body(body: Body, cap: usize, timeout: Duration) -> Result<Vec<u8>, ApiError> {
@@ -226,6 +258,7 @@ async fn read_body(body: Body, cap: usize, timeout: Duration) -> Result<Vec<u8>,
                 ApiError::invalid("invalid_body", format!("cannot read the request body: {e}"))
             })?;
             if buf.len() + chunk.len() > cap {
+                linger(data);
                 return Err(too_large(cap));
             }
             buf.extend_from_slice(&chunk);
