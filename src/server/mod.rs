@@ -242,6 +242,7 @@ impl Server {
             ctx,
             queue,
             body_cap,
+            tokenizing: tokio::sync::Semaphore::new(1),
             body_timeout: options.body_timeout,
             started: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

@@ -36,6 +36,10 @@ pub(crate) struct AppState {
     pub queue: Queue,
     /// The largest body accepted, in bytes.
     pub body_cap: usize,
+    /// One tokenization at a time: they are short next to a generation, and
+    /// on one thread at a time the allocator reuses one arena instead of
+    /// keeping a megabyte-sized one per blocking thread.
+    pub tokenizing: tokio::sync::Semaphore,
     pub body_timeout: Duration,
     /// When the server started, reported as the model's `created`.
     pub started: u64,
@@ -300,6 +304,11 @@ async fn tokenize(
     input: Input,
 ) -> Result<Vec<u32>, ApiError> {
     let state = s.clone();
+    let _one_at_a_time = s
+        .tokenizing
+        .acquire()
+        .await
+        .map_err(|_| ApiError::internal("the tokenizer is closed (a bug in nibble)"))?;
     let prompt = tokio::task::spawn_blocking(move || -> Result<Vec<u32>, ApiError> {
         let tok = state.model.tokenizer();
         let internal = |e: crate::Error| ApiError::internal(e.to_string());
