@@ -159,8 +159,8 @@ fn count(ids: &[u32], id: u32) -> usize {
 fn untrusted_encoding_of_ordinary_conversations_is_unchanged() {
     // SmolLM2's tokenizer with its ChatML, the tiny fixtures' LLaMA-style
     // tokenizer with LLaMA-2-chat's template.
-    let smollm2 = nibble::Model::open(&smollm2_nbl("q4")).unwrap();
-    let tiny = nibble::Model::open(&tiny_nbl("tiny-mha", "f32")).unwrap();
+    let smollm2 = nibble::Model::open(smollm2_nbl("q4")).unwrap();
+    let tiny = nibble::Model::open(tiny_nbl("tiny-mha", "f32")).unwrap();
     for (name, tok) in [
         ("smollm2.jinja", smollm2.tokenizer()),
         ("llama2-chat.jinja", tiny.tokenizer()),
@@ -184,7 +184,7 @@ fn untrusted_encoding_of_ordinary_conversations_is_unchanged() {
 
 #[test]
 fn special_token_text_in_contents_stays_text() {
-    let model = nibble::Model::open(&smollm2_nbl("q4")).unwrap();
+    let model = nibble::Model::open(smollm2_nbl("q4")).unwrap();
     let tok = model.tokenizer();
     let t = ChatTemplate::from_model(&model).unwrap();
     let im_start = tok.token_to_id("<|im_start|>").unwrap();
@@ -223,7 +223,7 @@ fn special_token_text_in_contents_stays_text() {
     assert!(err.to_string().contains("role"), "{err}");
 
     // LLaMA-2's template trims contents; untrimmed ones are still traced.
-    let tiny = nibble::Model::open(&tiny_nbl("tiny-mha", "f32")).unwrap();
+    let tiny = nibble::Model::open(tiny_nbl("tiny-mha", "f32")).unwrap();
     let tok = tiny.tokenizer();
     let t = template("llama2-chat.jinja", "<s>", "</s>");
     let conv = [Message::new(

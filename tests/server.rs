@@ -1035,9 +1035,11 @@ impl ServeProcess {
             }
         });
         loop {
-            let line = rx
-                .recv_timeout(Duration::from_secs(60))
-                .expect("nibble serve did not start");
+            let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) else {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("nibble serve did not start");
+            };
             if let Some(rest) = line.split("on http://").nth(1) {
                 let addr = rest.split_whitespace().next().unwrap().parse().unwrap();
                 return Self {
