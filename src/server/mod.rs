@@ -40,19 +40,24 @@
 //!
 //! * **Body cap.** A prompt can never be longer than the context, so a body
 //!   may have at most [`BODY_BYTES_PER_TOKEN`] bytes per token of the context
-//!   plus [`BODY_EXTRA_BYTES`] for the JSON around it (196 KiB for a 4096-token
+//!   plus [`BODY_EXTRA_BYTES`] for the JSON around it (192 KiB for a 4096-token
 //!   context), and never more than [`ServerOptions::max_body_bytes`]; see
 //!   [`Server::max_body_bytes`]. A declared `Content-Length` over the cap is
 //!   answered 413 at once, before any of the body is read; a chunked body is
-//!   cut off at the cap.
+//!   cut off at the cap. (The unread rest of a refused body is read and
+//!   dropped for up to a second, so that a client still sending sees the
+//!   answer rather than a reset connection.)
 //! * **Admission before work.** A completion request takes its place in the
 //!   queue (or gets 503) before its body is read, and the body is parsed, the
-//!   chat template rendered and the prompt tokenized only inside that place.
-//!   So at most `max_queue + 1` requests hold a body, a rendered prompt and
-//!   its tokens at any time: request memory is bounded by about
-//!   `(max_queue + 1) × 3 ×` the body cap (body, rendered text, tokens),
-//!   8 MiB with the defaults and a 4096-token context, however many clients
-//!   connect. A request that is refused costs nothing beyond its headers.
+//!   chat template rendered and the prompt tokenized only inside that place,
+//!   one tokenization at a time. So at most `max_queue + 1` requests hold a
+//!   body at any time, each at most its body, the parsed JSON and the fields
+//!   taken from it (together about 3 × the body cap) and later its prompt
+//!   (4 bytes per token of the context): request memory is bounded by about
+//!   `3 × (max_queue + 1) ×` the body cap, some 10 MiB with the defaults and
+//!   a 4096-token context, plus the working memory of the one running
+//!   tokenization (tens of bytes per byte of prompt), however many clients
+//!   connect. A refused request costs nothing beyond its headers.
 //! * **Timeouts** ([`ServerOptions`]): a client has
 //!   [`header_timeout`](ServerOptions::header_timeout) (10 s) to send a
 //!   request line and headers, counted from the accept or from the first byte
