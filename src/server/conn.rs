@@ -270,3 +270,40 @@ impl AsyncWrite for Watched {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Timeouts = Timeouts {
+        header: Duration::from_secs(10),
+        idle: Duration::from_secs(60),
+    };
+
+    #[test]
+    fn deadlines_follow_what_the_connection_waits_for() {
+        let state = Arc::new(Mutex::new(State::new()));
+        let accepted = lock(&state).since;
+        // A new connection has the header timeout, however it dribbles.
+        lock(&state).read();
+        assert_eq!(lock(&state).deadline(&T, false), Some(accepted + T.header));
+        // Serving: no deadline while the client keeps up.
+        let guard = InFlight::new(state.clone());
+        assert_eq!(lock(&state).deadline(&T, false), None);
+        lock(&state).write_blocked = Some(accepted);
+        assert_eq!(lock(&state).deadline(&T, false), Some(accepted + T.idle));
+        // Draining waits for the request in flight, not for the client.
+        lock(&state).write_blocked = None;
+        assert_eq!(lock(&state).deadline(&T, true), None);
+        drop(guard);
+        // Idle between requests: the idle timeout; at shutdown, now.
+        let idle = lock(&state).since;
+        assert_eq!(lock(&state).deadline(&T, false), Some(idle + T.idle));
+        assert_eq!(lock(&state).deadline(&T, true), Some(idle));
+        // The first byte of the next request starts its header timeout.
+        lock(&state).read();
+        let s = lock(&state);
+        assert_eq!(s.phase, Phase::Head);
+        assert_eq!(s.deadline(&T, false), Some(s.since + T.header));
+    }
+}
