@@ -3,9 +3,14 @@
 
 use crate::error::{Error, Result};
 use crate::format::{keys, Metadata};
+use std::sync::OnceLock;
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// `inner` with special-token parsing off, made on first use.
+    text_only: OnceLock<tokenizers::Tokenizer>,
+    /// The added tokens marked special, longest first.
+    specials: Vec<(u32, String)>,
     bos: Option<u32>,
     eos: Vec<u32>,
     /// Whether a BOS token starts every encoded text (the model's
@@ -53,8 +58,17 @@ impl Tokenizer {
         };
         let bos_text = text_of(keys::BOS_TOKEN, bos)?;
         let eos_text = text_of(keys::EOS_TOKEN, eos.first().copied())?;
+        let mut specials: Vec<(u32, String)> = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special && !t.content.is_empty())
+            .map(|(id, t)| (id, t.content))
+            .collect();
+        specials.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(&b.0)));
         Ok(Self {
             inner,
+            text_only: OnceLock::new(),
+            specials,
             bos,
             eos,
             add_bos,
@@ -139,6 +153,32 @@ impl Tokenizer {
             }
         }
         Ok(ids)
+    }
+
+    /// Encodes `text` with special-token text read as ordinary text
+    /// (`<|im_start|>` becomes the tokens of its characters, not the control
+    /// token), and nothing added: for text from someone not trusted with
+    /// control tokens.
+    pub fn encode_as_text(&self, text: &str) -> Result<Vec<u32>> {
+        if text.is_empty() {
+            return Ok(Vec::new());
+        }
+        let inner = self.text_only.get_or_init(|| {
+            let mut t = self.inner.clone();
+            t.set_encode_special_tokens(true);
+            t
+        });
+        Ok(inner
+            .encode(text, false)
+            .map_err(tok_err)?
+            .get_ids()
+            .to_vec())
+    }
+
+    /// The special tokens (the tokenizer's added tokens marked special, such
+    /// as `<s>` or `<|im_start|>`): id and text, longest text first.
+    pub fn special_tokens(&self) -> &[(u32, String)] {
+        &self.specials
     }
 
     /// Decodes `ids` to text, special tokens included.

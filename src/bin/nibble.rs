@@ -31,6 +31,10 @@ enum Cmd {
     /// Continue a prompt, streaming the text to stdout.
     Run(RunArgs),
     /// Chat with the model using its chat template.
+    ///
+    /// What you type is trusted: special-token text in it (`<|im_start|>`,
+    /// `</s>`) is read as the control token, as transformers does. `nibble
+    /// serve` keeps such text in message contents as plain text.
     Chat(ChatArgs),
     /// llama.cpp-style perplexity of a text file.
     Perplexity(PerplexityArgs),

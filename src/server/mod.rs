@@ -23,14 +23,62 @@
 //! Errors have OpenAI's shape,
 //! `{"error": {"message", "type", "param", "code"}}`, and status: 400 for
 //! malformed JSON, a field of the wrong type or value, or a prompt longer
-//! than the context (code `context_length_exceeded`); 413 for a body over
-//! [`ServerOptions::max_body_bytes`]; 404 and 405 for unknown routes and
-//! methods; 503 when the queue is full or the server is stopping.
+//! than the context (code `context_length_exceeded`); 408 for a body that
+//! does not arrive within [`ServerOptions::body_timeout`]; 413 for a body
+//! over the body cap (below); 404 and 405 for unknown routes and methods;
+//! 500 with code `chat_template_budget_exceeded` when the model's chat
+//! template runs past its budget (see [`crate::chat`]: the template is the
+//! operator's file, not the client's fault); 503 when the queue is full or
+//! the server is stopping.
 //!
 //! One generation runs at a time on a dedicated thread that owns the KV
 //! cache; the forward pass already uses every core. Up to
 //! [`ServerOptions::max_queue`] further requests wait their turn. A client
 //! that disconnects mid-stream frees the worker after the current token.
+//!
+//! # Hostile input and load
+//!
+//! * **Body cap.** A prompt can never be longer than the context, so a body
+//!   may have at most [`BODY_BYTES_PER_TOKEN`] bytes per token of the context
+//!   plus [`BODY_EXTRA_BYTES`] for the JSON around it (192 KiB for a 4096-token
+//!   context), and never more than [`ServerOptions::max_body_bytes`]; see
+//!   [`Server::max_body_bytes`]. A declared `Content-Length` over the cap is
+//!   answered 413 at once, before any of the body is read; a chunked body is
+//!   cut off at the cap. (The unread rest of a refused body is read and
+//!   dropped for up to a second, so that a client still sending sees the
+//!   answer rather than a reset connection.)
+//! * **Admission before work.** A completion request takes its place in the
+//!   queue (or gets 503) before its body is read, and the body is parsed, the
+//!   chat template rendered and the prompt tokenized only inside that place,
+//!   one tokenization at a time. So at most `max_queue + 1` requests hold a
+//!   body at any time, each at most its body, the parsed JSON and the fields
+//!   taken from it (together about 3 × the body cap) and later its prompt
+//!   (4 bytes per token of the context): request memory is bounded by about
+//!   `3 × (max_queue + 1) ×` the body cap, some 10 MiB with the defaults and
+//!   a 4096-token context, plus the working memory of the one running
+//!   tokenization (tens of bytes per byte of prompt), however many clients
+//!   connect. A refused request costs nothing beyond its headers.
+//! * **Timeouts** ([`ServerOptions`]): a client has
+//!   [`header_timeout`](ServerOptions::header_timeout) (10 s) to send a
+//!   request line and headers, counted from the accept or from the first byte
+//!   of a keep-alive request, then the connection is closed;
+//!   [`body_timeout`](ServerOptions::body_timeout) (30 s) to send the body,
+//!   then 408; a keep-alive connection idle for
+//!   [`idle_timeout`](ServerOptions::idle_timeout) (60 s) is closed, and so
+//!   is one whose client has not read any of its answer for that long.
+//! * **Shutdown.** On the signal the server stops accepting, closes idle
+//!   connections and those still sending headers, ends the running generation
+//!   after its current token and fails the waiting ones with 503; requests
+//!   still open after [`shutdown_grace`](ServerOptions::shutdown_grace) (5 s)
+//!   are dropped, whatever their clients do. In `nibble serve` a second
+//!   Ctrl-C or SIGTERM exits at once.
+//! * **Special tokens.** The server is a trust boundary: text in a message's
+//!   content is tokenized as text, so a client that writes `<|im_start|>` in
+//!   its content gets those characters, not a new turn (see
+//!   [`ChatTemplate::encode_untrusted`]); a role containing special-token
+//!   text is refused with 400. A `/v1/completions` prompt is the client's
+//!   whole input and is tokenized as `nibble run` does, special tokens
+//!   included.
 //!
 //! # Example
 //!
@@ -55,6 +103,7 @@
 //! From the command line, [`serve`] does the same until Ctrl-C:
 //! `nibble serve -m model.nbl --port 8080`.
 
+mod conn;
 mod error;
 mod request;
 mod routes;
@@ -66,7 +115,17 @@ use crate::model::Model;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::{TcpListener, ToSocketAddrs};
+
+/// Body bytes allowed per token of the context. Generous: English text is
+/// about 4 bytes per token, JSON-escaped non-ASCII text about 12, token ids
+/// at most 8.
+pub const BODY_BYTES_PER_TOKEN: usize = 32;
+
+/// Body bytes allowed on top of [`BODY_BYTES_PER_TOKEN`], for the JSON
+/// around the prompt (fields, roles, many short messages).
+pub const BODY_EXTRA_BYTES: usize = 64 << 10;
 
 /// How a [`Server`] runs.
 #[derive(Clone, Debug)]
@@ -77,11 +136,24 @@ pub struct ServerOptions {
     /// Requests that may wait while one generation runs; further ones get
     /// 503 at once. 0 = only the running one is accepted.
     pub max_queue: usize,
-    /// Largest accepted request body in bytes; larger ones get 413.
+    /// Upper limit of the request body in bytes; larger ones get 413. The
+    /// cap in force is usually lower, derived from the context (see the
+    /// module docs and [`Server::max_body_bytes`]).
     pub max_body_bytes: usize,
     /// Print one line per request (peer, method, path, status, time) to
     /// stderr.
     pub log_requests: bool,
+    /// Time to send a request line and its headers, from the accept or from
+    /// the first byte of a keep-alive request; then the connection is closed.
+    pub header_timeout: Duration,
+    /// Time to send a request body once its headers are in; then 408.
+    pub body_timeout: Duration,
+    /// Time a keep-alive connection may stay idle between requests, or a
+    /// client may leave its answer unread, before the connection is closed.
+    pub idle_timeout: Duration,
+    /// After the shutdown signal, time the open requests get before their
+    /// connections are dropped.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ServerOptions {
@@ -91,8 +163,19 @@ impl Default for ServerOptions {
             max_queue: 16,
             max_body_bytes: 1 << 20,
             log_requests: true,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(5),
         }
     }
+}
+
+/// The body cap for a context of `ctx` tokens (see the module docs).
+fn body_cap(ctx: usize, max_body_bytes: usize) -> usize {
+    ctx.saturating_mul(BODY_BYTES_PER_TOKEN)
+        .saturating_add(BODY_EXTRA_BYTES)
+        .min(max_body_bytes)
 }
 
 /// A bound, ready server: the listening socket, the routes and the inference
@@ -103,6 +186,9 @@ pub struct Server {
     router: axum::Router,
     worker: worker::Worker,
     ctx: usize,
+    body_cap: usize,
+    timeouts: conn::Timeouts,
+    shutdown_grace: Duration,
 }
 
 impl Server {
@@ -134,20 +220,35 @@ impl Server {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into());
         let template = match model.chat_template() {
-            Some(_) => Ok(Arc::new(ChatTemplate::from_model(&model)?)),
-            None => Err(format!(
-                "the model '{model_id}' has no chat template; use /v1/completions"
+            Some(_) => {
+                let t = ChatTemplate::from_model(&model)?;
+                // A template that runs away on "Hello" is not run per request.
+                match t.check_budget() {
+                    Ok(()) => Ok(Arc::new(t)),
+                    Err(e) => Err(routes::template_budget_error(&e)),
+                }
+            }
+            None => Err(error::ApiError::invalid(
+                "no_chat_template",
+                format!("the model '{model_id}' has no chat template; use /v1/completions"),
             )),
         };
         let (worker, queue, ctx) =
             worker::Worker::start(model.clone(), options.ctx, options.max_queue)?;
+        let body_cap = body_cap(ctx, options.max_body_bytes);
+        let timeouts = conn::Timeouts {
+            header: options.header_timeout,
+            idle: options.idle_timeout,
+        };
         let state = Arc::new(routes::AppState {
             model,
             model_id,
             template,
             ctx,
             queue,
-            max_body_bytes: options.max_body_bytes,
+            body_cap,
+            tokenizing: tokio::sync::Semaphore::new(1),
+            body_timeout: options.body_timeout,
             started: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -159,7 +260,17 @@ impl Server {
             router: routes::router(state, options.log_requests),
             worker,
             ctx,
+            body_cap,
+            timeouts,
+            shutdown_grace: options.shutdown_grace,
         })
+    }
+
+    /// The largest request body accepted, in bytes: [`BODY_BYTES_PER_TOKEN`]
+    /// per token of the context plus [`BODY_EXTRA_BYTES`], at most
+    /// [`ServerOptions::max_body_bytes`].
+    pub fn max_body_bytes(&self) -> usize {
+        self.body_cap
     }
 
     /// The address the server listens on.
@@ -172,32 +283,61 @@ impl Server {
         self.ctx
     }
 
-    /// Serves until `shutdown` completes, then stops gracefully: no new
-    /// connections, the running generation ends after its current token (its
-    /// client gets a `shutting_down` error), waiting requests get 503, and
-    /// the call returns once every connection has closed and the inference
-    /// thread has ended.
+    /// Serves until `shutdown` completes, then stops: no new connections,
+    /// idle ones and those still sending headers are closed, the running
+    /// generation ends after its current token (its client gets a
+    /// `shutting_down` error), waiting requests get 503, and the call returns
+    /// once every connection has closed and the inference thread has ended,
+    /// or after [`ServerOptions::shutdown_grace`], whichever comes first
+    /// (what is still open then is dropped).
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
         let Self {
             listener,
             router,
             worker,
+            timeouts,
+            shutdown_grace,
             ..
         } = self;
-        let stop = worker.stop_signal();
-        let served = axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            // Open streams end only when their generation does: end it now.
-            stop.stop();
+        let (closing_tx, closing) = tokio::sync::watch::channel(false);
+        let mut connections = tokio::task::JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        connections.spawn(conn::serve(
+                            stream,
+                            peer,
+                            router.clone(),
+                            timeouts,
+                            closing.clone(),
+                        ));
+                    }
+                    // Out of file descriptors, or a connection reset before
+                    // it was accepted: nothing to do but wait a little.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                },
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        }
+        drop(listener);
+        let deadline = tokio::time::Instant::now() + shutdown_grace;
+        // Open streams end only when their generation does: end it now.
+        worker.stop_signal().stop();
+        let _ = closing_tx.send(true);
+        let _ = tokio::time::timeout_at(deadline, async {
+            while connections.join_next().await.is_some() {}
         })
         .await;
-        // Joining waits at most for the current token.
-        let _ = tokio::task::spawn_blocking(move || worker.stop()).await;
-        served.map_err(|e| Error::InvalidArgument(format!("server failed: {e}")))
+        connections.shutdown().await;
+        // The worker ends after its current token, but a token of a long
+        // prompt can take longer than the grace: then it is left behind.
+        worker
+            .stop_by(deadline.max(tokio::time::Instant::now() + Duration::from_millis(500)))
+            .await;
+        Ok(())
     }
 }
 
@@ -212,7 +352,7 @@ pub fn serve(model: Model, host: &str, port: u16, options: ServerOptions) -> Res
         .enable_all()
         .build()
         .map_err(|e| Error::InvalidArgument(format!("cannot start the async runtime: {e}")))?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         let name = model.path().display().to_string();
         let listener = TcpListener::bind((host, port))
             .await
@@ -223,10 +363,27 @@ pub fn serve(model: Model, host: &str, port: u16, options: ServerOptions) -> Res
             server.local_addr(),
             server.ctx()
         );
-        server.run(shutdown_signal()).await?;
+        let grace = server.shutdown_grace;
+        server
+            .run(async move {
+                shutdown_signal().await;
+                eprintln!(
+                    "stopping (at most {} s; a second Ctrl-C exits at once)",
+                    grace.as_secs_f64()
+                );
+                tokio::spawn(async {
+                    shutdown_signal().await;
+                    eprintln!("second signal: exiting now");
+                    std::process::exit(130);
+                });
+            })
+            .await?;
         eprintln!("stopped");
         Ok(())
-    })
+    });
+    // Do not wait for a tokenization still running on the blocking pool.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    served
 }
 
 /// Completes on Ctrl-C, or SIGTERM on Unix (what service managers send).

@@ -3,13 +3,12 @@
 use super::error::ApiError;
 use super::request::{self, Endpoint, Input};
 use super::worker::{Event, Job, Queue};
-use crate::chat::ChatTemplate;
+use crate::chat::{is_budget_error, ChatTemplate};
 use crate::generate::{GenerateOptions, StopReason};
 use crate::model::Model;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Request, State};
-use axum::http::{Method, StatusCode, Uri};
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -21,7 +20,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 /// What every handler shares.
@@ -29,18 +28,24 @@ pub(crate) struct AppState {
     pub model: Arc<Model>,
     /// The name clients use for the model (the file stem).
     pub model_id: String,
-    /// The compiled chat template, or why there is none.
-    pub template: Result<Arc<ChatTemplate>, String>,
+    /// The compiled chat template, or the answer to chat requests when
+    /// there is none or it cannot be used.
+    pub template: Result<Arc<ChatTemplate>, ApiError>,
     /// The session's context length in tokens.
     pub ctx: usize,
     pub queue: Queue,
-    pub max_body_bytes: usize,
+    /// The largest body accepted, in bytes.
+    pub body_cap: usize,
+    /// One tokenization at a time: they are short next to a generation, and
+    /// on one thread at a time the allocator reuses one arena instead of
+    /// keeping a megabyte-sized one per blocking thread.
+    pub tokenizing: tokio::sync::Semaphore,
+    pub body_timeout: Duration,
     /// When the server started, reported as the model's `created`.
     pub started: u64,
 }
 
 pub(crate) fn router(state: Arc<AppState>, log_requests: bool) -> Router {
-    let limit = state.max_body_bytes;
     let router = Router::new()
         .route("/health", get(health))
         .route("/v1/models", get(models))
@@ -49,7 +54,6 @@ pub(crate) fn router(state: Arc<AppState>, log_requests: bool) -> Router {
         .route("/v1/completions", post(completions))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(limit))
         .with_state(state);
     if log_requests {
         router.layer(middleware::from_fn(log_request))
@@ -140,35 +144,48 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     .with_status(StatusCode::METHOD_NOT_ALLOWED)
 }
 
-async fn chat_completions(
-    State(s): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    complete(s, Endpoint::Chat, body)
+async fn chat_completions(State(s): State<Arc<AppState>>, request: Request) -> Response {
+    complete(s, Endpoint::Chat, request)
         .await
         .unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn completions(
-    State(s): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    complete(s, Endpoint::Completion, body)
+async fn completions(State(s): State<Arc<AppState>>, request: Request) -> Response {
+    complete(s, Endpoint::Completion, request)
         .await
         .unwrap_or_else(IntoResponse::into_response)
 }
 
+/// A completion request, in the order that keeps hostile ones cheap: a
+/// declared body over the cap is refused before anything else, then the
+/// request takes its place in the queue (or gets 503), and only then is its
+/// body read (within the body timeout and the cap), parsed and tokenized.
 async fn complete(
     s: Arc<AppState>,
     endpoint: Endpoint,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|r| body_error(&r, s.max_body_bytes))?;
+    let (parts, body) = request.into_parts();
+    let admitted = match declared_length(&parts.headers) {
+        Ok(Some(n)) if n > s.body_cap as u64 => Err(too_large(s.body_cap)),
+        Ok(_) => s.queue.admit(),
+        Err(e) => Err(e),
+    };
+    let slot = match admitted {
+        Ok(slot) => slot,
+        Err(e) => {
+            linger(body.into_data_stream());
+            return Err(e);
+        }
+    };
+    let body = read_body(body, s.body_cap, s.body_timeout).await?;
     let req = request::parse(endpoint, &body)?;
+    drop(body);
     let prompt = tokenize(&s, endpoint, req.input).await?;
     let reply = Reply::new(endpoint, &s.model_id, req.include_usage, prompt.len());
     let (tx, rx) = unbounded_channel();
     s.queue.submit(Job {
+        _slot: slot,
         prompt,
         sampler: req.sampler,
         options: GenerateOptions {
@@ -187,42 +204,127 @@ async fn complete(
     }
 }
 
-fn body_error(rejection: &BytesRejection, limit: usize) -> ApiError {
-    let status = rejection.status();
-    if status == StatusCode::PAYLOAD_TOO_LARGE {
+/// The request's `Content-Length`, if it has one.
+fn declared_length(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    match headers.get(header::CONTENT_LENGTH) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Some)
+            .ok_or_else(|| ApiError::invalid("invalid_body", "the Content-Length is not a number")),
+    }
+}
+
+fn too_large(cap: usize) -> ApiError {
+    ApiError::invalid(
+        "body_too_large",
+        format!(
+            "the request body is larger than the limit of {cap} bytes (the prompt cannot be \
+             longer than the context)"
+        ),
+    )
+    .with_status(StatusCode::PAYLOAD_TOO_LARGE)
+}
+
+/// How long, and for how many bytes, the unread rest of a refused body is
+/// read and thrown away. A client still sending when the refusal comes
+/// would otherwise see the connection reset instead of reading it.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 1 << 20;
+
+/// Reads and drops (a bounded part of) the rest of a body the answer does
+/// not need, on a task of its own so that the answer goes out at once.
+fn linger(mut data: axum::body::BodyDataStream) {
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(LINGER, async {
+            let mut seen = 0;
+            while let Some(Ok(chunk)) = data.next().await {
+                seen += chunk.len();
+                if seen > LINGER_BYTES {
+                    break;
+                }
+            }
+        })
+        .await;
+    });
+}
+
+/// Reads the body, refusing it once it passes `cap` bytes (413) or when it
+/// has not all arrived within `timeout` (408).
+async fn read_body(body: Body, cap: usize, timeout: Duration) -> Result<Vec<u8>, ApiError> {
+    let read = async {
+        let mut data = body.into_data_stream();
+        let mut buf = Vec::new();
+        while let Some(chunk) = data.next().await {
+            let chunk = chunk.map_err(|e| {
+                ApiError::invalid("invalid_body", format!("cannot read the request body: {e}"))
+            })?;
+            if buf.len() + chunk.len() > cap {
+                linger(data);
+                return Err(too_large(cap));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(buf)
+    };
+    tokio::time::timeout(timeout, read).await.map_err(|_| {
         ApiError::invalid(
-            "body_too_large",
-            format!("the request body is larger than the limit of {limit} bytes"),
+            "body_timeout",
+            format!(
+                "the request body did not arrive within {} s",
+                timeout.as_secs_f64()
+            ),
         )
-        .with_status(status)
-    } else {
-        ApiError::invalid("invalid_body", rejection.body_text()).with_status(status)
+        .with_status(StatusCode::REQUEST_TIMEOUT)
+    })?
+}
+
+/// The answer to a chat request when the model's template ran past its
+/// budget: the template is the operator's, so it is a server error.
+pub(crate) fn template_budget_error(e: &crate::Error) -> ApiError {
+    ApiError {
+        code: "chat_template_budget_exceeded",
+        ..ApiError::internal(format!(
+            "the model's chat template exceeded its budget ({e}); the server's operator \
+             must fix the template in the model file"
+        ))
     }
 }
 
 /// Turns the request's input into prompt tokens: renders a conversation with
-/// the chat template, tokenizes text, checks token ids. Runs on tokio's
-/// blocking pool since a megabyte of text takes a while to tokenize.
+/// the chat template (contents stay text, see
+/// [`ChatTemplate::encode_untrusted`]), tokenizes text, checks token ids.
+/// Runs on tokio's blocking pool since a long prompt takes a while to
+/// tokenize; only admitted requests get here.
 async fn tokenize(
     s: &Arc<AppState>,
     endpoint: Endpoint,
     input: Input,
 ) -> Result<Vec<u32>, ApiError> {
     let state = s.clone();
+    let _one_at_a_time = s
+        .tokenizing
+        .acquire()
+        .await
+        .map_err(|_| ApiError::internal("the tokenizer is closed (a bug in nibble)"))?;
     let prompt = tokio::task::spawn_blocking(move || -> Result<Vec<u32>, ApiError> {
         let tok = state.model.tokenizer();
         let internal = |e: crate::Error| ApiError::internal(e.to_string());
         match input {
             Input::Messages(messages) => {
-                let template = state
-                    .template
-                    .as_ref()
-                    .map_err(|why| ApiError::invalid("no_chat_template", why.clone()))?;
-                let text = template
-                    .render(&messages, true)
-                    .map_err(|e| ApiError::param("messages", e.to_string()))?;
+                let template = state.template.as_ref().map_err(Clone::clone)?;
                 // The template writes the special tokens (BOS included) itself.
-                tok.encode(&text, false).map_err(internal)
+                template
+                    .encode_untrusted(tok, &messages, true)
+                    .map_err(|e| match e {
+                        e if is_budget_error(&e) => template_budget_error(&e),
+                        crate::Error::Template(_) | crate::Error::InvalidArgument(_) => {
+                            ApiError::param("messages", e.to_string())
+                        }
+                        e => internal(e),
+                    })
             }
             Input::Text(text) => tok.encode(&text, true).map_err(internal),
             Input::Tokens(ids) => {

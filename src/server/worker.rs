@@ -22,6 +22,9 @@ use tokio::sync::mpsc::UnboundedSender;
 
 /// One generation to run.
 pub(crate) struct Job {
+    /// The place in the queue the request was admitted to; freed when the
+    /// job is dropped (done, failed, or never run).
+    pub _slot: Slot,
     /// Never empty and at most the context length (checked by the handler).
     pub prompt: Vec<u32>,
     pub sampler: SamplerOptions,
@@ -55,9 +58,10 @@ pub(crate) struct Queue {
 }
 
 impl Queue {
-    /// Hands `job` to the worker, or refuses it when `capacity` jobs are
-    /// already pending or the server is stopping.
-    pub fn submit(&self, job: Job) -> Result<(), ApiError> {
+    /// Takes a place for one request, or refuses it when `capacity` requests
+    /// are already admitted or the server is stopping. Everything costly
+    /// about a request (reading its body, tokenizing) happens after this.
+    pub fn admit(&self) -> Result<Slot, ApiError> {
         if self.stopping.load(Ordering::Acquire) {
             return Err(shutting_down());
         }
@@ -76,10 +80,24 @@ impl Queue {
                 ),
             ));
         }
-        self.jobs.send(job).map_err(|_| {
-            self.pending.fetch_sub(1, Ordering::AcqRel);
-            shutting_down()
-        })
+        Ok(Slot(self.pending.clone()))
+    }
+
+    /// Hands `job` (with the slot it was admitted to) to the worker.
+    pub fn submit(&self, job: Job) -> Result<(), ApiError> {
+        if self.stopping.load(Ordering::Acquire) {
+            return Err(shutting_down());
+        }
+        self.jobs.send(job).map_err(|_| shutting_down())
+    }
+}
+
+/// An admitted request's place in the queue; dropping it frees the place.
+pub(crate) struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -110,7 +128,7 @@ impl Worker {
         let stopping = Arc::new(AtomicBool::new(false));
         let pending = Arc::new(AtomicUsize::new(0));
         let thread = {
-            let (stopping, pending) = (stopping.clone(), pending.clone());
+            let stopping = stopping.clone();
             std::thread::Builder::new()
                 .name("nibble-inference".into())
                 .spawn(move || {
@@ -130,7 +148,7 @@ impl Worker {
                             return;
                         }
                     };
-                    serve_jobs(&mut session, &jobs_rx, &pending, &stopping);
+                    serve_jobs(&mut session, &jobs_rx, &stopping);
                 })
                 .map_err(|e| {
                     Error::InvalidArgument(format!("cannot start the inference thread: {e}"))
@@ -155,10 +173,16 @@ impl Worker {
     }
 
     /// Refuses new jobs, ends the running generation after its current token
-    /// and fails the waiting ones; returns once the thread has ended.
-    pub fn stop(self) {
+    /// and fails the waiting ones; returns once the thread has ended, or at
+    /// `deadline`, leaving the thread to end by itself.
+    pub async fn stop_by(self, deadline: tokio::time::Instant) {
         self.stopping.store(true, Ordering::Release);
-        let _ = self.thread.join();
+        while !self.thread.is_finished() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if self.thread.is_finished() {
+            let _ = self.thread.join();
+        }
     }
 }
 
@@ -171,12 +195,7 @@ impl StopSignal {
     }
 }
 
-fn serve_jobs(
-    session: &mut Session,
-    jobs: &mpsc::Receiver<Job>,
-    pending: &AtomicUsize,
-    stopping: &AtomicBool,
-) {
+fn serve_jobs(session: &mut Session, jobs: &mpsc::Receiver<Job>, stopping: &AtomicBool) {
     loop {
         let job = match jobs.recv_timeout(IDLE_POLL) {
             Ok(job) => job,
@@ -196,7 +215,7 @@ fn serve_jobs(
                 )));
             }
         }
-        pending.fetch_sub(1, Ordering::AcqRel);
+        // Dropping the job frees its slot.
     }
 }
 
