@@ -40,7 +40,6 @@ static ISA: Isa = Isa {
     q4k_lanes: Some(Q4K_ROWS8),
     dot_f32,
     dot_f16,
-    axpy_f16,
     attend_f16,
     attend_f32_many,
     swiglu,
@@ -73,12 +72,6 @@ pub(super) fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     // SAFETY: features detected; equal lengths checked.
     unsafe { dot_avx2(a, b) }
-}
-
-pub(super) fn axpy_f16(out: &mut [f32], s: f32, v: &[f16]) {
-    assert_eq!(out.len(), v.len());
-    // SAFETY: features detected; equal lengths checked.
-    unsafe { axpy_f16_avx2(out, s, v) }
 }
 
 pub(super) fn attend_f16(
@@ -1268,26 +1261,6 @@ unsafe fn dot_avx2<E: Lanes8>(a: &[E], b: &[f32]) -> f32 {
 #[inline]
 unsafe fn ld_f16(p: *const f16) -> __m256 {
     _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn axpy_f16_avx2(out: &mut [f32], s: f32, v: &[f16]) {
-    let n = out.len();
-    let (po, pv) = (out.as_mut_ptr(), v.as_ptr());
-    let sv = _mm256_set1_ps(s);
-    let mut i = 0;
-    while i + 8 <= n {
-        let x = _mm256_cvtph_ps(_mm_loadu_si128(pv.add(i) as *const __m128i));
-        _mm256_storeu_ps(
-            po.add(i),
-            _mm256_fmadd_ps(sv, x, _mm256_loadu_ps(po.add(i))),
-        );
-        i += 8;
-    }
-    while i < n {
-        out[i] += s * v[i].to_f32();
-        i += 1;
-    }
 }
 
 /// `exp(x)` for eight lanes, Cephes' `expf` scheme (range reduction by ln 2 in

@@ -44,7 +44,6 @@ static ISA: Isa = Isa {
     q4k_lanes: Some(Q4K_ROWS16),
     dot_f32: avx2::dot_f32,
     dot_f16: avx2::dot_f16,
-    axpy_f16: avx2::axpy_f16,
     attend_f16: avx2::attend_f16,
     attend_f32_many: avx2::attend_f32_many,
     swiglu: avx2::swiglu,

@@ -1,7 +1,8 @@
 //! Compute kernels and their single dispatch point.
 //!
-//! Everything the forward pass computes on weights goes through [`matmul`];
-//! attention over the f16 KV cache goes through [`dot_f16`] and [`axpy_f16`].
+//! Everything the forward pass computes on weights goes through [`matmul`]
+//! and [`matmul_many`]; attention over the KV cache through [`attend_f16`]
+//! and [`attend_f32_many`], and the feed-forward gate through [`swiglu`].
 //! `scalar` is the reference implementation every SIMD kernel is tested
 //! against.
 //!
@@ -363,7 +364,6 @@ pub(crate) struct Isa {
     pub q4k_lanes: Option<Q4Lanes>,
     pub dot_f32: fn(&[f32], &[f32]) -> f32,
     pub dot_f16: fn(&[f16], &[f32]) -> f32,
-    pub axpy_f16: fn(&mut [f32], f32, &[f16]),
     /// See [`attend_f16`]; lengths checked by the caller.
     pub attend_f16: AttendFn,
     /// See [`attend_f32_many`]; shapes checked by the caller.
@@ -725,11 +725,6 @@ impl Kernels {
         (self.isa.dot_f16)(a, b)
     }
 
-    pub fn axpy_f16(&self, out: &mut [f32], s: f32, v: &[f16]) {
-        assert_eq!(out.len(), v.len(), "axpy_f16: lengths");
-        (self.isa.axpy_f16)(out, s, v)
-    }
-
     /// See [`attend_f16`].
     pub fn attend_f16(
         &self,
@@ -871,16 +866,6 @@ pub fn matmul(w: &WeightView, x: &[f32], n_tokens: usize, y: &mut [f32]) {
 /// instead of once per matrix. Results are identical to separate [`matmul`]s.
 pub fn matmul_many(x: &[f32], n_tokens: usize, outs: &mut [(&WeightView, &mut [f32])]) {
     Kernels::active().matmul_many(x, n_tokens, outs)
-}
-
-/// `sum_i a[i] * b[i]` with `a` in f16 (a cached key).
-pub fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
-    Kernels::active().dot_f16(a, b)
-}
-
-/// `out[i] += s * v[i]` with `v` in f16 (a cached value).
-pub fn axpy_f16(out: &mut [f32], s: f32, v: &[f16]) {
-    Kernels::active().axpy_f16(out, s, v)
 }
 
 // ---------------------------------------------------------------------------

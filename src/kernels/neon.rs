@@ -47,7 +47,6 @@ static ISA_PLAIN: Isa = Isa {
     q4k_lanes: None,
     dot_f32,
     dot_f16,
-    axpy_f16,
     attend_f16,
     attend_f32_many,
     swiglu: super::scalar::swiglu,
@@ -66,7 +65,6 @@ static ISA_DOT: Isa = Isa {
     q4k_lanes: None,
     dot_f32,
     dot_f16,
-    axpy_f16,
     attend_f16,
     attend_f32_many,
     swiglu: super::scalar::swiglu,
@@ -143,12 +141,6 @@ fn attend<E: Lanes8>(
         unsafe { axpy_neon(o, s, v) }
     };
     super::scalar::attend_with(dot, axpy, q, keys, values, scale, scores, out)
-}
-
-fn axpy_f16(out: &mut [f32], s: f32, v: &[f16]) {
-    assert_eq!(out.len(), v.len());
-    // SAFETY: NEON detected; equal lengths checked.
-    unsafe { axpy_neon(out, s, v) }
 }
 
 /// How one 32-weight block's integer dot product is formed.

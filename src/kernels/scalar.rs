@@ -315,7 +315,6 @@ pub(crate) static ISA: Isa = Isa {
     q4k_lanes: None,
     dot_f32,
     dot_f16,
-    axpy_f16,
     attend_f16,
     attend_f32_many,
     swiglu,
