@@ -7,7 +7,7 @@ use half::f16;
 /// one (`t = 8`). A scale a little off `m / 8` often fits the other 31 weights
 /// better than the one that puts `m` exactly on the grid; each candidate is
 /// also refitted by least squares. See `format-spec/SPEC.md` (section 6).
-pub const Q4_CANDIDATE_DIVISORS: [f32; 2] = [7.5, 9.0];
+const Q4_CANDIDATE_DIVISORS: [f32; 2] = [7.5, 9.0];
 
 /// Quantizes one row (length a multiple of [`BLOCK`]) into `qs` (half the
 /// length: 16 bytes per block, weight `j` in the low nibble of byte `j`, weight
