@@ -4,7 +4,7 @@
 //! quantized type once, and each run is one parallel section.
 
 use super::tile::{
-    KRows, LanesKernel, Q4Lanes, Q4kTileFn, QTileFn, MAX_TILE, MAX_TILE_T, Q4K_ACT_SUBS,
+    BlockRows, KRows, LanesKernel, Q4Lanes, Q4kTileFn, QTileFn, MAX_TILE, MAX_TILE_T, Q4K_ACT_SUBS,
 };
 use super::{Isa, QuantAct, QuantAct16, QuantBlocks, QuantizeActFn};
 use crate::quant::{WeightView, BLOCK};
@@ -466,7 +466,7 @@ fn quant_rows<A: ActElem>(
             match w.tile {
                 Tile::Block(f) => {
                     let aq = &act.qs[t0 * cols..(t0 + nt) * cols];
-                    f(wq, wd, aq, ad, nb, nr, nt, &mut tile)
+                    f(BlockRows { qs: wq, d: wd }, aq, ad, nb, nr, nt, &mut tile)
                 }
                 Tile::K(f) => {
                     let act8 = A::as_act8(act).expect("q4k multiplies 8-bit activations");
@@ -527,7 +527,10 @@ fn q4_lanes_range<A>(
             );
             let asum = &asum[t0 * nb..(t0 + nt) * nb];
             match lanes.kernel {
-                LanesKernel::Q4(f) => f(wq, w.row_bytes, wd, nb, aq, ad, asum, nt, &mut tile),
+                LanesKernel::Q4(f) => {
+                    let q = BlockRows { qs: wq, d: wd };
+                    f(q, w.row_bytes, nb, aq, ad, asum, nt, &mut tile)
+                }
                 LanesKernel::Q4K(f) => {
                     let k = KRows {
                         qs: wq,

@@ -44,13 +44,12 @@ use half::f16;
 use std::fmt;
 use std::sync::OnceLock;
 
+use matmul::quantize_act_rows;
+use tile::{BlockRows, KRows, Q4Lanes, Q4kTileFn, QTileFn, MAX_TILE};
+
 pub use matmul::act_block_sums;
-pub(crate) use matmul::quantize_act_rows;
 pub use scalar::{QuantAct, QuantAct16, QuantBlocks};
 pub use tile::Q4K_ACT_SUBS;
-#[allow(unused_imports)]
-pub(crate) use tile::{dispatch_tile, q4k_tile_fn, tile_fn};
-pub(crate) use tile::{KRows, LanesKernel, Q4Lanes, Q4kTileFn, QTileFn, MAX_TILE, MAX_TILE_T};
 
 /// Environment variable that overrides kernel detection.
 pub const KERNELS_ENV: &str = "NIBBLE_KERNELS";
@@ -393,7 +392,7 @@ impl Kernels {
         let nb = wd.len();
         assert!(wq.len() == nb * BLOCK / 2 && aq.len() == nb * BLOCK && ad.len() == nb);
         let mut out = [0f32; MAX_TILE];
-        (self.isa.q4_tile)(wq, wd, aq, ad, nb, 1, 1, &mut out);
+        (self.isa.q4_tile)(BlockRows { qs: wq, d: wd }, aq, ad, nb, 1, 1, &mut out);
         out[0]
     }
 
@@ -424,7 +423,11 @@ impl Kernels {
         let nb = wd.len();
         assert!(wq.len() == nb * BLOCK && aq.len() == nb * BLOCK && ad.len() == nb);
         let mut out = [0f32; MAX_TILE];
-        (self.isa.q8_tile)(bytemuck::cast_slice(wq), wd, aq, ad, nb, 1, 1, &mut out);
+        let w = BlockRows {
+            qs: bytemuck::cast_slice(wq),
+            d: wd,
+        };
+        (self.isa.q8_tile)(w, aq, ad, nb, 1, 1, &mut out);
         out[0]
     }
 
