@@ -7,6 +7,7 @@ use super::tile::{
     BlockRows, KRows, LanesKernel, Q4Lanes, Q4kTileFn, QTileFn, MAX_TILE, MAX_TILE_T, Q4K_ACT_SUBS,
 };
 use super::{Isa, QuantAct, QuantAct16, QuantBlocks, QuantizeActFn};
+use crate::pool::SharedOut;
 use crate::quant::{WeightView, BLOCK};
 use half::f16;
 use std::cell::RefCell;
@@ -142,26 +143,6 @@ struct QRows<'a, A> {
     tile: Tile<A>,
     /// Prefill kernel with rows in lanes (4-bit weights only).
     lanes: Option<Q4Lanes>,
-}
-
-/// Output pointer shared by the row chunks; each chunk writes only its rows.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: the pointer is only used to write disjoint row ranges of one `y`
-// borrowed mutably for the whole parallel section.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// Writes `y[i] = v`.
-    ///
-    /// # Safety
-    /// `i` is in bounds of `y`, and no other thread writes or reads `y[i]`
-    /// during the parallel section.
-    unsafe fn write(self, i: usize, v: f32) {
-        // SAFETY: guaranteed by the caller.
-        unsafe { *self.0.add(i) = v }
-    }
 }
 
 /// Below this many multiply-adds a matmul runs on the calling thread: waking
@@ -392,12 +373,9 @@ fn quant_matmul<A: ActElem>(
         chunk[i] = c;
         first[i + 1] = first[i] + n_chunks;
     }
-    let outs: [OutPtr; MAX_FUSED] = std::array::from_fn(|i| {
-        OutPtr(
-            ys.get_mut(i)
-                .map_or(std::ptr::null_mut(), |y| y.as_mut_ptr()),
-        )
-    });
+    // each chunk writes only its rows of its matrix's output
+    let outs: [SharedOut; MAX_FUSED] =
+        std::array::from_fn(|i| ys.get_mut(i).map_or(SharedOut::NONE, |y| SharedOut::new(y)));
     let run = |task: usize| {
         let i = (0..ws.len())
             .rfind(|&i| first[i] <= task)
@@ -435,7 +413,7 @@ fn quant_rows<A: ActElem>(
     act: &QuantBlocks<A>,
     asum: &[i32],
     n_tokens: usize,
-    out: OutPtr,
+    out: SharedOut,
 ) {
     let (tr, tt) = if n_tokens == 1 {
         (isa.tile_rows, 1)
@@ -508,7 +486,7 @@ fn q4_lanes_range<A>(
     act: &QuantAct,
     asum: &[i32],
     n_tokens: usize,
-    out: OutPtr,
+    out: SharedOut,
 ) -> usize {
     let cols = nb * BLOCK;
     let mut tile = [0f32; MAX_TILE];
@@ -563,7 +541,7 @@ fn float_rows(
     dot: &(dyn Fn(usize, usize) -> f32 + Sync),
 ) {
     let (n_chunks, chunk) = chunking(rows, cols * n_tokens, 1);
-    let out = OutPtr(y.as_mut_ptr());
+    let out = SharedOut::new(y);
     let run = |c: usize| {
         let r0 = c * chunk;
         for r in r0..(r0 + chunk).min(rows) {
