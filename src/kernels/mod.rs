@@ -12,6 +12,12 @@
 //! only reachable through a table handed out after the features were
 //! detected, which is what makes calling them sound.
 //!
+//! This file is that selection and the public façade ([`Kernels`] and the
+//! free functions on the active set). `tile.rs` holds the ABI of the
+//! register-tile kernels (function-pointer types, the weight-row views, the
+//! `target_instance!` macro that compiles a set's kernel bodies with its
+//! features) and `matmul.rs` the threaded matmul driver.
+//!
 //! Quantized matmul semantics (identical in every set): each activation row is
 //! quantized in blocks of 32, to 8 bits for 4-bit weights
 //! ([`scalar::quantize_act`]) and to 16 bits for 8-bit weights

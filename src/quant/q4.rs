@@ -15,8 +15,8 @@ const Q4_CANDIDATE_DIVISORS: [f32; 2] = [7.5, 9.0];
 ///
 /// Per block, with `m` the value of largest magnitude (the first one on ties):
 /// the max-scaling scale `f16(m / -8)` (which puts `m` exactly on level 0) is
-/// the first candidate; for each `t` of [`Q4_CANDIDATE_DIVISORS`], `f16(m / -t)`
-/// and its least-squares refit `f16(Σ x l / Σ l²)` (over the levels `l` that
+/// the first candidate; for each `t` of `Q4_CANDIDATE_DIVISORS` (7.5, then
+/// 9), `f16(m / -t)` and its least-squares refit `f16(Σ x l / Σ l²)` (over the levels `l` that
 /// scale gives) are tried in turn; the candidate with the smallest squared
 /// error wins, the earlier one on ties. Levels are
 /// `q = clamp(round(x / d) + 8, 0, 15)` with round-half-away-from-zero.
