@@ -242,6 +242,49 @@ impl<T> RowsPtr<T> {
     }
 }
 
+/// A buffer that parallel tasks write in disjoint ranges (rows of a matmul's
+/// output, heads of an attention output): its base pointer, shareable with
+/// the pool's threads. Whoever makes one keeps the buffer mutably borrowed
+/// for the whole parallel section and gives each element to one task.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut(*mut f32);
+// SAFETY: only used through `write` and `slice`, whose callers guarantee
+// in-bounds, disjoint accesses while the buffer is borrowed for the section.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// Stands for no buffer (never written through).
+    pub(crate) const NONE: SharedOut = SharedOut(std::ptr::null_mut());
+
+    pub(crate) fn new(buf: &mut [f32]) -> SharedOut {
+        SharedOut(buf.as_mut_ptr())
+    }
+
+    /// Writes `buf[i] = v`.
+    ///
+    /// # Safety
+    /// `i` is in bounds of the buffer, and no other thread writes or reads
+    /// `buf[i]` during the parallel section.
+    #[inline]
+    pub(crate) unsafe fn write(self, i: usize, v: f32) {
+        // SAFETY: guaranteed by the caller.
+        unsafe { *self.0.add(i) = v }
+    }
+
+    /// `buf[start..start + len]`.
+    ///
+    /// # Safety
+    /// `start + len` is in bounds of the buffer, and no other live reference
+    /// overlaps the range.
+    #[inline]
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
+        // SAFETY: guaranteed by the caller.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
+    }
+}
+
 impl Drop for Pool {
     fn drop(&mut self) {
         let s = &*self.shared;

@@ -373,11 +373,10 @@ proptest! {
     }
 
     #[test]
-    fn f16_helpers_match_scalar(
-        (a, b, s) in (0usize..100).prop_flat_map(|n| (
+    fn float_dots_match_scalar(
+        (a, b) in (0usize..100).prop_flat_map(|n| (
             prop::collection::vec(-100f32..100.0, n),
             prop::collection::vec(-100f32..100.0, n),
-            -10f32..10.0,
         ))
     ) {
         let ah: Vec<f16> = a.iter().map(|&v| f16::from_f32(v)).collect();
@@ -386,20 +385,11 @@ proptest! {
         let tol = |m: f32| 4.0 * (a.len() + 8) as f32 * f32::EPSILON * m + f32::MIN_POSITIVE;
         let want16 = scalar::dot_f16(&ah, &b);
         let want32 = scalar::dot_f32(&a, &b);
-        let mut want_axpy = b.clone();
-        scalar::axpy_f16(&mut want_axpy, s, &ah);
         for k in sets() {
             let g = k.dot_f16(&ah, &b);
             prop_assert!((g - want16).abs() <= tol(mag), "{} dot_f16 {} vs {}", k.set(), g, want16);
             let g = k.dot_f32(&a, &b);
             prop_assert!((g - want32).abs() <= tol(mag32), "{} dot_f32 {} vs {}", k.set(), g, want32);
-            let mut got = b.clone();
-            k.axpy_f16(&mut got, s, &ah);
-            for (i, (g, e)) in got.iter().zip(&want_axpy).enumerate() {
-                // one rounding (fma) vs two: within an ulp of the larger term
-                let t = 2.0 * f32::EPSILON * (b[i].abs() + (s * ah[i].to_f32()).abs());
-                prop_assert!((g - e).abs() <= t, "{} axpy_f16[{}] {} vs {}", k.set(), i, g, e);
-            }
         }
     }
 }

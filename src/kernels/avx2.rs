@@ -15,7 +15,10 @@
 // loops say that more plainly than zipped iterators.
 #![allow(clippy::needless_range_loop)]
 
-use super::{Isa, KRows, KernelSet, LanesKernel, Q4Lanes, MAX_TILE, MAX_TILE_T, Q4K_ACT_SUBS};
+use super::tile::{
+    block_tile, q4k_tile, target_instance, KRows, Q4Lanes, MAX_TILE, MAX_TILE_T, Q4K_ACT_SUBS,
+};
+use super::{Isa, KernelSet};
 use crate::quant::BLOCK;
 use half::f16;
 use std::arch::x86_64::*;
@@ -33,23 +36,23 @@ static ISA: Isa = Isa {
     tile_tokens: 2,
     quantize_act,
     quantize_act16,
-    q4_tile,
-    q8_tile,
-    q4k_tile,
+    q4_tile: block_tile::<Q4Avx2, i8>,
+    q8_tile: block_tile::<Q8Avx2, i16>,
+    q4k_tile: q4k_tile::<Q4kAvx2>,
     q4_lanes: Some(Q4_ROWS8),
     q4k_lanes: Some(Q4K_ROWS8),
     dot_f32,
     dot_f16,
-    axpy_f16,
     attend_f16,
     attend_f32_many,
     swiglu,
 };
 
-// The safe wrappers below are only stored in `ISA`, which `isa()` hands out
-// after detecting AVX2, FMA and F16C, and in `avx512::ISA` and
-// `avxvnni::ISA`, which check the same features besides their own. Each one checks the slice lengths the unsafe
-// body relies on.
+// The safe wrappers below, and the kernel types `target_instance!` stamps, are
+// only stored in `ISA`, which `isa()` hands out after detecting AVX2, FMA and
+// F16C, and in `avx512::ISA` and `avxvnni::ISA`, which check the same
+// features besides their own. Each wrapper checks the slice lengths the
+// unsafe body relies on.
 
 pub(super) fn quantize_act(x: &[f32], qs: &mut [i8], d: &mut [f32], blocks: usize) {
     assert!(qs.len() == x.len() && x.len() == d.len() * blocks * BLOCK);
@@ -73,12 +76,6 @@ pub(super) fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     // SAFETY: features detected; equal lengths checked.
     unsafe { dot_avx2(a, b) }
-}
-
-pub(super) fn axpy_f16(out: &mut [f32], s: f32, v: &[f16]) {
-    assert_eq!(out.len(), v.len());
-    // SAFETY: features detected; equal lengths checked.
-    unsafe { axpy_f16_avx2(out, s, v) }
 }
 
 pub(super) fn attend_f16(
@@ -291,9 +288,10 @@ pub(super) unsafe fn q4_body<D: ByteDot, const R: usize, const T: usize>(
 /// two sign-extending loads; per token: two `vpmaddwd` and an add (the 8-bit
 /// activation path needed a sign, a `vpmaddubsw` and a `vpmaddwd`).
 ///
-/// Safety: the caller checks `w.len() >= R * nb * 32`, `wd.len() >= R * nb`,
-/// `aq.len() >= T * nb * 32`, `ad.len() >= T * nb`.
-#[target_feature(enable = "avx2,fma,f16c")]
+/// Safety: AVX2, FMA and F16C are enabled; the caller checks
+/// `w.len() >= R * nb * 32`, `wd.len() >= R * nb`, `aq.len() >= T * nb * 32`,
+/// `ad.len() >= T * nb`.
+#[inline(always)]
 unsafe fn q8_body<const R: usize, const T: usize>(
     w: &[u8],
     wd: &[f16],
@@ -345,8 +343,8 @@ unsafe fn q8_body<const R: usize, const T: usize>(
     }
 }
 
-super::tile_fn!(pub(super) q4_tile, q4_body_avx2, q4_body, Maddubs, "avx2,fma,f16c", 16, i8);
-super::tile_fn!(pub(super) q8_tile, q8_body, BLOCK, i16);
+target_instance!(pub(super) Q4Avx2: BlockTile<i8> = q4_body::<Maddubs>, "avx2,fma,f16c");
+target_instance!(pub(super) Q8Avx2: BlockTile<i16> = q8_body, "avx2,fma,f16c");
 
 /// The 8 sub-blocks' `(sc, m)` of the group whose 12 packed scale bytes are
 /// at `p`, as i32 lanes (sub-block `k` in lane `k`). Reads exactly 12 bytes.
@@ -646,176 +644,19 @@ unsafe fn q4k_half_isum<D: ByteDot, const R: usize, const T: usize>(
     isum
 }
 
-super::q4k_tile_fn!(
-    pub(super) q4k_tile,
-    q4k_tile_avx2,
-    q4k_body,
-    Maddubs,
+target_instance!(pub(super) Q4kAvx2: Q4kTile = q4k_body::<Maddubs>, "avx2,fma,f16c");
+
+target_instance!(
+    Q4Rows8Avx2: Q4LanesBody(rows = 8) = q4_rows8_body::<Maddubs>,
+    "avx2,fma,f16c"
+);
+target_instance!(
+    Q4kRows8Avx2: Q4kLanesBody(rows = 8) = q4k_rows8_body::<Maddubs>,
     "avx2,fma,f16c"
 );
 
-/// Tokens per call of a rows-in-lanes kernel made by [`rows8_fn!`].
-pub(super) const ROWS8_TOKENS: usize = 4;
-
-pub(super) const Q4_ROWS8: Q4Lanes = Q4Lanes {
-    rows: 8,
-    tokens: ROWS8_TOKENS,
-    kernel: LanesKernel::Q4(q4_rows8),
-};
-
-/// Checks the slices of a [`super::Q4LanesFn`] call on 8 rows.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn check_rows8(
-    w: &[u8],
-    row_bytes: usize,
-    wd: &[f16],
-    nb: usize,
-    aq: &[i8],
-    ad: &[f32],
-    asum: &[i32],
-    nt: usize,
-) {
-    assert!(
-        (1..=ROWS8_TOKENS).contains(&nt)
-            && row_bytes >= nb * 16
-            && w.len() >= 7 * row_bytes + nb * 16
-            && wd.len() >= 7 * nb + nb
-            && aq.len() >= nt * nb * BLOCK
-            && ad.len() >= nt * nb
-            && asum.len() >= nt * nb,
-        "q4_rows8: slices shorter than the tile"
-    );
-}
-
-/// Makes `$name`, a [`super::Q4LanesFn`] on 8 rows: a safe wrapper that
-/// checks the slices ([`check_rows8`]) and calls `$inner::<T>`, a
-/// `#[target_feature(enable = $features)]` instance of
-/// `q4_rows8_body::<$dot, T>` per token count.
-macro_rules! rows8_fn {
-    ($name:ident, $inner:ident, $dot:ty, $features:literal) => {
-        #[target_feature(enable = $features)]
-        #[allow(clippy::too_many_arguments)]
-        unsafe fn $inner<const T: usize>(
-            w: &[u8],
-            row_bytes: usize,
-            wd: &[f16],
-            nb: usize,
-            aq: &[i8],
-            ad: &[f32],
-            asum: &[i32],
-            out: &mut [f32; MAX_TILE],
-        ) {
-            // SAFETY: the caller checked the slices for `T` tokens.
-            unsafe {
-                $crate::kernels::avx2::q4_rows8_body::<$dot, T>(
-                    w, row_bytes, wd, nb, aq, ad, asum, out,
-                )
-            }
-        }
-
-        #[allow(clippy::too_many_arguments)]
-        fn $name(
-            w: &[u8],
-            row_bytes: usize,
-            wd: &[f16],
-            nb: usize,
-            aq: &[i8],
-            ad: &[f32],
-            asum: &[i32],
-            nt: usize,
-            out: &mut [f32; MAX_TILE],
-        ) {
-            $crate::kernels::avx2::check_rows8(w, row_bytes, wd, nb, aq, ad, asum, nt);
-            // SAFETY: only reachable through a table handed out after the
-            // features were detected; the slice lengths were checked above.
-            unsafe {
-                match nt {
-                    1 => $inner::<1>(w, row_bytes, wd, nb, aq, ad, asum, out),
-                    2 => $inner::<2>(w, row_bytes, wd, nb, aq, ad, asum, out),
-                    3 => $inner::<3>(w, row_bytes, wd, nb, aq, ad, asum, out),
-                    _ => $inner::<4>(w, row_bytes, wd, nb, aq, ad, asum, out),
-                }
-            }
-        }
-    };
-}
-pub(super) use rows8_fn;
-
-rows8_fn!(q4_rows8, q4_rows8_avx2, Maddubs, "avx2,fma,f16c");
-
-/// Makes `$name`, a [`super::Q4kLanesFn`] on 8 rows: a safe wrapper that
-/// checks the slices and calls `$inner::<T>`, a
-/// `#[target_feature(enable = $features)]` instance of
-/// `q4k_rows8_body::<$dot, T>` per token count.
-macro_rules! q4k_rows8_fn {
-    ($name:ident, $inner:ident, $dot:ty, $features:literal) => {
-        #[target_feature(enable = $features)]
-        unsafe fn $inner<const T: usize>(
-            w: $crate::kernels::KRows,
-            nb: usize,
-            aq: &[i8],
-            ad: &[f32],
-            asum: &[i32],
-            out: &mut [f32; MAX_TILE],
-        ) {
-            // SAFETY: the caller checked the slices for 8 rows and `T` tokens.
-            unsafe { $crate::kernels::avx2::q4k_rows8_body::<$dot, T>(w, nb, aq, ad, asum, out) }
-        }
-
-        /// See [`super::Q4kLanesFn`]: 8 rows, one per i32 lane.
-        #[allow(clippy::too_many_arguments)]
-        fn $name(
-            w: $crate::kernels::KRows,
-            nb: usize,
-            aq: &[i8],
-            ad: &[f32],
-            asum: &[i32],
-            nt: usize,
-            out: &mut [f32; MAX_TILE],
-        ) {
-            $crate::kernels::avx2::check_q4k_rows8(&w, nb, aq, ad, asum, nt);
-            // SAFETY: only reachable through a table handed out after the
-            // features were detected; the slice lengths were checked above.
-            unsafe {
-                match nt {
-                    1 => $inner::<1>(w, nb, aq, ad, asum, out),
-                    2 => $inner::<2>(w, nb, aq, ad, asum, out),
-                    3 => $inner::<3>(w, nb, aq, ad, asum, out),
-                    _ => $inner::<4>(w, nb, aq, ad, asum, out),
-                }
-            }
-        }
-    };
-}
-pub(super) use q4k_rows8_fn;
-
-q4k_rows8_fn!(q4k_rows8, q4k_rows8_avx2, Maddubs, "avx2,fma,f16c");
-
-pub(super) const Q4K_ROWS8: Q4Lanes = Q4Lanes {
-    rows: 8,
-    tokens: ROWS8_TOKENS,
-    kernel: LanesKernel::Q4K(q4k_rows8),
-};
-
-/// What [`q4k_rows8_body`] relies on: 8 rows of `nb` blocks and `nt` tokens
-/// of activations.
-pub(super) fn check_q4k_rows8(
-    w: &KRows,
-    nb: usize,
-    aq: &[i8],
-    ad: &[f32],
-    asum: &[i32],
-    nt: usize,
-) {
-    w.check(nb, 8);
-    assert!(
-        (1..=ROWS8_TOKENS).contains(&nt)
-            && aq.len() >= nt * nb * BLOCK
-            && ad.len() >= nt * nb.div_ceil(Q4K_ACT_SUBS)
-            && asum.len() >= nt * nb,
-        "q4k_rows8: activations shorter than the tile"
-    );
-}
+const Q4_ROWS8: Q4Lanes = Q4Lanes::q4::<Q4Rows8Avx2>();
+const Q4K_ROWS8: Q4Lanes = Q4Lanes::q4k::<Q4kRows8Avx2>();
 
 /// 8 q4k rows × `T` tokens, rows in lanes (the 256-bit form of the AVX-512
 /// set's `q4k_rows16_vnni`): per sub-block the rows' nibbles
@@ -826,7 +667,7 @@ pub(super) fn check_q4k_rows8(
 /// scales are unpacked once per group and transposed.
 ///
 /// Safety: AVX2, FMA, F16C and what `D` uses are enabled; the slices passed
-/// [`check_q4k_rows8`] for `T` tokens.
+/// [`q4k_lanes`](super::tile::q4k_lanes)' checks for 8 rows and `T` tokens.
 #[inline(always)]
 pub(super) unsafe fn q4k_rows8_body<D: ByteDot, const T: usize>(
     w: KRows,
@@ -923,7 +764,7 @@ unsafe fn transpose_8x8(v: [__m256; 8]) -> [__m256; 8] {
 /// bytes broadcast.
 ///
 /// Safety: AVX2, FMA, F16C and what `D` uses are enabled; the slices passed
-/// [`check_rows8`] for `T` tokens.
+/// [`q4_lanes`](super::tile::q4_lanes)' checks for 8 rows and `T` tokens.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn q4_rows8_body<D: ByteDot, const T: usize>(
@@ -1053,7 +894,7 @@ unsafe fn hsum_x8(v: [__m256; 8]) -> __m256 {
     )
 }
 
-// Inlined into the `#[target_feature]` tile wrappers of `tile_fn!`.
+// Inlined into the `#[target_feature]` instances of `target_instance!`.
 #[inline(always)]
 unsafe fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -1064,7 +905,7 @@ unsafe fn hsum(v: __m256) -> f32 {
 
 /// Converts the scales of blocks `b..b + g` (g <= 8) of `R` rows and multiplies
 /// them with those of `T` tokens: `prod[r][t][j] = wd[r][b + j] * ad[t][b + j]`.
-// Inlined into the `#[target_feature]` tile wrappers of `tile_fn!`.
+// Inlined into the `#[target_feature]` instances of `target_instance!`.
 #[inline(always)]
 pub(super) unsafe fn scale_products<const R: usize, const T: usize>(
     wd: *const f16,
@@ -1268,26 +1109,6 @@ unsafe fn dot_avx2<E: Lanes8>(a: &[E], b: &[f32]) -> f32 {
 #[inline]
 unsafe fn ld_f16(p: *const f16) -> __m256 {
     _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn axpy_f16_avx2(out: &mut [f32], s: f32, v: &[f16]) {
-    let n = out.len();
-    let (po, pv) = (out.as_mut_ptr(), v.as_ptr());
-    let sv = _mm256_set1_ps(s);
-    let mut i = 0;
-    while i + 8 <= n {
-        let x = _mm256_cvtph_ps(_mm_loadu_si128(pv.add(i) as *const __m128i));
-        _mm256_storeu_ps(
-            po.add(i),
-            _mm256_fmadd_ps(sv, x, _mm256_loadu_ps(po.add(i))),
-        );
-        i += 8;
-    }
-    while i < n {
-        out[i] += s * v[i].to_f32();
-        i += 1;
-    }
 }
 
 /// `exp(x)` for eight lanes, Cephes' `expf` scheme (range reduction by ln 2 in

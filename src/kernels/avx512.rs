@@ -14,7 +14,11 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::avx2;
-use super::{Isa, KRows, KernelSet, LanesKernel, Q4Lanes, MAX_TILE, MAX_TILE_T, Q4K_ACT_SUBS};
+use super::tile::{
+    block_tile, target_instance, BlockRows, KRows, LanesKernel, Q4Lanes, MAX_TILE, MAX_TILE_T,
+    Q4K_ACT_SUBS,
+};
+use super::{Isa, KernelSet};
 use crate::quant::BLOCK;
 use half::f16;
 use std::arch::x86_64::*;
@@ -37,29 +41,30 @@ static ISA: Isa = Isa {
     // the AVX2 helpers need a subset of the features detected above
     quantize_act: avx2::quantize_act,
     quantize_act16: avx2::quantize_act16,
-    q4_tile: avx2::q4_tile,
+    q4_tile: block_tile::<avx2::Q4Avx2, i8>,
     q8_tile,
-    q4k_tile: avx2::q4k_tile,
+    q4k_tile: super::tile::q4k_tile::<avx2::Q4kAvx2>,
     q4_lanes: Some(Q4_ROWS16),
     q4k_lanes: Some(Q4K_ROWS16),
     dot_f32: avx2::dot_f32,
     dot_f16: avx2::dot_f16,
-    axpy_f16: avx2::axpy_f16,
     attend_f16: avx2::attend_f16,
     attend_f32_many: avx2::attend_f32_many,
     swiglu: avx2::swiglu,
 };
 
-super::tile_fn!(q8_tile512, q8_body512, BLOCK, i16);
+target_instance!(
+    Q8Avx512: BlockTile<i16> = q8_body512,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
+);
 
-/// See [`super::QTileFn`]. Decode (one token) streams each weight once from
+/// See [`QTileFn`](super::tile::QTileFn). Decode (one token) streams each weight once from
 /// DRAM, where the 256-bit AVX2 loop measured faster here (SmolLM2 q8 tg at one
 /// thread: 82 vs 62 t/s, 2026-12-02, AMD EPYC); prefill tiles reuse each
 /// weight block for two tokens and gain 5–17% from the 512-bit loop.
 #[allow(clippy::too_many_arguments)]
 fn q8_tile(
-    w: &[u8],
-    wd: &[f16],
+    w: BlockRows,
     aq: &[i16],
     ad: &[f32],
     nb: usize,
@@ -68,9 +73,9 @@ fn q8_tile(
     out: &mut [f32; MAX_TILE],
 ) {
     if nt == 1 {
-        avx2::q8_tile(w, wd, aq, ad, nb, nr, nt, out)
+        block_tile::<avx2::Q8Avx2, i16>(w, aq, ad, nb, nr, nt, out)
     } else {
-        q8_tile512(w, wd, aq, ad, nb, nr, nt, out)
+        block_tile::<Q8Avx512, i16>(w, aq, ad, nb, nr, nt, out)
     }
 }
 
@@ -78,9 +83,10 @@ fn q8_tile(
 /// one sign-extending load to 32 i16 and one `vpdpwssd` per token (each i32
 /// lane sums two products, exact), then a float convert and FMA.
 ///
-/// Safety: the caller checks `w.len() >= R * nb * 32`, `wd.len() >= R * nb`,
-/// `aq.len() >= T * nb * 32`, `ad.len() >= T * nb`.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+/// Safety: the features of [`Q8Avx512`] are enabled; the caller checks
+/// `w.len() >= R * nb * 32`, `wd.len() >= R * nb`, `aq.len() >= T * nb * 32`,
+/// `ad.len() >= T * nb`.
+#[inline(always)]
 unsafe fn q8_body512<const R: usize, const T: usize>(
     w: &[u8],
     wd: &[f16],
@@ -138,12 +144,12 @@ const Q4K_ROWS16: Q4Lanes = Q4Lanes {
     kernel: LanesKernel::Q4K(q4k_rows16),
 };
 
-/// See [`super::Q4LanesFn`]: 16 rows, one per i32 lane of a 512-bit vector.
+/// See [`Q4LanesFn`](super::tile::Q4LanesFn): 16 rows, one per i32 lane of a
+/// 512-bit vector.
 #[allow(clippy::too_many_arguments)]
 fn q4_rows16(
-    w: &[u8],
+    w: BlockRows,
     row_bytes: usize,
-    wd: &[f16],
     nb: usize,
     aq: &[i8],
     ad: &[f32],
@@ -151,6 +157,7 @@ fn q4_rows16(
     nt: usize,
     out: &mut [f32; MAX_TILE],
 ) {
+    let (w, wd) = (w.qs, w.d);
     assert!(
         (1..=ROWS16_TOKENS).contains(&nt)
             && row_bytes >= nb * 16
@@ -252,7 +259,7 @@ unsafe fn nibbles_16_rows(p: *const u8, row_bytes: usize) -> [__m512i; 8] {
     [c0[0], c0[1], c0[2], c0[3], c1[0], c1[1], c1[2], c1[3]]
 }
 
-/// See [`super::Q4kLanesFn`]: 16 rows, one per i32 lane of a 512-bit vector.
+/// See [`Q4kLanesFn`](super::tile::Q4kLanesFn): 16 rows, one per i32 lane of a 512-bit vector.
 #[allow(clippy::too_many_arguments)]
 fn q4k_rows16(
     w: KRows,

@@ -10,10 +10,9 @@
 //! The bodies are private and only reachable through the table [`isa`]
 //! returns after detecting every feature they use.
 
-use super::avx2::{self, q4_body, q4k_body, q4k_rows8_fn, rows8_fn, ByteDot, ROWS8_TOKENS};
-use super::{Isa, KRows, KernelSet, LanesKernel, Q4Lanes, MAX_TILE};
-use crate::quant::BLOCK;
-use half::f16;
+use super::avx2::{self, q4_body, q4_rows8_body, q4k_body, q4k_rows8_body, ByteDot};
+use super::tile::{block_tile, q4k_tile, target_instance, Q4Lanes};
+use super::{Isa, KernelSet};
 use std::arch::x86_64::*;
 
 pub(crate) fn isa() -> Option<&'static Isa> {
@@ -31,42 +30,31 @@ static ISA: Isa = Isa {
     // the AVX2 entries need a subset of the features detected above
     quantize_act: avx2::quantize_act,
     quantize_act16: avx2::quantize_act16,
-    q4_tile,
-    q8_tile: avx2::q8_tile,
-    q4k_tile,
+    q4_tile: block_tile::<Q4Vnni, i8>,
+    q8_tile: block_tile::<avx2::Q8Avx2, i16>,
+    q4k_tile: q4k_tile::<Q4kVnni>,
     q4_lanes: Some(Q4_ROWS8),
     q4k_lanes: Some(Q4K_ROWS8),
     dot_f32: avx2::dot_f32,
     dot_f16: avx2::dot_f16,
-    axpy_f16: avx2::axpy_f16,
     attend_f16: avx2::attend_f16,
     attend_f32_many: avx2::attend_f32_many,
     swiglu: avx2::swiglu,
 };
 
-super::tile_fn!(
-    q4_tile,
-    q4_body_vnni,
-    q4_body,
-    Vnni,
-    "avx2,fma,f16c,avxvnni",
-    16,
-    i8
-);
-super::q4k_tile_fn!(
-    q4k_tile,
-    q4k_tile_vnni,
-    q4k_body,
-    Vnni,
+target_instance!(Q4Vnni: BlockTile<i8> = q4_body::<Vnni>, "avx2,fma,f16c,avxvnni");
+target_instance!(Q4kVnni: Q4kTile = q4k_body::<Vnni>, "avx2,fma,f16c,avxvnni");
+target_instance!(
+    Q4Rows8Vnni: Q4LanesBody(rows = 8) = q4_rows8_body::<Vnni>,
     "avx2,fma,f16c,avxvnni"
 );
-rows8_fn!(q4_rows8, q4_rows8_vnni, Vnni, "avx2,fma,f16c,avxvnni");
+target_instance!(
+    Q4kRows8Vnni: Q4kLanesBody(rows = 8) = q4k_rows8_body::<Vnni>,
+    "avx2,fma,f16c,avxvnni"
+);
 
-const Q4_ROWS8: Q4Lanes = Q4Lanes {
-    rows: 8,
-    tokens: ROWS8_TOKENS,
-    kernel: LanesKernel::Q4(q4_rows8),
-};
+const Q4_ROWS8: Q4Lanes = Q4Lanes::q4::<Q4Rows8Vnni>();
+const Q4K_ROWS8: Q4Lanes = Q4Lanes::q4k::<Q4kRows8Vnni>();
 
 /// `vpdpbusd` (`_mm256_dpbusd_avx_epi32`): `acc + Σ u8 × i8` over each i32
 /// lane's four byte pairs, the products and their sum formed exactly in
@@ -131,11 +119,3 @@ impl ByteDot for Vnni {
         _mm256_add_epi32(s0, s1)
     }
 }
-
-q4k_rows8_fn!(q4k_rows8, q4k_rows8_vnni, Vnni, "avx2,fma,f16c,avxvnni");
-
-const Q4K_ROWS8: Q4Lanes = Q4Lanes {
-    rows: 8,
-    tokens: ROWS8_TOKENS,
-    kernel: LanesKernel::Q4K(q4k_rows8),
-};

@@ -18,7 +18,10 @@
 // loops say that more plainly than zipped iterators.
 #![allow(clippy::needless_range_loop)]
 
-use super::{q4k_tile_fn, tile_fn, Isa, KRows, KernelSet, MAX_TILE, MAX_TILE_T, Q4K_ACT_SUBS};
+use super::tile::{
+    block_tile, q4k_tile, target_instance, KRows, MAX_TILE, MAX_TILE_T, Q4K_ACT_SUBS,
+};
+use super::{Isa, KernelSet};
 use crate::quant::{q4k_unpack_scales, BLOCK, Q4K_SCALE_BYTES};
 use half::f16;
 use std::arch::aarch64::*;
@@ -40,14 +43,13 @@ static ISA_PLAIN: Isa = Isa {
     tile_tokens: 2,
     quantize_act,
     quantize_act16,
-    q4_tile: q4_tile_plain,
-    q8_tile: q8_tile_plain,
-    q4k_tile: q4k_tile_plain,
+    q4_tile: block_tile::<Q4Plain, i8>,
+    q8_tile: block_tile::<Q8Plain, i16>,
+    q4k_tile: q4k_tile::<Q4kPlain>,
     q4_lanes: None,
     q4k_lanes: None,
     dot_f32,
     dot_f16,
-    axpy_f16,
     attend_f16,
     attend_f32_many,
     swiglu: super::scalar::swiglu,
@@ -59,14 +61,13 @@ static ISA_DOT: Isa = Isa {
     tile_tokens: 2,
     quantize_act,
     quantize_act16,
-    q4_tile: q4_tile_dot,
-    q8_tile: q8_tile_dot,
-    q4k_tile: q4k_tile_dot,
+    q4_tile: block_tile::<Q4Dot, i8>,
+    q8_tile: block_tile::<Q8Dot, i16>,
+    q4k_tile: q4k_tile::<Q4kDot>,
     q4_lanes: None,
     q4k_lanes: None,
     dot_f32,
     dot_f16,
-    axpy_f16,
     attend_f16,
     attend_f32_many,
     swiglu: super::scalar::swiglu,
@@ -143,12 +144,6 @@ fn attend<E: Lanes8>(
         unsafe { axpy_neon(o, s, v) }
     };
     super::scalar::attend_with(dot, axpy, q, keys, values, scale, scores, out)
-}
-
-fn axpy_f16(out: &mut [f32], s: f32, v: &[f16]) {
-    assert_eq!(out.len(), v.len());
-    // SAFETY: NEON detected; equal lengths checked.
-    unsafe { axpy_neon(out, s, v) }
 }
 
 /// How one 32-weight block's integer dot product is formed.
@@ -491,50 +486,12 @@ unsafe fn q4k_group<D: BlockDot, const R: usize, const T: usize>(
     }
 }
 
-tile_fn!(
-    q4_tile_dot,
-    q4_tile_dot_inner,
-    q4_body,
-    Sdot,
-    "neon,dotprod",
-    16,
-    i8
-);
-tile_fn!(
-    q8_tile_dot,
-    q8_tile_dot_inner,
-    q8_body,
-    Sdot,
-    "neon,dotprod",
-    32,
-    i16
-);
-tile_fn!(
-    q4_tile_plain,
-    q4_tile_plain_inner,
-    q4_body,
-    Mull,
-    "neon",
-    16,
-    i8
-);
-q4k_tile_fn!(
-    q4k_tile_dot,
-    q4k_tile_dot_inner,
-    q4k_body,
-    Sdot,
-    "neon,dotprod"
-);
-q4k_tile_fn!(q4k_tile_plain, q4k_tile_plain_inner, q4k_body, Mull, "neon");
-tile_fn!(
-    q8_tile_plain,
-    q8_tile_plain_inner,
-    q8_body,
-    Mull,
-    "neon",
-    32,
-    i16
-);
+target_instance!(Q4Dot: BlockTile<i8> = q4_body::<Sdot>, "neon,dotprod");
+target_instance!(Q8Dot: BlockTile<i16> = q8_body::<Sdot>, "neon,dotprod");
+target_instance!(Q4kDot: Q4kTile = q4k_body::<Sdot>, "neon,dotprod");
+target_instance!(Q4Plain: BlockTile<i8> = q4_body::<Mull>, "neon");
+target_instance!(Q8Plain: BlockTile<i16> = q8_body::<Mull>, "neon");
+target_instance!(Q4kPlain: Q4kTile = q4k_body::<Mull>, "neon");
 
 /// The 32 values of the block at `xp` and their largest magnitude (exact:
 /// max does not round), shared by the 8- and 16-bit activation quantizers.

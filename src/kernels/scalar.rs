@@ -3,7 +3,8 @@
 //! kernel must reproduce: 4-bit weights × 8-bit activations, 8-bit weights ×
 //! 16-bit activations.
 
-use super::{act_block_sums, Isa, KRows, KernelSet, MAX_TILE, MAX_TILE_T, Q4K_ACT_SUBS};
+use super::tile::{BlockRows, KRows, MAX_TILE, MAX_TILE_T, Q4K_ACT_SUBS};
+use super::{act_block_sums, Isa, KernelSet};
 use crate::quant::{q4k_unpack_scales, TensorType, WeightView, BLOCK, Q4K_SCALE_BYTES, Q4K_SUBS};
 use half::f16;
 
@@ -45,7 +46,7 @@ pub fn quantize_act_grouped(x: &[f32], cols: usize, out: &mut QuantAct) {
     out.qs.resize(x.len(), 0);
     out.d
         .resize(x.len() / cols * (cols / BLOCK).div_ceil(Q4K_ACT_SUBS), 0.0);
-    super::quantize_act_rows(
+    super::matmul::quantize_act_rows(
         quantize_act_into,
         x,
         cols,
@@ -315,7 +316,6 @@ pub(crate) static ISA: Isa = Isa {
     q4k_lanes: None,
     dot_f32,
     dot_f16,
-    axpy_f16,
     attend_f16,
     attend_f32_many,
     swiglu,
@@ -403,8 +403,7 @@ pub(crate) fn attend_with<E>(
 
 #[allow(clippy::too_many_arguments)]
 fn q4_tile(
-    w: &[u8],
-    wd: &[f16],
+    w: BlockRows,
     aq: &[i8],
     ad: &[f32],
     nb: usize,
@@ -412,6 +411,7 @@ fn q4_tile(
     nt: usize,
     out: &mut [f32; MAX_TILE],
 ) {
+    let (w, wd) = (w.qs, w.d);
     let rb = nb * BLOCK / 2;
     for r in 0..nr {
         for t in 0..nt {
@@ -427,8 +427,7 @@ fn q4_tile(
 
 #[allow(clippy::too_many_arguments)]
 fn q8_tile(
-    w: &[u8],
-    wd: &[f16],
+    w: BlockRows,
     aq: &[i16],
     ad: &[f32],
     nb: usize,
@@ -437,7 +436,7 @@ fn q8_tile(
     out: &mut [f32; MAX_TILE],
 ) {
     let rb = nb * BLOCK;
-    let w: &[i8] = bytemuck::cast_slice(w);
+    let (w, wd): (&[i8], _) = (bytemuck::cast_slice(w.qs), w.d);
     for r in 0..nr {
         for t in 0..nt {
             out[r * MAX_TILE_T + t] = dot_q8_q16(

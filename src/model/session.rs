@@ -645,7 +645,7 @@ fn attention<E: KvElem>(
     let group = c.num_heads / c.num_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let heads = c.num_heads;
-    let att = SharedOut(s.att.as_mut_ptr());
+    let att = crate::pool::SharedOut::new(&mut s.att);
     assert!(s.att.len() >= n * qd);
     let q = &s.q;
     let pool = crate::pool::global();
@@ -763,24 +763,6 @@ thread_local! {
     /// Attention scores of the head a thread is working on, sized once to
     /// the context so decode does not allocate.
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// A buffer that parallel tasks write in disjoint ranges.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: only used through `slice`, whose callers guarantee disjoint ranges.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// # Safety
-    /// `start + len` is in bounds of the buffer, and no other live reference
-    /// overlaps the range.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
-        // SAFETY: guaranteed by the caller.
-        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
-    }
 }
 
 /// Causal attention of one query head over `len` cached positions:

@@ -21,11 +21,10 @@ mod q8;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use q4::{dequantize_q4_row, q4_max_scale, quantize_q4_row, Q4_CANDIDATE_DIVISORS};
+pub use q4::{dequantize_q4_row, q4_max_scale, quantize_q4_row};
 pub use q4k::{
-    dequantize_q4k_row, fit_sub_block, fit_sub_block_weighted, q4k_pack_scales, q4k_unpack_scales,
-    quantize_q4k_row, quantize_q4k_row_minmax, quantize_q4k_row_weighted, Q4K_DELTAS, Q4K_GROUP,
-    Q4K_REFITS, Q4K_SCALE_BYTES, Q4K_SUBS,
+    dequantize_q4k_row, q4k_pack_scales, q4k_unpack_scales, quantize_q4k_row,
+    quantize_q4k_row_minmax, quantize_q4k_row_weighted, Q4K_GROUP, Q4K_SCALE_BYTES, Q4K_SUBS,
 };
 pub use q8::{dequantize_q8_row, dequantize_q8r_row, quantize_q8_row, quantize_q8r_row};
 
@@ -109,17 +108,26 @@ impl TensorType {
     /// block scales (q8, q4), the row scale (q8r) or `(d, dmin)` pairs (q4k); packed sub-block
     /// scales (q4k). Unused planes are 0.
     pub fn row_planes(self, cols: usize) -> [usize; 3] {
-        match self {
-            Self::F32 => [4 * cols, 0, 0],
-            Self::F16 => [2 * cols, 0, 0],
-            Self::Q8 => [cols, cols / BLOCK * 2, 0],
-            Self::Q4 => [cols / 2, cols / BLOCK * 2, 0],
+        self.planes(cols as u64)
+            .expect("row_planes: row size overflows")
+            .map(|n| usize::try_from(n).expect("row_planes: row size overflows"))
+    }
+
+    /// [`Self::row_planes`] in u64, or `None` if a plane's size overflows:
+    /// the one statement of each type's row layout.
+    fn planes(self, cols: u64) -> Option<[u64; 3]> {
+        let blocks = cols / BLOCK as u64;
+        Some(match self {
+            Self::F32 => [cols.checked_mul(4)?, 0, 0],
+            Self::F16 => [cols.checked_mul(2)?, 0, 0],
+            Self::Q8 => [cols, blocks * 2, 0],
+            Self::Q4 => [cols / 2, blocks * 2, 0],
             Self::Q8R => [cols, 2, 0],
             Self::Q4K => {
-                let groups = cols.div_ceil(Q4K_GROUP);
-                [cols / 2, groups * 4, groups * Q4K_SCALE_BYTES]
+                let groups = cols.div_ceil(Q4K_GROUP as u64);
+                [cols / 2, groups * 4, groups * Q4K_SCALE_BYTES as u64]
             }
-        }
+        })
     }
 
     /// Bytes one row of `cols` elements occupies (the sum of
@@ -129,18 +137,8 @@ impl TensorType {
         if !cols.is_multiple_of(self.cols_multiple() as u64) {
             return None;
         }
-        let blocks = cols / BLOCK as u64;
-        match self {
-            Self::F32 => cols.checked_mul(4),
-            Self::F16 => cols.checked_mul(2),
-            Self::Q8 => cols.checked_add(blocks * 2),
-            Self::Q4 => Some(cols / 2 + blocks * 2),
-            Self::Q8R => cols.checked_add(2),
-            Self::Q4K => {
-                let groups = cols.div_ceil(Q4K_GROUP as u64);
-                Some(cols / 2 + groups * (4 + Q4K_SCALE_BYTES as u64))
-            }
-        }
+        let [a, b, c] = self.planes(cols)?;
+        a.checked_add(b)?.checked_add(c)
     }
 
     /// Bytes a `[rows, cols]` tensor occupies (`rows`: the product of all

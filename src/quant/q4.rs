@@ -7,7 +7,7 @@ use half::f16;
 /// one (`t = 8`). A scale a little off `m / 8` often fits the other 31 weights
 /// better than the one that puts `m` exactly on the grid; each candidate is
 /// also refitted by least squares. See `format-spec/SPEC.md` (section 6).
-pub const Q4_CANDIDATE_DIVISORS: [f32; 2] = [7.5, 9.0];
+const Q4_CANDIDATE_DIVISORS: [f32; 2] = [7.5, 9.0];
 
 /// Quantizes one row (length a multiple of [`BLOCK`]) into `qs` (half the
 /// length: 16 bytes per block, weight `j` in the low nibble of byte `j`, weight
@@ -15,8 +15,8 @@ pub const Q4_CANDIDATE_DIVISORS: [f32; 2] = [7.5, 9.0];
 ///
 /// Per block, with `m` the value of largest magnitude (the first one on ties):
 /// the max-scaling scale `f16(m / -8)` (which puts `m` exactly on level 0) is
-/// the first candidate; for each `t` of [`Q4_CANDIDATE_DIVISORS`], `f16(m / -t)`
-/// and its least-squares refit `f16(Σ x l / Σ l²)` (over the levels `l` that
+/// the first candidate; for each `t` of `Q4_CANDIDATE_DIVISORS` (7.5, then
+/// 9), `f16(m / -t)` and its least-squares refit `f16(Σ x l / Σ l²)` (over the levels `l` that
 /// scale gives) are tried in turn; the candidate with the smallest squared
 /// error wins, the earlier one on ties. Levels are
 /// `q = clamp(round(x / d) + 8, 0, 15)` with round-half-away-from-zero.

@@ -17,7 +17,7 @@
 //!    little-endian 24-bit value `f[2p] | f[2p + 1] << 12`.
 //!
 //! Encoding (deterministic): per sub-block a least-squares search for a float
-//! scale and minimum ([`fit_sub_block`]), then the group's 6-bit quantization
+//! scale and minimum ([`fit_sub_block_weighted`]), then the group's 6-bit quantization
 //! of those against `d = max scale / 63`, `dmin = max min / 63`, a local
 //! search of each sub-block's 6-bit pair and a least-squares refit of `d`,
 //! `dmin` ([`encode_group`]), and the weights re-rounded against the
@@ -41,9 +41,9 @@ pub const Q4K_SUBS: usize = Q4K_GROUP / BLOCK;
 pub const Q4K_SCALE_BYTES: usize = 12;
 /// Offsets `δ` of the initial level spacing tried by the sub-block search:
 /// the first levels are `round((x - min) * (15 + δ) / (max - min))`.
-pub const Q4K_DELTAS: [f32; 4] = [0.0, -0.5, 0.5, 1.0];
+const Q4K_DELTAS: [f32; 4] = [0.0, -0.5, 0.5, 1.0];
 /// Least-squares refits after each initial rounding.
-pub const Q4K_REFITS: usize = 2;
+const Q4K_REFITS: usize = 2;
 
 /// Largest level of a nibble.
 const QMAX: f32 = 15.0;
@@ -150,9 +150,9 @@ const UNWEIGHTED: [f32; BLOCK] = [1.0; BLOCK];
 /// `δ` of [`Q4K_DELTAS`], [`Q4K_REFITS`] weighted least-squares refits
 /// starting from the levels `round((x - min) * (15 + δ) / (max - min))` (a
 /// later candidate must be strictly better). Weights are non-negative and
-/// finite; all 1 ([`fit_sub_block`]) is the unweighted fit.
+/// finite; all 1 ([`UNWEIGHTED`]) is the unweighted fit.
 #[inline(always)]
-pub fn fit_sub_block_weighted(x: &[f32; BLOCK], w: &[f32; BLOCK], search: bool) -> (f32, f32) {
+fn fit_sub_block_weighted(x: &[f32; BLOCK], w: &[f32; BLOCK], search: bool) -> (f32, f32) {
     let min = x.iter().fold(0f32, |a, &v| a.min(v));
     let max = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
     if max <= min {
@@ -200,12 +200,6 @@ pub fn fit_sub_block_weighted(x: &[f32; BLOCK], w: &[f32; BLOCK], search: bool) 
         }
     }
     best
-}
-
-/// [`fit_sub_block_weighted`] with every weight 1.
-#[inline(always)]
-pub fn fit_sub_block(x: &[f32; BLOCK], search: bool) -> (f32, f32) {
-    fit_sub_block_weighted(x, &UNWEIGHTED, search)
 }
 
 /// One encoded group of `n` sub-blocks (8, or fewer for a row's last group);
@@ -572,7 +566,7 @@ mod avx2 {
         }
     }
 
-    /// `fit_sub_block(.., true)` of the eight sub-blocks, sub-block `b` in
+    /// `fit_sub_block_weighted(.., true)` of the eight sub-blocks, sub-block `b` in
     /// lane `b`: the same candidates in the same order, each lane keeping
     /// its own best and dropping out of a δ's refits where the portable
     /// loop breaks.
