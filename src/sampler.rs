@@ -53,20 +53,20 @@ impl SamplerOptions {
         }
     }
 
-    /// Checks every option's range (errors name the option).
+    /// Checks every option's range (errors start with the field's name).
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(Error::InvalidArgument(m.into()));
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
             return bad("temperature must be a number >= 0");
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad("top-p must be in (0, 1]");
+            return bad("top_p must be in (0, 1]");
         }
         if !(0.0..=1.0).contains(&self.min_p) {
-            return bad("min-p must be in [0, 1]");
+            return bad("min_p must be in [0, 1]");
         }
         if !(self.repeat_penalty.is_finite() && self.repeat_penalty > 0.0) {
-            return bad("repeat penalty must be a number > 0");
+            return bad("repeat_penalty must be a number > 0");
         }
         Ok(())
     }

@@ -105,6 +105,21 @@ impl Sampling {
             seed,
             ..SamplerOptions::default()
         })
+        .map_err(|e| match e {
+            // The library names SamplerOptions' fields; here they are flags.
+            Error::InvalidArgument(m) => Error::InvalidArgument(
+                [
+                    ("temperature", "--temp"),
+                    ("top_p", "--top-p"),
+                    ("min_p", "--min-p"),
+                    ("repeat_penalty", "--repeat-penalty"),
+                ]
+                .iter()
+                .find_map(|(field, flag)| m.strip_prefix(field).map(|rest| format!("{flag}{rest}")))
+                .unwrap_or(m),
+            ),
+            e => e,
+        })
     }
 }
 
