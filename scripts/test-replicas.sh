@@ -43,7 +43,6 @@ PIDS=()
 cleanup() {
     local rc=$?
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    if [ -f "$DIR/nginx.pid" ]; then kill "$(cat "$DIR/nginx.pid")" 2>/dev/null || true; fi
     for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
     if [ "$rc" -ne 0 ]; then
         log "logs kept in $DIR"
@@ -69,24 +68,39 @@ if [ -z "$MODEL" ]; then
     MODEL=$DIR/tiny.nbl
 fi
 
-# Three free loopback ports (asked of the kernel, then released).
-read -r PORT_A PORT_B PORT_LB < <(python3 - <<'EOF'
-import socket
-socks = [socket.socket() for _ in range(3)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(*[s.getsockname()[1] for s in socks])
-EOF
-)
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
 
-for port in "$PORT_A" "$PORT_B"; do
-    "$NIBBLE" serve -m "$MODEL" --host 127.0.0.1 --port "$port" --ctx 512 -t 1 \
-        >"$DIR/replica-$port.log" 2>&1 &
-    PIDS+=($!)
-done
-PID_A=${PIDS[0]}
-PID_B=${PIDS[1]}
+# Waits (at most 30 s) for URL while process PID lives.
+wait_health() {
+    for _ in $(seq 60); do
+        curl -fsS -o /dev/null --max-time 1 "$1" 2>/dev/null && return 0
+        kill -0 "$2" 2>/dev/null || return 1
+        sleep 0.5
+    done
+    return 1
+}
 
+# Starts a replica on a free port (another process on this machine may take
+# the port between asking and binding: then try another). Sets PORT and PID.
+start_replica() {
+    for _ in 1 2 3 4 5; do
+        PORT=$(free_port)
+        "$NIBBLE" serve -m "$MODEL" --host 127.0.0.1 --port "$PORT" --ctx 512 -t 1 \
+            >"$DIR/replica-$PORT.log" 2>&1 &
+        PID=$!
+        PIDS+=("$PID")
+        wait_health "http://127.0.0.1:$PORT/health" "$PID" && return 0
+        kill "$PID" 2>/dev/null || true
+    done
+    log "FAIL: no replica started (see $DIR/replica-*.log)"
+    exit 1
+}
+start_replica; PORT_A=$PORT; PID_A=$PID
+start_replica; PORT_B=$PORT; PID_B=$PID
+
+write_nginx_conf() {
 # The deploy/nginx.conf directives, with this run's ports and paths.
 cat >"$DIR/nginx.conf" <<EOF
 worker_processes 1;
@@ -126,18 +140,18 @@ http {
     }
 }
 EOF
-"$NGINX" -p "$DIR" -c "$DIR/nginx.conf" -g 'daemon off;' >"$DIR/nginx.out" 2>&1 &
-PIDS+=($!)
-
-# Wait (at most 30 s) for both replicas and nginx.
-for url in "http://127.0.0.1:$PORT_A/health" "http://127.0.0.1:$PORT_B/health" \
-           "http://127.0.0.1:$PORT_LB/health"; do
-    for _ in $(seq 60); do
-        curl -fsS -o /dev/null --max-time 1 "$url" && break
-        sleep 0.5
-    done
-    curl -fsS -o /dev/null --max-time 2 "$url" || { log "FAIL: $url never answered"; exit 1; }
+}
+nginx_up=
+for _ in 1 2 3 4 5; do
+    PORT_LB=$(free_port)
+    write_nginx_conf
+    "$NGINX" -p "$DIR" -c "$DIR/nginx.conf" -g 'daemon off;' >"$DIR/nginx.out" 2>&1 &
+    PID=$!
+    PIDS+=("$PID")
+    if wait_health "http://127.0.0.1:$PORT_LB/health" "$PID"; then nginx_up=1; break; fi
+    kill "$PID" 2>/dev/null || true
 done
+[ -n "$nginx_up" ] || { log "FAIL: nginx did not start (see $DIR/nginx*)"; exit 1; }
 log "replicas on :$PORT_A (pid $PID_A) and :$PORT_B (pid $PID_B), nginx on :$PORT_LB"
 
 timeout 180 python3 - "$PORT_LB" "$PORT_A" "$PORT_B" "$PID_A" "$PID_B" <<'EOF'
