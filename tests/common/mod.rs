@@ -8,6 +8,7 @@ use std::sync::Mutex;
 
 #[path = "shared_data.rs"]
 mod shared_data;
+#[allow(unused_imports)] // not every test binary names it
 pub use shared_data::REQUIRE_SHARED_ENV;
 
 /// Whether `../shared` is there for [`smollm2_nbl`] (see `shared_data.rs`).
