@@ -385,6 +385,15 @@ impl<'m> Conversation<'m> {
         Ok(ids[common..].to_vec())
     }
 
+    /// Starts over with an empty conversation (and this system message, if
+    /// any), keeping the session's KV cache allocation.
+    pub fn reset(&mut self, system: Option<&str>) {
+        self.messages = system
+            .map(|s| vec![Message::new("system", s)])
+            .unwrap_or_default();
+        self.session.truncate(0);
+    }
+
     /// Records the assistant's reply (the generated text, without EOS).
     pub fn add_reply(&mut self, text: &str) {
         self.messages.push(Message::new("assistant", text));

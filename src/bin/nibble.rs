@@ -15,6 +15,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+#[path = "nibble/repl.rs"]
+mod repl;
+
 #[derive(Parser)]
 #[command(
     name = "nibble",
@@ -159,6 +162,9 @@ struct ChatArgs {
     n_predict: usize,
     #[command(flatten)]
     sampling: Sampling,
+    /// On a terminal: print each turn's token counts and speeds to stderr.
+    #[arg(long)]
+    verbose: bool,
 }
 
 #[derive(Args)]
@@ -490,8 +496,8 @@ fn chat(a: ChatArgs) -> Result<()> {
     let interactive = std::io::stdin().is_terminal();
     if interactive {
         eprintln!(
-            "load: {load_s:.2} s. Type a message; Ctrl-C stops an answer, \
-             Ctrl-D or Ctrl-C at the prompt ends the chat."
+            "load: {load_s:.2} s. Type a message (/help for commands); Ctrl-C stops an \
+             answer, Ctrl-D or /bye ends the chat."
         );
     }
     let mut conv = Conversation::new(
@@ -502,58 +508,99 @@ fn chat(a: ChatArgs) -> Result<()> {
             ..SessionOptions::default()
         },
     )?;
+    if interactive {
+        let mut turn = |conv: &mut Conversation, user: &str, sampler: &mut Sampler| {
+            answer(conv, user, sampler, &a, &interrupt)
+        };
+        return repl::run(
+            &mut conv,
+            a.system.clone(),
+            &mut sampler,
+            a.verbose,
+            &mut turn,
+        );
+    }
     let stdin = std::io::stdin();
-    let mut stdout = std::io::stdout();
     let mut line = String::new();
     loop {
-        if interactive {
-            eprint!("> ");
-        }
         line.clear();
         let n = stdin.lock().read_line(&mut line).map_err(|e| Error::Io {
             path: Path::new("<stdin>").to_owned(),
             source: e,
         })?;
         if n == 0 {
-            if interactive {
-                eprintln!();
-            }
             return Ok(());
         }
         let user = line.trim_end_matches(['\n', '\r']);
         if user.trim().is_empty() {
             continue;
         }
-        let suffix = conv.user_turn(user)?;
-        let opts = GenerateOptions {
-            max_tokens: a.n_predict,
-            stop: a.sampling.stop.clone(),
-            stop_at_eos: true,
-            cancel: interrupt.start(),
-        };
-        let mut reply = String::new();
-        let mut gen = generate(conv.session(), &suffix, &mut sampler, opts)?;
-        for piece in &mut gen {
-            let piece = piece?;
-            reply.push_str(&piece.text);
-            stdout.write_all(piece.text.as_bytes()).map_err(io_err)?;
-            stdout.flush().map_err(io_err)?;
-        }
-        interrupt.stop();
-        let full = gen.stop_reason() == Some(StopReason::ContextFull);
-        writeln!(stdout).map_err(io_err)?;
-        if gen.stop_reason() == Some(StopReason::Cancelled) {
-            // The partial answer stays in the conversation, as shown.
-            eprintln!("[interrupted]");
-        }
-        conv.add_reply(&reply);
-        if full {
-            return Err(Error::ContextFull {
-                ctx: conv.session().ctx(),
-                needed: conv.session().ctx() + 1,
-            });
-        }
+        answer(&mut conv, user, &mut sampler, &a, &interrupt)?;
     }
+}
+
+/// Streams the answer to one user message to stdout and records it in the
+/// conversation; a full context is an error (after the partial answer).
+fn answer(
+    conv: &mut Conversation,
+    user: &str,
+    sampler: &mut Sampler,
+    a: &ChatArgs,
+    interrupt: &Interrupt,
+) -> Result<repl::TurnStats> {
+    let mut stdout = std::io::stdout();
+    let suffix = conv.user_turn(user)?;
+    let opts = GenerateOptions {
+        max_tokens: a.n_predict,
+        stop: a.sampling.stop.clone(),
+        stop_at_eos: true,
+        cancel: interrupt.start(),
+    };
+    let t0 = Instant::now();
+    let mut first: Option<f64> = None;
+    let mut reply = String::new();
+    let mut gen = match generate(conv.session(), &suffix, sampler, opts) {
+        Ok(g) => g,
+        Err(e) => {
+            interrupt.stop();
+            return Err(e);
+        }
+    };
+    for piece in &mut gen {
+        let piece = match piece {
+            Ok(p) => p,
+            Err(e) => {
+                interrupt.stop();
+                return Err(e);
+            }
+        };
+        first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
+        reply.push_str(&piece.text);
+        stdout.write_all(piece.text.as_bytes()).map_err(io_err)?;
+        stdout.flush().map_err(io_err)?;
+    }
+    interrupt.stop();
+    let total = t0.elapsed().as_secs_f64();
+    let stats = repl::TurnStats {
+        prompt_tokens: suffix.len(),
+        prompt_s: first.unwrap_or(total),
+        gen_tokens: gen.generated(),
+        gen_s: total - first.unwrap_or(total),
+    };
+    let full = gen.stop_reason() == Some(StopReason::ContextFull);
+    writeln!(stdout).map_err(io_err)?;
+    if gen.stop_reason() == Some(StopReason::Cancelled) {
+        // The partial answer stays in the conversation, as shown.
+        eprintln!("[interrupted]");
+    }
+    conv.add_reply(&reply);
+    if full {
+        return Err(Error::ContextFull {
+            ctx: conv.session().ctx(),
+            needed: conv.session().ctx() + 1,
+        });
+    }
+    Ok(stats)
 }
 
 fn perplexity_cmd(a: PerplexityArgs) -> Result<()> {
