@@ -69,6 +69,7 @@ pub mod error;
 pub mod format;
 pub mod generate;
 pub mod kernels;
+pub mod mapped_file_guard;
 pub mod model;
 pub mod perplexity;
 pub mod pool;

@@ -195,6 +195,7 @@ struct ServeArgs {
 }
 
 fn main() -> ExitCode {
+    nibble::mapped_file_guard::install();
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Run(a) => run(a),

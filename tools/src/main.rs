@@ -278,6 +278,7 @@ fn run(cli: Cli) -> Result<(), ToolError> {
 }
 
 fn main() -> ExitCode {
+    nibble::mapped_file_guard::install();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
