@@ -26,6 +26,12 @@ impl Tokenizer {
         let json = m.get_str(keys::TOKENIZER_JSON)?.ok_or_else(|| {
             Error::Tokenizer(format!("metadata '{}' is missing", keys::TOKENIZER_JSON))
         })?;
+        // The `tokenizers` crate panics (`expect("Helper")` in its decoder
+        // deserializer, 0.23) instead of failing when the JSON is malformed
+        // inside the "decoder" value; a syntax check first turns that into
+        // an error (found by fuzz/fuzz_targets/tokenizer_template.rs).
+        serde_json::from_str::<serde::de::IgnoredAny>(json)
+            .map_err(|e| Error::Tokenizer(format!("tokenizer.json is not valid JSON: {e}")))?;
         let inner = tokenizers::Tokenizer::from_bytes(json.as_bytes()).map_err(tok_err)?;
         let bos = m.get_uint(keys::BOS_TOKEN_ID)?.map(|v| v as u32);
         let eos = m
