@@ -71,6 +71,7 @@ pub mod format;
 pub mod fsutil;
 pub mod generate;
 pub mod kernels;
+pub mod mapped_file_guard;
 pub mod model;
 pub mod perplexity;
 pub mod pool;

@@ -24,6 +24,63 @@ fn tok_err(e: impl std::fmt::Display) -> Error {
     Error::Tokenizer(e.to_string())
 }
 
+/// Every special token a `TemplateProcessing` post-processor (also inside a
+/// `Sequence`) places must be among its `special_tokens`: the `tokenizers`
+/// crate (0.23) checks this when a template is built in code but not when
+/// one is read from JSON, and then panics on the first encode ("no entry
+/// found for key", processors/template.rs; found by
+/// fuzz/fuzz_targets/tokenizer_template.rs).
+fn check_post_processor(p: Option<&serde_json::Value>) -> Result<()> {
+    use serde_json::Value;
+    let Some(Value::Object(p)) = p else {
+        return Ok(());
+    };
+    if let Some(Value::Array(list)) = p.get("processors") {
+        for q in list {
+            check_post_processor(Some(q))?;
+        }
+    }
+    if p.get("type").and_then(Value::as_str) != Some("TemplateProcessing") {
+        return Ok(());
+    }
+    let known = |id: &str| {
+        p.get("special_tokens")
+            .and_then(Value::as_object)
+            .is_some_and(|m| m.contains_key(id))
+    };
+    for key in ["single", "pair"] {
+        let mut used = Vec::new();
+        match p.get(key) {
+            Some(Value::Array(pieces)) => {
+                for piece in pieces {
+                    if let Some(id) = piece.pointer("/SpecialToken/id").and_then(Value::as_str) {
+                        used.push(id.to_owned());
+                    }
+                }
+            }
+            // The string form, e.g. "<s> $A:0": pieces not starting with '$'
+            // are special tokens, with an optional ":type_id".
+            Some(Value::String(t)) => {
+                for piece in t.split_whitespace().filter(|w| !w.starts_with('$')) {
+                    let id = match piece.rsplit_once(':') {
+                        Some((id, n)) if n.parse::<u32>().is_ok() => id,
+                        _ => piece,
+                    };
+                    used.push(id.to_owned());
+                }
+            }
+            _ => {}
+        }
+        if let Some(id) = used.iter().find(|id| !known(id)) {
+            return Err(Error::Tokenizer(format!(
+                "tokenizer.json: the post-processor's '{key}' template uses the special \
+                 token '{id}', which its special_tokens do not define"
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl Tokenizer {
     /// Builds the tokenizer from `tokenizer.json` and the special-token keys
     /// in the metadata.
@@ -31,6 +88,14 @@ impl Tokenizer {
         let json = m.get_str(keys::TOKENIZER_JSON)?.ok_or_else(|| {
             Error::Tokenizer(format!("metadata '{}' is missing", keys::TOKENIZER_JSON))
         })?;
+        // The `tokenizers` crate (0.23) panics instead of failing on two
+        // kinds of input the fuzzer found: malformed JSON inside the
+        // "decoder" value (`expect("Helper")`), and a post-processor
+        // template naming an undefined special token (on the first encode).
+        // Both are checked here first and become errors.
+        let value: serde_json::Value = serde_json::from_str(json)
+            .map_err(|e| Error::Tokenizer(format!("tokenizer.json is not valid JSON: {e}")))?;
+        check_post_processor(value.get("post_processor"))?;
         let inner = tokenizers::Tokenizer::from_bytes(json.as_bytes()).map_err(tok_err)?;
         let bos = m.get_uint(keys::BOS_TOKEN_ID)?.map(|v| v as u32);
         let eos = m

@@ -226,6 +226,7 @@ struct ServeArgs {
 }
 
 fn main() -> ExitCode {
+    nibble::mapped_file_guard::install();
     let cli = Cli::parse();
     // What to change when a context does not fit in memory.
     let hint = match &cli.cmd {

@@ -6,8 +6,8 @@
 use super::{
     invalid, Cursor, FormatError, Header, Metadata, DATA_ALIGN, HEADER_LEN, MAX_DIMS, TENSOR_ALIGN,
 };
+use crate::mapped_file_guard::Mmap;
 use crate::quant::{TensorType, WeightView};
-use memmap2::Mmap;
 use std::collections::HashMap;
 use std::ops::Deref;
 use std::path::Path;
@@ -124,7 +124,7 @@ impl NblFile {
             // file must not be modified while in use. The writer never
             // rewrites a file in place (it renames a new one over it), so our
             // own tools do not trigger it.
-            let map = unsafe { Mmap::map(&file)? };
+            let map = unsafe { Mmap::map(&file, path)? };
             let parsed = Self::parse(Backing::Mapped(map))?;
             parsed.release_decoded_sections();
             Ok(parsed)

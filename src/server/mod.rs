@@ -409,3 +409,18 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     ctrl_c.await;
 }
+
+/// Parses `body` as the chat (`chat`) or completion endpoint does, returning
+/// the parsed request's debug form or the error message. For fuzzing
+/// (`fuzz/fuzz_targets/server_request.rs`); not part of the API.
+#[doc(hidden)]
+pub fn fuzz_parse_request(chat: bool, body: &[u8]) -> std::result::Result<String, String> {
+    let endpoint = if chat {
+        request::Endpoint::Chat
+    } else {
+        request::Endpoint::Completion
+    };
+    request::parse(endpoint, body)
+        .map(|r| format!("{r:?}"))
+        .map_err(|e| e.message)
+}

@@ -322,6 +322,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
 const BROKEN_PIPE_EXIT: u8 = 141;
 
 fn main() -> ExitCode {
+    nibble::mapped_file_guard::install();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         // The reader went away (`| head`): nothing to say, and nobody to say

@@ -4,7 +4,8 @@
 
 use crate::hf::read_json;
 use crate::ToolError;
-use memmap2::{Mmap, UncheckedAdvice};
+use memmap2::UncheckedAdvice;
+use nibble::mapped_file_guard::Mmap;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -151,7 +152,7 @@ impl Source {
             // be writing, and the worst outcome then is converting whatever
             // bytes were there (every header-derived range is validated below,
             // and a truncation is reported by the header check).
-            let map = unsafe { Mmap::map(&file) }
+            let map = unsafe { Mmap::map(&file, &path) }
                 .map_err(|e| ToolError::new(&path, format!("cannot map: {e}")))?;
             let (header_len, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
                 let problem = bad_tensor_entry(&map)

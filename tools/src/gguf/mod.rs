@@ -19,7 +19,8 @@ pub mod llama;
 pub mod tokenizer;
 
 use crate::ToolError;
-use memmap2::{Mmap, UncheckedAdvice};
+use memmap2::UncheckedAdvice;
+use nibble::mapped_file_guard::Mmap;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -600,7 +601,7 @@ impl GgufFile {
         // length before it is used, so no access goes out of bounds. (A file
         // truncated by someone else mid-read would raise SIGBUS, as for any
         // mmap reader; that is outside what a reader can prevent.)
-        let map = unsafe { Mmap::map(&file) }
+        let map = unsafe { Mmap::map(&file, path) }
             .map_err(|e| ToolError::new(path, format!("cannot map: {e}")))?;
         Self::parse(path, map)
     }
