@@ -93,9 +93,16 @@ impl Tokenizer {
         // "decoder" value (`expect("Helper")`), and a post-processor
         // template naming an undefined special token (on the first encode).
         // Both are checked here first and become errors.
-        let value: serde_json::Value = serde_json::from_str(json)
+        // One pass that checks the whole text's syntax but keeps only the
+        // post-processor (a full `Value` of megabytes of JSON would cost
+        // more than the tokenizer itself at load).
+        #[derive(serde::Deserialize)]
+        struct PostProcessorOnly {
+            post_processor: Option<serde_json::Value>,
+        }
+        let probe: PostProcessorOnly = serde_json::from_str(json)
             .map_err(|e| Error::Tokenizer(format!("tokenizer.json is not valid JSON: {e}")))?;
-        check_post_processor(value.get("post_processor"))?;
+        check_post_processor(probe.post_processor.as_ref())?;
         let inner = tokenizers::Tokenizer::from_bytes(json.as_bytes()).map_err(tok_err)?;
         let bos = m.get_uint(keys::BOS_TOKEN_ID)?.map(|v| v as u32);
         let eos = m
