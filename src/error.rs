@@ -45,6 +45,8 @@ pub enum Error {
     },
     /// A bad value for an option (names the option).
     InvalidArgument(String),
+    /// The kernel set asked for (`NIBBLE_KERNELS`) cannot run here.
+    Kernels(crate::kernels::KernelError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -73,6 +75,7 @@ impl fmt::Display for Error {
             Self::Io { path, source } => write!(f, "{}: {source}", path.display()),
             Self::Tokenizer(m) => write!(f, "tokenizer: {m}"),
             Self::Template(m) => write!(f, "chat template: {m}"),
+            Self::Kernels(e) => write!(f, "{e}"),
             Self::InvalidUtf8 { path } => {
                 write!(f, "{}: prompt file is not valid UTF-8", path.display())
             }

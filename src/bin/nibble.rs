@@ -278,7 +278,7 @@ fn load(c: &Common) -> Result<(Model, f64)> {
             .map_err(|e| Error::InvalidArgument(format!("cannot start {n} threads: {e}")))?;
         nibble::pool::set_threads(n);
     }
-    nibble::kernels::init().map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    nibble::kernels::init().map_err(Error::Kernels)?;
     nibble::model::set_memory_limit(c.max_memory);
     let t = Instant::now();
     let model = Model::open(&c.model)?;

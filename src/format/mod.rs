@@ -20,6 +20,7 @@ pub use metadata::{keys, Metadata, Value};
 pub use reader::{NblFile, TensorInfo, TensorView};
 pub use writer::NblWriter;
 
+use crate::error::quote;
 use std::fmt;
 
 /// First four bytes of every `.nbl` file.
@@ -79,7 +80,11 @@ impl fmt::Display for FormatError {
             Self::Invalid(m) => write!(f, "not a valid .nbl file: {m}"),
             Self::Unsupported(m) => write!(f, "unsupported .nbl file: {m}"),
             Self::Checksum { tensor } => {
-                write!(f, "checksum mismatch in tensor '{tensor}' (file corrupted)")
+                write!(
+                    f,
+                    "checksum mismatch in tensor {} (file corrupted)",
+                    quote(tensor)
+                )
             }
             Self::InFile { path, source } => write!(f, "{}: {source}", path.display()),
         }

@@ -6,6 +6,7 @@
 use super::{
     invalid, Cursor, FormatError, Header, Metadata, DATA_ALIGN, HEADER_LEN, MAX_DIMS, TENSOR_ALIGN,
 };
+use crate::error::quote;
 use crate::mapped_file_guard::Mmap;
 use crate::quant::{TensorType, WeightView};
 use std::collections::HashMap;
@@ -70,8 +71,9 @@ impl<'a> TensorView<'a> {
     fn known_type(&self) -> Result<TensorType, FormatError> {
         self.info.tensor_type.ok_or_else(|| {
             FormatError::Unsupported(format!(
-                "tensor '{}' has type id {}, unknown to this nibble",
-                self.info.name, self.info.type_id
+                "tensor {} has type id {}, unknown to this nibble",
+                quote(&self.info.name),
+                self.info.type_id
             ))
         })
     }
@@ -81,12 +83,13 @@ impl<'a> TensorView<'a> {
         let ty = self.known_type()?;
         let [rows, cols] = self.info.shape[..] else {
             return invalid(format!(
-                "tensor '{}' has shape {:?}, expected a matrix",
-                self.info.name, self.info.shape
+                "tensor {} has shape {:?}, expected a matrix",
+                quote(&self.info.name),
+                self.info.shape
             ));
         };
         WeightView::from_bytes(ty, rows as usize, cols as usize, self.bytes).ok_or_else(|| {
-            FormatError::Invalid(format!("tensor '{}' is misaligned", self.info.name))
+            FormatError::Invalid(format!("tensor {} is misaligned", quote(&self.info.name)))
         })
     }
 
@@ -94,13 +97,13 @@ impl<'a> TensorView<'a> {
     pub fn f32s(&self) -> Result<&'a [f32], FormatError> {
         if self.known_type()? != TensorType::F32 {
             return invalid(format!(
-                "tensor '{}' is {}, expected f32",
-                self.info.name,
+                "tensor {} is {}, expected f32",
+                quote(&self.info.name),
                 self.known_type()?
             ));
         }
         bytemuck::try_cast_slice(self.bytes)
-            .or_else(|_| invalid(format!("tensor '{}' is misaligned", self.info.name)))
+            .or_else(|_| invalid(format!("tensor {} is misaligned", quote(&self.info.name))))
     }
 }
 
@@ -220,7 +223,7 @@ impl NblFile {
         let mut index = HashMap::with_capacity(tensors.len());
         for (i, t) in tensors.iter().enumerate() {
             if index.insert(t.name.clone(), i).is_some() {
-                return invalid(format!("tensor '{}' appears twice", t.name));
+                return invalid(format!("tensor {} appears twice", quote(&t.name)));
             }
         }
         Ok(Self {
@@ -264,7 +267,7 @@ impl NblFile {
     /// Like [`NblFile::tensor`], with an error naming the missing tensor.
     pub fn require(&self, name: &str) -> Result<TensorView<'_>, FormatError> {
         self.tensor(name)
-            .ok_or_else(|| FormatError::Invalid(format!("missing tensor '{name}'")))
+            .ok_or_else(|| FormatError::Invalid(format!("missing tensor {}", quote(name))))
     }
 
     /// Reads every tensor and compares it with its checksum.
@@ -306,7 +309,8 @@ fn parse_directory(
         let ndim = c.u8()? as usize;
         if ndim == 0 || ndim > MAX_DIMS {
             return invalid(format!(
-                "tensor '{name}' has {ndim} dimensions (1 to 4 allowed)"
+                "tensor {} has {ndim} dimensions (1 to 4 allowed)",
+                quote(&name)
             ));
         }
         let mut shape = Vec::with_capacity(ndim);
@@ -316,7 +320,7 @@ fn parse_directory(
         let offset = c.u64()?;
         let len = c.u64()?;
         let crc32 = c.u32()?;
-        let bad = |m: String| invalid(format!("tensor '{name}': {m}"));
+        let bad = |m: String| invalid(format!("tensor {}: {m}", quote(&name)));
         if shape.contains(&0) {
             return bad(format!("shape {shape:?} has a zero dimension"));
         }

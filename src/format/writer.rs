@@ -11,6 +11,7 @@ use super::{
     align_up, put_name, FormatError, Header, Metadata, DATA_ALIGN, HEADER_LEN, MAX_DIMS,
     MAX_NAME_LEN, TENSOR_ALIGN, VERSION_MAJOR, VERSION_MINOR,
 };
+use crate::error::quote;
 use crate::fsutil::AtomicFile;
 use crate::quant::TensorType;
 use std::collections::HashSet;
@@ -97,7 +98,7 @@ impl NblWriter {
         shape: &[u64],
         data: &[u8],
     ) -> Result<(), FormatError> {
-        let bad = |m: String| Err(FormatError::Invalid(format!("tensor '{name}': {m}")));
+        let bad = |m: String| Err(FormatError::Invalid(format!("tensor {}: {m}", quote(name))));
         if name.is_empty() || name.len() > MAX_NAME_LEN {
             return bad("name must be 1 to 1024 bytes".into());
         }

@@ -306,9 +306,10 @@ impl fmt::Debug for Kernels {
 static ACTIVE: OnceLock<Result<Kernels, KernelError>> = OnceLock::new();
 
 /// Chooses the process-wide kernel set (from `NIBBLE_KERNELS` if set, else by
-/// detection). Idempotent. Call it at start-up to turn a bad override into a
-/// clean error; otherwise the first kernel call does it and exits with the
-/// message.
+/// detection). Idempotent. [`crate::Model::open`] calls it, so a bad
+/// override is an error there; a program that calls the kernel functions
+/// directly calls it first (otherwise the first kernel call panics with the
+/// message).
 pub fn init() -> Result<Kernels, KernelError> {
     ACTIVE
         .get_or_init(|| match std::env::var(KERNELS_ENV) {
@@ -328,16 +329,17 @@ impl Kernels {
             .ok_or(KernelError::Unsupported(set))
     }
 
-    /// The process-wide set. A bad `NIBBLE_KERNELS` ends the process with a
-    /// one-line message (callers that want to handle it call [`init`] first).
-    pub fn active() -> Kernels {
-        match init() {
-            Ok(k) => k,
-            Err(e) => {
-                eprintln!("error: {e}");
-                std::process::exit(2);
-            }
-        }
+    /// The process-wide set ([`init`]).
+    pub fn active() -> Result<Kernels, KernelError> {
+        init()
+    }
+
+    /// The process-wide set for the free kernel functions, which have no
+    /// error path: [`Model::open`](crate::Model::open) calls [`init`] first
+    /// and returns a bad `NIBBLE_KERNELS` as an error, so only a caller that
+    /// skips both can reach the panic.
+    fn chosen() -> Kernels {
+        init().unwrap_or_else(|e| panic!("{e} (kernels::init() returns this as an error)"))
     }
 
     pub fn set(&self) -> KernelSet {
@@ -521,7 +523,7 @@ pub fn attend_f16(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    Kernels::active().attend_f16(q, keys, values, scale, scores, out)
+    Kernels::chosen().attend_f16(q, keys, values, scale, scores, out)
 }
 
 /// [`attend_f16`] over keys and values held in f32 (the f32 KV cache; one
@@ -535,7 +537,7 @@ pub fn attend_f32(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    Kernels::active().attend_f32(q, keys, values, scale, scores, out)
+    Kernels::chosen().attend_f32(q, keys, values, scale, scores, out)
 }
 
 /// Attention of several queries over one KV head held in f32 (rows of `q`,
@@ -557,18 +559,18 @@ pub fn attend_f32_many(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    Kernels::active().attend_f32_many(q, lens, keys, values, scale, scores, out)
+    Kernels::chosen().attend_f32_many(q, lens, keys, values, scale, scores, out)
 }
 
 /// The SwiGLU gate: `gate[i] = silu(gate[i]) * up[i]` with `silu(x) = x /
 /// (1 + e^-x)`. The x86 sets use a vector `exp` (relative error below 1e-6).
 pub fn swiglu(gate: &mut [f32], up: &[f32]) {
-    Kernels::active().swiglu(gate, up)
+    Kernels::chosen().swiglu(gate, up)
 }
 
 /// Name of the kernel set in use (e.g. `"avx2"`), for logs and `--json`.
 pub fn active_name() -> &'static str {
-    Kernels::active().set().name()
+    Kernels::chosen().set().name()
 }
 
 /// `y[t * rows + r] = sum_c W[r, c] * x[t * cols + c]` for each of `n_tokens`
@@ -578,7 +580,7 @@ pub fn active_name() -> &'static str {
 /// the product is computed in f32. Rows are split across the global
 /// [`crate::pool`].
 pub fn matmul(w: &WeightView, x: &[f32], n_tokens: usize, y: &mut [f32]) {
-    Kernels::active().matmul(w, x, n_tokens, y)
+    Kernels::chosen().matmul(w, x, n_tokens, y)
 }
 
 /// Several matrices applied to the same activations (`outs[i].1 = outs[i].0 ·
@@ -587,5 +589,5 @@ pub fn matmul(w: &WeightView, x: &[f32], n_tokens: usize, y: &mut [f32]) {
 /// chunks of all of them run in one parallel section, so the threads meet once
 /// instead of once per matrix. Results are identical to separate [`matmul`]s.
 pub fn matmul_many(x: &[f32], n_tokens: usize, outs: &mut [(&WeightView, &mut [f32])]) {
-    Kernels::active().matmul_many(x, n_tokens, outs)
+    Kernels::chosen().matmul_many(x, n_tokens, outs)
 }

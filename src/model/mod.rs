@@ -76,6 +76,7 @@ impl Model {
     /// pages are loaded by the OS as they are first used.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
+        crate::kernels::init().map_err(Error::Kernels)?;
         let mut file = NblFile::open(path)?;
         let (config, tokenizer) =
             Self::check_metadata(file.metadata()).map_err(|m| Error::model(path, m))?;
