@@ -82,7 +82,7 @@ impl fmt::Display for Error {
             Self::EmptyPrompt => write!(f, "the prompt is empty"),
             Self::ContextFull { ctx, needed } => write!(
                 f,
-                "context full: {needed} tokens do not fit in the context of {ctx} tokens (raise --ctx)"
+                "context full: {needed} tokens do not fit in the context of {ctx} tokens"
             ),
             Self::OutOfMemory {
                 path,

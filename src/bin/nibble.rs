@@ -258,6 +258,8 @@ fn main() -> ExitCode {
                     nibble::model::MemoryLimit::Available(_) => "",
                 };
                 eprintln!("error: {e} ({hint}{raise})");
+            } else if let Error::ContextFull { .. } = &e {
+                eprintln!("error: {e} (raise --ctx)");
             } else {
                 eprintln!("error: {e}");
             }
