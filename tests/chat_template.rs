@@ -244,19 +244,6 @@ fn special_token_text_in_contents_stays_text() {
 }
 
 /// A copy of the `.nbl` at `src` whose chat template is `template`.
-fn with_chat_template(src: &std::path::Path, template: &str, dst: &std::path::Path) {
-    use nibble::format::{keys, NblFile, NblWriter, Value};
-    let file = NblFile::open(src).unwrap();
-    let mut w = NblWriter::create(dst).unwrap();
-    for t in file.tensors() {
-        let view = file.tensor(&t.name).unwrap();
-        w.add_tensor(&t.name, t.tensor_type.unwrap(), &t.shape, view.bytes)
-            .unwrap();
-    }
-    let mut meta = file.metadata().clone();
-    meta.set(keys::CHAT_TEMPLATE, Value::Str(template.to_owned()));
-    w.finish(&meta).unwrap();
-}
 
 #[test]
 fn nibble_chat_refuses_a_runaway_template_in_one_line() {

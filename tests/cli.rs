@@ -539,17 +539,8 @@ fn tiny_with_metadata(
     dir: &std::path::Path,
     edit: impl FnOnce(&mut nibble::format::Metadata),
 ) -> String {
-    let src = nibble::format::NblFile::open(std::path::Path::new(&tiny())).unwrap();
-    let mut m = src.metadata().clone();
-    edit(&mut m);
     let out = dir.join("edited.nbl");
-    let mut w = nibble::format::NblWriter::create(&out).unwrap();
-    for t in src.tensors() {
-        let v = src.tensor(&t.name).unwrap();
-        w.add_tensor(&t.name, t.tensor_type.unwrap(), &t.shape, v.bytes)
-            .unwrap();
-    }
-    w.finish(&m).unwrap();
+    rewrite_metadata(std::path::Path::new(&tiny()), &out, edit);
     out.to_str().unwrap().to_owned()
 }
 

@@ -645,19 +645,6 @@ fn stalled_clients_cannot_hold_shutdown() {
 }
 
 /// A copy of the `.nbl` at `src` whose chat template is `template`.
-fn with_chat_template(src: &Path, template: &str, dst: &Path) {
-    use nibble::format::{keys, NblFile, NblWriter, Value as Meta};
-    let file = NblFile::open(src).unwrap();
-    let mut w = NblWriter::create(dst).unwrap();
-    for t in file.tensors() {
-        let view = file.tensor(&t.name).unwrap();
-        w.add_tensor(&t.name, t.tensor_type.unwrap(), &t.shape, view.bytes)
-            .unwrap();
-    }
-    let mut meta = file.metadata().clone();
-    meta.set(keys::CHAT_TEMPLATE, Meta::Str(template.to_owned()));
-    w.finish(&meta).unwrap();
-}
 
 #[test]
 fn a_runaway_chat_template_is_a_500() {

@@ -130,3 +130,27 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
 pub fn argmax(v: &[f32]) -> usize {
     nibble::sampler::argmax(v) as usize
 }
+
+/// Writes `dst` as a copy of the `.nbl` at `src` with `edit` applied to its
+/// metadata (the tensors byte for byte): hostile or unusual metadata on a
+/// real model.
+pub fn rewrite_metadata(src: &Path, dst: &Path, edit: impl FnOnce(&mut nibble::format::Metadata)) {
+    let file = nibble::format::NblFile::open(src).unwrap();
+    let mut meta = file.metadata().clone();
+    edit(&mut meta);
+    let mut w = nibble::format::NblWriter::create(dst).unwrap();
+    for t in file.tensors() {
+        let view = file.tensor(&t.name).unwrap();
+        w.add_tensor(&t.name, t.tensor_type.unwrap(), &t.shape, view.bytes)
+            .unwrap();
+    }
+    w.finish(&meta).unwrap();
+}
+
+/// A copy of `src` whose chat template is `template`.
+pub fn with_chat_template(src: &Path, template: &str, dst: &Path) {
+    use nibble::format::{keys, Value};
+    rewrite_metadata(src, dst, |m| {
+        m.set(keys::CHAT_TEMPLATE, Value::Str(template.to_owned()))
+    });
+}
