@@ -213,6 +213,17 @@ async fn round(addr: SocketAddr, cap: usize) {
 
 #[test]
 fn mixed_hostile_load_is_answered_and_leaves_no_memory_behind() {
+    // glibc gives threads that contend for the heap arenas of their own (up
+    // to 8 per core), each keeping its free memory: which threads meet
+    // depends on the machine's scheduling, and a new arena in the measured
+    // rounds looks like a leak. Two arenas make the measurement about the
+    // server's memory, not the allocator's.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets a glibc tunable; M_ARENA_MAX may be changed
+    // at any time and takes no pointers.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     let model = tiny_nbl("tiny-mha", "f32");
     let options = ServerOptions {
         max_queue: 4,
@@ -291,18 +302,28 @@ fn mixed_hostile_load_is_answered_and_leaves_no_memory_behind() {
                 let took = started.elapsed();
                 settle().await;
                 let after = vm_rss_kib();
+                // A leak grows with every pair of rounds; a one-off (a new
+                // allocator arena or blocking thread when the machine's
+                // scheduling differs) shows in one pair only. So a third
+                // pair tells the two apart.
+                round(addr, cap).await;
+                round(addr, cap).await;
+                settle().await;
+                let last = vm_rss_kib();
 
                 probing.store(false, Ordering::Relaxed);
                 let (worst, probes) = probe.await.unwrap();
                 eprintln!(
-                    "two rounds in {took:?}; RSS {before} kB -> {after} kB; \
+                    "two rounds in {took:?}; RSS {before} kB -> {after} kB -> {last} kB; \
                      /health worst {worst:?} over {probes} probes"
                 );
                 assert!(worst < Duration::from_secs(1), "/health took {worst:?}");
                 assert!(probes > 10, "{probes}");
+                let growth = |a: u64, b: u64| b.saturating_sub(a);
                 assert!(
-                    after <= before + 8 * 1024,
-                    "resident memory grew from {before} kB to {after} kB"
+                    growth(before, after).min(growth(after, last)) <= 4 * 1024
+                        && growth(before, last) <= 12 * 1024,
+                    "resident memory grew from {before} kB to {after} kB to {last} kB"
                 );
             })
             .await

@@ -435,7 +435,8 @@ impl<'a> Cursor<'a> {
         Ok(u64::from_le_bytes(self.array(what)?))
     }
 
-    fn string(&mut self, what: &dyn fmt::Display) -> Result<String, String> {
+    /// A GGUF string (`u64` length, UTF-8 bytes) borrowed from the file.
+    fn str(&mut self, what: &dyn fmt::Display) -> Result<&'a str, String> {
         let at = self.pos;
         let len = self.u64(what)?;
         if len > self.remaining() as u64 {
@@ -445,7 +446,11 @@ impl<'a> Cursor<'a> {
             ));
         }
         let bytes = self.take(len as usize, what)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| format!("{what} at offset {at} is not UTF-8"))
+        std::str::from_utf8(bytes).map_err(|_| format!("{what} at offset {at} is not UTF-8"))
+    }
+
+    fn string(&mut self, what: &dyn fmt::Display) -> Result<String, String> {
+        self.str(what).map(str::to_owned)
     }
 
     /// A value of type `ty`; `depth` counts enclosing arrays.
@@ -563,20 +568,7 @@ impl Cursor<'_> {
                     )),
                 }
             }
-            vt::STRING => {
-                let at = self.pos;
-                let len = self.u64(what)?;
-                if len > self.remaining() as u64 {
-                    return Err(format!(
-                        "{what} at offset {at} claims {len} bytes but only {} remain (truncated or corrupt)",
-                        self.remaining()
-                    ));
-                }
-                let bytes = self.take(len as usize, what)?;
-                std::str::from_utf8(bytes)
-                    .map(drop)
-                    .map_err(|_| format!("{what} at offset {at} is not UTF-8"))
-            }
+            vt::STRING => self.str(what).map(drop),
             // Validated (and its elements skipped) by `value`; the parsed
             // array is only a handle into the map.
             vt::ARRAY => self.value(ty, what, depth).map(drop),
