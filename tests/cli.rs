@@ -329,29 +329,7 @@ fn stdout_write_errors_never_panic() {
         vec!["bench", "-m", &m, "-p", "8", "-n", "4", "-r", "1", "--json"],
     ];
     for args in &commands {
-        let (reader, writer) = std::io::pipe().unwrap();
-        drop(reader);
-        let out = Command::new(env!("CARGO_BIN_EXE_nibble"))
-            .args(args)
-            .stdout(writer)
-            .stderr(std::process::Stdio::piped())
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(141), "{args:?}: {stderr}");
-        assert!(!stderr.contains("error"), "{args:?}: {stderr}");
-
-        let full = std::fs::OpenOptions::new()
-            .write(true)
-            .open("/dev/full")
-            .unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_nibble"))
-            .args(args)
-            .stdout(full)
-            .stderr(std::process::Stdio::piped())
-            .output()
-            .unwrap();
-        assert_error(&out, "<stdout>: No space left on device");
+        assert_stdout_errors_are_clean(env!("CARGO_BIN_EXE_nibble"), args);
     }
 }
 

@@ -2,6 +2,8 @@
 //! problem, exit code 1 from the CLI, no panic, and no output file (or
 //! temporary file) left behind.
 
+mod common;
+
 use nibble_tools::convert::{convert, ConvertOptions, QuantPolicy};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
@@ -919,35 +921,7 @@ fn stdout_write_errors_never_panic() {
         ],
     ];
     for args in &commands {
-        let (reader, writer) = std::io::pipe().unwrap();
-        drop(reader);
-        let out = Command::new(env!("CARGO_BIN_EXE_nibble-tools"))
-            .args(args)
-            .stdout(writer)
-            .stderr(std::process::Stdio::piped())
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(141), "{args:?}: {stderr}");
-        assert!(stderr.is_empty(), "{args:?}: {stderr}");
-
-        let full = std::fs::OpenOptions::new()
-            .write(true)
-            .open("/dev/full")
-            .unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_nibble-tools"))
-            .args(args)
-            .stdout(full)
-            .stderr(std::process::Stdio::piped())
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
-        assert_eq!(
-            stderr.trim_end(),
-            "error: <stdout>: No space left on device (os error 28)",
-            "{args:?}"
-        );
+        common::assert_stdout_errors_are_clean(env!("CARGO_BIN_EXE_nibble-tools"), args);
     }
 }
 
