@@ -329,7 +329,7 @@ fn stdout_write_errors_never_panic() {
         vec!["bench", "-m", &m, "-p", "8", "-n", "4", "-r", "1", "--json"],
     ];
     for args in &commands {
-        assert_stdout_errors_are_clean(env!("CARGO_BIN_EXE_nibble"), args);
+        stdout_errors::assert_stdout_errors_are_clean(env!("CARGO_BIN_EXE_nibble"), args);
     }
 }
 

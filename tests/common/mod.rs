@@ -9,8 +9,7 @@ use std::sync::Mutex;
 #[path = "shared_data.rs"]
 mod shared_data;
 #[path = "stdout_errors.rs"]
-mod stdout_errors;
-pub use stdout_errors::assert_stdout_errors_are_clean;
+pub mod stdout_errors;
 
 /// Whether `../shared` is there for [`smollm2_nbl`] (see `shared_data.rs`).
 pub fn have_shared() -> bool {

@@ -921,7 +921,10 @@ fn stdout_write_errors_never_panic() {
         ],
     ];
     for args in &commands {
-        common::assert_stdout_errors_are_clean(env!("CARGO_BIN_EXE_nibble-tools"), args);
+        common::stdout_errors::assert_stdout_errors_are_clean(
+            env!("CARGO_BIN_EXE_nibble-tools"),
+            args,
+        );
     }
 }
 

@@ -6,8 +6,7 @@ use std::path::{Path, PathBuf};
 #[path = "../../../tests/common/shared_data.rs"]
 mod shared_data;
 #[path = "../../../tests/common/stdout_errors.rs"]
-mod stdout_errors;
-pub use stdout_errors::assert_stdout_errors_are_clean;
+pub mod stdout_errors;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
